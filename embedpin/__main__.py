@@ -1,0 +1,3 @@
+from embedpin.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""The ``embedpin`` command: optimize (and --resume), render, export, report, models.
+
+A user mistake ends with one line ``error: ...`` on stderr and exit code 2; Ctrl-C
+during a run leaves a resumable run and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from embedpin.errors import ConfigError, EmbedpinError
+
+EPILOG = """examples:
+  embedpin optimize --target examples/target.png --prompt "a small red circle in the center on a plain blue background"
+  embedpin optimize --resume runs/0001-a-small-red-circle
+  embedpin export runs/0001-a-small-red-circle --format textual-inversion -o pinned.safetensors
+  embedpin render runs/0001-a-small-red-circle --seed 7 -n 8 -o out/
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _optimize_parser(sub):
+    from embedpin.config import BASES, BLOCKS, WEIGHTINGS, RunConfig
+    from embedpin.models.components import SCHEDULERS
+
+    d = RunConfig()
+    p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--target", action="append", default=None, metavar="PATH",
+                   help="target image file or folder (repeatable); omitted: self mode, pin to lower "
+                        "variation across seeds")
+    g.add_argument("--prompt", default=None, help="the prompt to pin")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--guide", action="append", default=None, metavar="IMAGE",
+                   help="guide image for CLIP image guidance (FlexDiffuse mapping onto the prompt)")
+    g.add_argument("--concepts", default=None, help="second prompt selecting which guide-image features map in")
+    g.add_argument("--init-image", default=None, help="img2img init image")
+    g.add_argument("--text-target", default=None, help="target text for a CLIP text loss")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | cached hub id | "
+                                                 f".safetensors checkpoint (default: {d.model.name})")
+    g.add_argument("--clip", default=None, help="image CLIP model folder or cached hub id (real models)")
+    g.add_argument("--model-config", default=None, help="local diffusers config folder for single-file checkpoints")
+    g.add_argument("--device", default=None, help=f"auto | cpu | cuda | cuda:N | mps (default: {d.model.device})")
+    g.add_argument("--dtype", default=None, help=f"float32 | float16 | bfloat16 (default: {d.model.dtype})")
+    g.add_argument("--clip-skip", type=int, default=None, help=f"skip last text-encoder layers (default: "
+                                                                f"{d.prompt.clip_skip})")
+    g = p.add_argument_group("search space")
+    g.add_argument("--blocks", default=None,
+                   help=f"comma-separated search blocks from {{{','.join(BLOCKS)}}} (default: "
+                        f"{','.join(d.search.blocks)})")
+    g.add_argument("--basis", default=None, choices=BASES, help=f"conditioning-delta basis (default: {d.search.basis})")
+    g.add_argument("--rank", type=int, default=None, help=f"basis size K (default: {d.search.rank})")
+    g.add_argument("--vectors", type=int, default=None, help=f"textual-inversion tokens (default: {d.search.n_vectors})")
+    g.add_argument("--init-word", default=None, help=f"token vectors start here (default: {d.search.init_word})")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--population", type=int, default=None, help="candidates per generation (default: 4 + 3 ln N)")
+    g.add_argument("--generations", type=int, default=None, help="generations (default: 16 floor(ln N))")
+    g.add_argument("--sigma0", type=float, default=None, help=f"initial step size (default: {d.optim.sigma0})")
+    g.add_argument("--seed", type=int, default=None, help=f"seed for everything (default: {d.optim.seed})")
+    g.add_argument("--max-distance", type=float, default=None,
+                   help="multi-objective size limiter: best loss within this distance from the plain prompt")
+    g = p.add_argument_group("rendering")
+    g.add_argument("--batch", type=int, default=None, help=f"images per candidate B (default: {d.render.batch})")
+    g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {d.render.steps})")
+    g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help=f"sampler (default: {d.render.scheduler})")
+    g.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    g.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: {d.render.cfg})")
+    g.add_argument("--strength", type=float, default=None, help=f"img2img strength (default: {d.render.strength})")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help=f"most images per UNet call, CFG halves included (default: {d.render.max_batch})")
+    g.add_argument("--no-hyperbatch", action="store_true", help="plain batches instead of hyperbatches")
+    g = p.add_argument_group("loss")
+    g.add_argument("--flip-weight", type=float, default=None, help=f"weight of ꟻLIP (default: {d.score.flip_weight})")
+    g.add_argument("--clip-weight", type=float, default=None, help=f"weight of CLIP (default: {d.score.clip_weight})")
+    g.add_argument("--std-weight", type=float, default=None,
+                   help=f"weight of the std across seeds (default: {d.score.std_weight})")
+    g.add_argument("--weighting", default=None, choices=WEIGHTINGS,
+                   help=f"hyperbatch weighting over lineage depth (default: {d.score.weighting})")
+    g.add_argument("--ppd", type=float, default=None, help=f"ꟻLIP pixels per degree (default: {d.score.ppd})")
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, metavar="FILE.toml", help="read settings from a TOML config first")
+    g.add_argument("--out", default=None, help=f"folder for runs (default: {d.out})")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run")
+    g.add_argument("--json", action="store_true", help="print one JSON summary object last")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(a):
+    """Build the RunConfig: defaults, then --config TOML, then explicit flags."""
+    from embedpin.config import RunConfig
+
+    cfg = RunConfig.from_toml(a.config) if a.config else RunConfig()
+    sets = {
+        ("model", "name"): a.model, ("model", "clip"): a.clip, ("model", "model_config"): a.model_config,
+        ("model", "device"): a.device, ("model", "dtype"): a.dtype,
+        ("prompt", "prompt"): a.prompt, ("prompt", "negative"): a.negative, ("prompt", "guide"): a.guide,
+        ("prompt", "concepts"): a.concepts, ("prompt", "init_image"): a.init_image,
+        ("prompt", "clip_skip"): a.clip_skip,
+        ("search", "blocks"): [b.strip() for b in a.blocks.split(",") if b.strip()] if a.blocks else None,
+        ("search", "basis"): a.basis, ("search", "rank"): a.rank, ("search", "n_vectors"): a.vectors,
+        ("search", "init_word"): a.init_word,
+        ("optim", "population"): a.population, ("optim", "generations"): a.generations,
+        ("optim", "sigma0"): a.sigma0, ("optim", "seed"): a.seed, ("optim", "max_distance"): a.max_distance,
+        ("render", "batch"): a.batch, ("render", "steps"): a.steps, ("render", "scheduler"): a.scheduler,
+        ("render", "size"): a.size, ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
+        ("render", "max_batch"): a.max_batch, ("render", "hyperbatch"): False if a.no_hyperbatch else None,
+        ("score", "targets"): a.target, ("score", "text_target"): a.text_target,
+        ("score", "flip_weight"): a.flip_weight, ("score", "clip_weight"): a.clip_weight,
+        ("score", "std_weight"): a.std_weight, ("score", "weighting"): a.weighting, ("score", "ppd"): a.ppd,
+    }
+    for (section, key), value in sets.items():
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+    if a.out is not None:
+        cfg.out = a.out
+    return cfg.validate()
+
+
+def cmd_optimize(a) -> int:
+    from embedpin.optimizer.run import resume, run
+
+    if a.resume:
+        result = resume(a.resume, quiet=a.quiet)
+    else:
+        result = run(config_from_args(a), quiet=a.quiet)
+    if a.json:
+        print(json.dumps(result.summary()))
+    return 130 if result.interrupted else 0
+
+
+def cmd_render(a) -> int:
+    from embedpin.export import render_pinned
+
+    paths = render_pinned(a.source, seed=a.seed, n=a.n, out=a.out, steps=a.steps, device=a.device)
+    print(f"wrote {len(paths)} image(s) to {a.out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from embedpin.export import export_run
+
+    path = export_run(a.run, a.format, a.output, token=a.token)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from embedpin.optimizer.store import RunStore
+    from embedpin.reports.builder import rebuild
+
+    store = RunStore.open(a.run)
+    rebuild(store.root)
+    print(f"wrote {store.root / 'index.html'}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from embedpin.models.loader import describe_builtin, load_components
+
+    print("built-in models:")
+    print("  " + describe_builtin())
+    print("also accepted by --model: a diffusers model folder, a Hugging Face hub id already in the local "
+          "cache, or a single-file .safetensors checkpoint")
+    if a.model:
+        comp = load_components(a.model, clip=a.clip)
+        clip = "yes" if comp.clip is not None else "no (pass --clip for image guidance / CLIP loss)"
+        print(f"{a.model}: ok — {comp.default_size}px, text dim {comp.text_dim}, image CLIP: {clip}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from embedpin import __version__
+
+    p = _Parser(prog="embedpin", description="Pin a diffusion model's prompt conditioning to a visual target "
+                "(CMA-ES over image guidance and embedding deltas, scored by ꟻLIP and CLIP).",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"embedpin {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _optimize_parser(sub).set_defaults(fn=cmd_optimize)
+    r = sub.add_parser("render", help="render a pinned result (run folder or pinned .safetensors)")
+    r.add_argument("source", help="run folder or pinned.safetensors")
+    r.add_argument("--seed", type=int, default=0, help="first seed")
+    r.add_argument("-n", type=int, default=8, help="number of images")
+    r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("-o", "--out", required=True, help="output folder")
+    r.set_defaults(fn=cmd_render)
+    e = sub.add_parser("export", help="export a run's pinned conditioning")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--format", required=True, choices=["diffusers", "textual-inversion"])
+    e.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    e.add_argument("--token", default="<pinned>", help="placeholder token name for textual inversion")
+    e.set_defaults(fn=cmd_export)
+    rp = sub.add_parser("report", help="rebuild a run's HTML report from its store")
+    rp.add_argument("run")
+    rp.set_defaults(fn=cmd_report)
+    m = sub.add_parser("models", help="list the built-in model; check a --model argument")
+    m.add_argument("--model", default=None, help="a --model argument to validate")
+    m.add_argument("--clip", default=None)
+    m.set_defaults(fn=cmd_models)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        if not getattr(a, "fn", None):
+            build_parser().print_help()
+            return 0
+        return a.fn(a)
+    except EmbedpinError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""One typed config tree for a pinning run: dataclasses, validated at the boundary,
+written beside the run as ``config.toml`` (everything needed to reproduce it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedpin.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BLOCKS = ("guidance", "cfg", "strength", "token_weights", "delta", "token_vectors", "linear_start", "linear_end",
+          "clustered", "threshold", "threshold_floor", "max_image", "header_cap", "concept")
+BASES = ("image", "pca", "random")
+WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "micro"          # micro | diffusers folder | cached hub id | .safetensors file
+    clip: str | None = None      # image CLIP (folder or cached hub id); micro ships its own
+    model_config: str | None = None  # local diffusers config folder for single-file checkpoints
+    device: str = "auto"         # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"
+
+
+@dataclass
+class PromptConfig:
+    prompt: str = ""
+    negative: str = ""
+    guide: list[str] = field(default_factory=list)   # guide image(s) for image guidance
+    concepts: str | None = None                       # second prompt selecting image features
+    init_image: str | None = None                     # img2img init image
+    clip_skip: int = 0
+
+
+@dataclass
+class SearchConfig:
+    blocks: list[str] = field(default_factory=lambda: ["token_vectors"])
+    basis: str = "random"        # basis of the conditioning delta: image | pca | random
+    rank: int = 8                # K: basis size of the delta / token-vector blocks
+    n_vectors: int = 1           # textual-inversion placeholder tokens
+    init_word: str = "shape"     # token vectors start at this word's embedding
+
+
+@dataclass
+class RenderConfig:
+    batch: int = 8
+    steps: int = 12
+    scheduler: str = "dpm++2m"
+    size: int | None = None      # None: the model's native size
+    cfg: float = 5.0
+    hyperbatch: bool = True
+    max_batch: int = 256
+    strength: float = 0.6        # img2img strength (with init_image)
+
+
+@dataclass
+class ScoreConfig:
+    targets: list[str] = field(default_factory=list)  # files / folders; empty = self mode
+    text_target: str | None = None
+    flip_weight: float = 1.0
+    clip_weight: float = 0.0
+    std_weight: float = 0.5
+    weighting: str = "none"      # hyperbatch weighting over lineage depth
+    weighting_scale: float = 1.0
+    ppd: float = 67.0
+
+
+@dataclass
+class OptimConfig:
+    population: int | None = None   # None: 4 + 3 ln N
+    generations: int | None = None  # None: 16 floor(ln N)
+    sigma0: float = 0.5
+    seed: int = 0
+    max_distance: float | None = None
+    tol_fun: float = 1e-6
+    tol_x: float = 1e-6
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out: str = "runs"
+
+    def validate(self) -> "RunConfig":
+        """Check every range a user can get wrong; raise ConfigError with one line."""
+        r, s, o, sc, p = self.render, self.search, self.optim, self.score, self.prompt
+        _check(r.batch >= 1, f"--batch must be >= 1 (got {r.batch})")
+        _check(r.steps >= 1, f"--steps must be >= 1 (got {r.steps})")
+        _check(r.size is None or r.size >= 8, f"--size must be >= 8 (got {r.size})")
+        _check(r.max_batch >= 2, f"--max-batch must be >= 2 (got {r.max_batch})")
+        _check(0.0 <= r.strength <= 1.0, f"--strength must be in [0, 1] (got {r.strength})")
+        _check(r.cfg >= 0, f"--cfg must be >= 0 (got {r.cfg})")
+        unknown = [b for b in s.blocks if b not in BLOCKS]
+        _check(not unknown, f"unknown search block(s) {unknown}; choose from {', '.join(BLOCKS)}")
+        _check(len(s.blocks) > 0, "at least one search block must be on")
+        _check(s.basis in BASES, f"--basis must be one of {', '.join(BASES)} (got {s.basis!r})")
+        _check(s.rank >= 1, f"--rank must be >= 1 (got {s.rank})")
+        _check(s.n_vectors >= 1, f"--vectors must be >= 1 (got {s.n_vectors})")
+        _check(o.population is None or o.population >= 2, f"--population must be >= 2 (got {o.population})")
+        _check(o.generations is None or o.generations >= 1, f"--generations must be >= 1 (got {o.generations})")
+        _check(o.sigma0 > 0, f"--sigma0 must be > 0 (got {o.sigma0})")
+        _check(o.max_distance is None or o.max_distance > 0, "--max-distance must be > 0")
+        _check(sc.flip_weight >= 0 and sc.clip_weight >= 0, "loss weights must be >= 0")
+        _check(sc.flip_weight + sc.clip_weight > 0, "at least one of --flip-weight / --clip-weight must be > 0")
+        _check(sc.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}")
+        _check(sc.ppd > 0, "--ppd must be > 0")
+        _check(self.model.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
+        _check(p.clip_skip >= 0, "--clip-skip must be >= 0")
+        _check(bool(p.prompt.strip()) or bool(p.guide), "give a --prompt, a --guide image, or both")
+        _check(p.concepts is None or bool(p.guide), "--concepts needs a --guide image to take concepts from")
+        _check("strength" not in s.blocks or p.init_image, "the 'strength' block needs --init-image")
+        guided = {"guidance", "linear_start", "linear_end", "clustered", "threshold", "threshold_floor",
+                  "max_image", "header_cap", "concept"}
+        _check(not (guided & set(s.blocks)) or p.guide, "the guidance blocks need a --guide image")
+        _check(not sc.targets or sc.flip_weight > 0 or sc.clip_weight > 0, "targets need a loss weight")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _build(cls, d, "")
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+            raise ConfigError(f"{path}: not a valid TOML config: {e}") from None
+        return cls.from_dict(data)
+
+
+def _check(ok: bool, msg: str):
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _build(cls, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section [{where or 'root'}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) in [{where or 'root'}]: {', '.join(sorted(unknown))}")
+    kw = {}
+    for k, v in d.items():
+        sub = _SECTIONS.get((cls, k))
+        kw[k] = _build(sub, v, k) if sub else _typed(fields[k], v, where)
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"bad config section [{where or 'root'}]: {e}") from None
+
+
+_SECTIONS = {(RunConfig, "model"): ModelConfig, (RunConfig, "prompt"): PromptConfig,
+             (RunConfig, "search"): SearchConfig, (RunConfig, "render"): RenderConfig,
+             (RunConfig, "score"): ScoreConfig, (RunConfig, "optim"): OptimConfig}
+
+
+def _typed(f: dataclasses.Field, v, where: str):
+    """Check a TOML value against the field's declared type (as written in the annotation)."""
+    t = str(f.type)
+    ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+          "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+          "bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
+          "list[str]": lambda x: isinstance(x, list) and all(isinstance(i, str) for i in x)}
+    base = t.replace(" | None", "")
+    if v is None and "None" in t:
+        return v
+    if base in ok and not ok[base](v):
+        raise ConfigError(f"config key {f.name} in [{where or 'root'}] must be {base} (got {v!r})")
+    return float(v) if base == "float" else v
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def dumps_toml(d: dict) -> str:
+    """A minimal TOML writer for our config tree (None values are left out = defaults)."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+    out = top + [""]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(f"[{k}]")
+            out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+            out.append("")
+    return "\n".join(out)

@@ -1,0 +1,123 @@
+"""Pinned results: the run's ``pinned.safetensors`` and exports other tools load.
+
+- ``diffusers``: ``prompt_embeds`` and ``negative_prompt_embeds`` (+ ``pooled_prompt_embeds``
+  when the model has one), for ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
+- ``textual-inversion``: ``emb_params`` [N, D] (the key AUTOMATIC1111, ComfyUI and
+  diffusers' ``load_textual_inversion`` read), used as ``"<prompt> <token>"``.
+
+The recipe (model, prompt, sampler, seed, loss, ...) travels as JSON in the safetensors
+metadata. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from embedpin.errors import ConfigError, InputError
+
+FORMAT = "embedpin-pinned"
+
+
+def _recipe(session, best: dict, cfg_value: float) -> dict:
+    c = session.config
+    return {"format": FORMAT, "version": 1, "model": c.model.name, "prompt": c.prompt.prompt,
+            "negative": c.prompt.negative, "scheduler": c.render.scheduler, "steps": c.render.steps,
+            "size": session.plan.height, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
+            "hyperbatch": c.render.hyperbatch, "loss": best["loss"], "generation": best["generation"],
+            "candidate": best["candidate"], "params": best["params"], "init_word": c.search.init_word,
+            "clip_skip": c.prompt.clip_skip}
+
+
+def save_pinned(path: Path, session, cond, i: int, best: dict) -> None:
+    """Write candidate ``i`` of a generation's Conditioning as the run's pinned result (atomic)."""
+    from embedpin.optimizer.store import atomic_write_bytes
+
+    tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
+    if cond.token_vectors is not None:
+        tensors["token_vectors"] = cond.token_vectors[i]
+    recipe = _recipe(session, best, float(cond.cfg[i]))
+    atomic_write_bytes(path, _to_bytes(tensors, recipe))
+
+
+def _to_bytes(tensors: dict, recipe: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"embedpin": json.dumps(recipe)})
+
+
+def load_pinned(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, recipe) from a pinned.safetensors or a run folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "pinned.safetensors"
+    if not p.is_file():
+        raise InputError(f"{path}: no pinned result here (a run folder with pinned.safetensors, or the file)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{p}: not a readable safetensors file ({e})") from None
+    try:
+        recipe = json.loads(meta["embedpin"])
+    except (KeyError, ValueError):
+        raise InputError(f"{p}: not an embedpin pinned file (no recipe in its metadata)") from None
+    if "prompt_embeds" not in tensors:
+        raise InputError(f"{p}: no prompt_embeds in it")
+    return tensors, recipe
+
+
+def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> Path:
+    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file."""
+    tensors, recipe = load_pinned(run)
+    out = Path(output)
+    if not out.parent.exists():
+        raise InputError(f"{out.parent}: no such folder for the output")
+    if fmt == "diffusers":
+        keep = {k: v for k, v in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds",
+                                                           "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
+        save_file(keep, str(out), metadata={"embedpin": json.dumps(recipe)})
+    elif fmt == "textual-inversion":
+        if "token_vectors" not in tensors:
+            raise ConfigError("this run did not search token vectors, so it has no textual-inversion form; "
+                              "use --format diffusers, or run with --blocks token_vectors")
+        usage = f"{recipe['prompt']} {token}".strip()
+        save_file({"emb_params": tensors["token_vectors"]}, str(out),
+                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage})})
+    else:
+        raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
+    return out
+
+
+def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path = "out", steps: int | None = None,
+                  device: str = "auto") -> list[Path]:
+    """Render ``n`` images (seeds seed..seed+n-1, plain batch) of a pinned result."""
+    from embedpin.models.loader import load_components
+    from embedpin.optimizer.session import pick_device
+    from embedpin.optimizer.store import save_png
+    from embedpin.render.sampler import RenderPlan, render
+
+    if n < 1:
+        raise ConfigError(f"-n must be >= 1 (got {n})")
+    tensors, recipe = load_pinned(source)
+    comp = load_components(recipe["model"], device=pick_device(device))
+    plan = RenderPlan(batch=1, steps=steps or recipe["steps"], scheduler=recipe["scheduler"],
+                      height=recipe["size"], width=recipe["size"], hyperbatch=False)
+    cond = tensors["prompt_embeds"].to(comp.device)
+    neg = tensors["negative_prompt_embeds"].to(comp.device)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        plan.seed = seed + k
+        img = render(comp, cond, neg, torch.tensor([recipe["cfg"]]), plan).images[0, 0]
+        path = folder / f"pinned_seed{seed + k}.png"
+        save_png(path, img)
+        paths.append(path)
+    return paths

@@ -1,0 +1,125 @@
+"""Build all λ candidates' conditionings in one batched call, and measure their distance.
+
+Order of operations on the prompt's hidden states [λ, L, D]:
+token vectors (re-encode the prompt with the candidate's placeholder embeddings) ->
+token weights (emphasis) -> FlexDiffuse image guidance -> concept override -> additive
+delta. A block left out of ``params`` takes its default, which changes nothing, so with
+no params (or all at their defaults) the result is exactly the plain prompt's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from embedpin.errors import ConfigError
+from embedpin.guidance.blocks import BLOCK_NAMES, requirement, spec
+from embedpin.guidance.concepts import concept_weights
+from embedpin.guidance.context import GuidanceContext
+from embedpin.guidance.deltas import delta_from_basis, emphasis, insert_vectors, token_vectors
+from embedpin.guidance.encode import encode_text_from_embeds
+from embedpin.guidance.flex import FLEX_PARAMS, image_guidance
+from embedpin.guidance.tween import tween
+
+
+@dataclass
+class Conditioning:
+    """What the renderer needs per candidate.
+
+    prompt_embeds [λ, L, D]; negative_embeds [1, L, D]; cfg [λ]; strength [λ] (img2img) or
+    None; token_vectors [λ, N, Din] placeholder input embeddings (for export) or None.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+    cfg: torch.Tensor
+    strength: torch.Tensor | None = None
+    token_vectors: torch.Tensor | None = None
+
+
+def _normalise(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+    """Validate names/shapes -> (λ, {name: [λ, size]} on the conditioning's device and dtype)."""
+    like = ctx.plain.hidden
+    values = {n: torch.as_tensor(v).to(device=like.device, dtype=like.dtype) for n, v in params.items()}
+    lam = max((v.shape[0] if v.ndim else 1 for v in values.values()), default=1)
+    out = {}
+    for name, v in values.items():
+        if name not in BLOCK_NAMES:
+            raise ConfigError(f"unknown guidance parameter {name!r}")
+        why = requirement(ctx, name)
+        if why:
+            raise ConfigError(f"parameter {name!r} {why}")
+        size = spec(ctx, name).size
+        if v.ndim == 0 or v.shape[0] != lam or v.numel() != lam * size:
+            raise ConfigError(f"parameter {name!r} has shape {tuple(v.shape)}, expected [{lam}, {size}]")
+        out[name] = v.reshape(lam, size)
+    return lam, out
+
+
+def _scalar(ctx: GuidanceContext, p: dict[str, torch.Tensor], name: str, lam: int) -> torch.Tensor:
+    """Parameter ``name`` as [λ], its default where not given."""
+    if name in p:
+        return p[name][:, 0]
+    return ctx.plain.hidden.new_full((lam,), spec(ctx, name).default)
+
+
+def _encode_vectors(ctx: GuidanceContext, vectors: torch.Tensor) -> torch.Tensor:
+    """Hidden states [λ, L, D] of the prompt with each candidate's placeholder vectors.
+
+    Candidates whose vectors equal the init vectors keep the plain encoding bitwise; the
+    header row is the plain one (exact under causal attention, kept bitwise).
+    """
+    plain = ctx.plain
+    text = plain.hidden.expand(vectors.shape[0], -1, -1).clone()
+    changed = (vectors != ctx.vector_init).flatten(1).any(1)
+    if changed.any():
+        embeds = insert_vectors(plain.input_embeds, vectors[changed], ctx.vector_start)
+        enc = encode_text_from_embeds(ctx.components, embeds, clip_skip=ctx.options.clip_skip)
+        text[changed] = torch.cat([plain.hidden[:, :1].expand(enc.shape[0], -1, -1), enc[:, 1:]], dim=1)
+    return text
+
+
+def candidate_vectors(ctx: GuidanceContext, coeffs: torch.Tensor) -> torch.Tensor:
+    """The N placeholder input embeddings [N, Din] of one candidate's token_vectors coefficients
+    [N*K] (what exports as a textual-inversion embedding)."""
+    if ctx.vector_init is None:
+        raise ConfigError("this run has no token vectors (n_vectors = 0)")
+    c = torch.as_tensor(coeffs).to(ctx.vector_init).reshape(1, -1)
+    return token_vectors(ctx.vector_init, ctx.vector_basis, c, ctx.vector_scale)[0]
+
+
+@torch.no_grad()
+def build(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> Conditioning:
+    """All candidates' conditionings from ``params`` ({block name: [λ, size]}, missing = default)."""
+    lam, p = _normalise(ctx, params)
+    text = ctx.plain.hidden
+    vectors = None
+    if "token_vectors" in p:
+        vectors = token_vectors(ctx.vector_init, ctx.vector_basis, p["token_vectors"], ctx.vector_scale)
+        text = _encode_vectors(ctx, vectors)
+    elif ctx.vector_init is not None:
+        vectors = ctx.vector_init.expand(lam, -1, -1)
+    if "token_weights" in p:
+        text = emphasis(text, p["token_weights"], first=1)
+    if ctx.mapping is not None and any(n in p for n in FLEX_PARAMS):
+        flex = {n: _scalar(ctx, p, n, lam) for n in FLEX_PARAMS}
+        text = image_guidance(text, ctx.mapping, ctx.profile, flex, ctx.options.softness)
+    if "concept" in p:
+        c = ctx.concepts
+        text = tween(text, c.direction * text.norm(dim=-1, keepdim=True), concept_weights(c, p["concept"][:, 0]))
+    if "delta" in p:
+        text = text + delta_from_basis(p["delta"], ctx.delta_basis)
+    strength = _scalar(ctx, p, "strength", lam) if ctx.init_image is not None else None
+    return Conditioning(prompt_embeds=text.expand(lam, -1, -1).contiguous(), negative_embeds=ctx.negative.hidden,
+                        cfg=_scalar(ctx, p, "cfg", lam), strength=strength, token_vectors=vectors)
+
+
+def distance(ctx: GuidanceContext, cond: Conditioning) -> torch.Tensor:
+    """How far each candidate's conditioning is from the plain prompt's: [λ], >= 0.
+
+    ||prompt_embeds - plain||_F / ||plain||_F (RMS difference over the plain sequence's RMS);
+    a delta with coefficients c moves it by exactly ||c|| (orthonormal basis).
+    """
+    plain = ctx.plain.hidden
+    return (cond.prompt_embeds - plain).flatten(1).norm(dim=1) / plain.norm()

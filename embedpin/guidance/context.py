@@ -1,0 +1,217 @@
+"""The guidance context: everything a run's candidates share, computed once per run.
+
+Encodings of the prompt (with the token-vector placeholders, if any) and the negative
+prompt, the guide images' tokens and their mapping onto the prompt, the cluster profile,
+the concept mapping and the delta / token-vector bases (the last two on first use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import torch
+
+from embedpin.errors import ConfigError
+from embedpin.guidance.concepts import ConceptMapping, map_concepts
+from embedpin.guidance.deltas import (image_basis, pca_directions, random_orthonormal, random_sequence_basis,
+                                      sequence_basis)
+from embedpin.guidance.encode import PromptEncoding, encode_image, encode_prompt, encode_text_from_embeds
+from embedpin.guidance.images import ImageLike, as_image_batch
+from embedpin.guidance.mapping import MODES, Mapping, map_image_tokens
+from embedpin.guidance.tween import cluster_profile
+
+DELTA_BASES = ("image", "pca", "random")
+VECTOR_BASES = ("pca", "random")
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """Knobs fixed for a run (not searched).
+
+    mapping / reuse: see :mod:`embedpin.guidance.mapping`; clip_skip: layers skipped at the
+    end of the text encoder; cluster_radius (positions) and softness (alignment units of the
+    soft threshold steps): see :mod:`embedpin.guidance.tween`; concept_threshold: base-to-concept
+    alignment a position needs to take a concept's image token; delta_basis: "image", "pca",
+    "random" or None (image with a guide image, else pca) with delta_k elements; n_vectors
+    placeholder tokens appended to the prompt, initialised at init_word, in a vector_k-dim
+    vector_basis ("pca" or "random"); seed for the random bases; cfg and strength: the values
+    used when those blocks are not searched.
+    """
+
+    mapping: str = "alignment-first"
+    reuse: bool = True
+    clip_skip: int = 0
+    cluster_radius: float = 4.0
+    softness: float = 0.02
+    concept_threshold: float = 0.75
+    delta_basis: str | None = None
+    delta_k: int = 8
+    n_vectors: int = 0
+    vector_k: int = 8
+    vector_basis: str = "pca"
+    init_word: str = "picture"
+    seed: int = 0
+    cfg: float = 7.5
+    strength: float = 0.6
+
+
+@dataclass
+class GuidanceContext:
+    """Precomputed per-run guidance state; build with :func:`make_context`.
+
+    plain: the prompt's encoding ([1, L, D] hidden), with the placeholders at the init word
+    when ``options.n_vectors`` > 0: what every parameter at its default reproduces exactly.
+    image_tokens [1, P, D], mapping, profile [1, L], concepts: None without a guide image.
+    vector_init [N, Din] and vector_start (first placeholder position) when n_vectors > 0.
+    """
+
+    components: object
+    options: GuidanceOptions
+    prompt: str
+    plain: PromptEncoding
+    negative: PromptEncoding
+    image_tokens: torch.Tensor | None = None
+    mapping: Mapping | None = None
+    profile: torch.Tensor | None = None
+    concepts: ConceptMapping | None = None
+    init_image: torch.Tensor | None = None
+    vector_init: torch.Tensor | None = None
+    vector_start: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.plain.hidden.shape[1]
+
+    @cached_property
+    def table_directions(self) -> torch.Tensor:
+        """Principal directions [k, Din] of the token-embedding table (k = max of delta_k, vector_k)."""
+        table = self.components.text_encoder.embeddings.token_embedding.weight.detach()
+        return pca_directions(table, max(self.options.delta_k, self.options.vector_k))
+
+    @cached_property
+    def delta_basis(self) -> torch.Tensor:
+        """Conditioning-delta basis [K, L, D], orthogonal, each element with the plain sequence's norm."""
+        o, h = self.options, self.plain.hidden
+        kind = o.delta_basis or ("image" if self.mapping is not None else "pca")
+        if kind == "image":
+            if self.mapping is None:
+                raise ConfigError("delta basis 'image' needs a guide image")
+            unit = image_basis(h, self.mapping.tokens(h), o.delta_k)
+        elif kind == "pca":
+            unit = sequence_basis(self.table_directions[: o.delta_k], self.length)
+        else:
+            gen = torch.Generator().manual_seed(o.seed)
+            unit = random_sequence_basis(o.delta_k, self.length, h.shape[-1], gen, h)
+        return unit * h.norm()
+
+    @cached_property
+    def vector_basis(self) -> torch.Tensor:
+        """Token-vector basis [K, Din], orthonormal."""
+        o, init = self.options, self.vector_init
+        if o.vector_basis == "pca":
+            return self.table_directions[: o.vector_k]
+        gen = torch.Generator().manual_seed(o.seed + 1)
+        return random_orthonormal(o.vector_k, init.shape[-1], gen, init)
+
+    @cached_property
+    def vector_scale(self) -> float:
+        """Token-vector step per unit coefficient: the mean norm of the token-embedding table's rows."""
+        table = self.components.text_encoder.embeddings.token_embedding.weight.detach()
+        return float(table.norm(dim=-1).mean())
+
+    def blocks(self, enabled: set[str] | Sequence[str]):
+        """The search blocks for ``enabled`` names (see :mod:`embedpin.guidance.blocks`)."""
+        from embedpin.guidance.blocks import blocks
+
+        return blocks(self, enabled)
+
+
+def _check_options(o: GuidanceOptions, components) -> None:
+    d = components.text_dim
+    if o.mapping not in MODES:
+        raise ConfigError(f"unknown mapping mode {o.mapping!r}; choose one of: {', '.join(MODES)}")
+    if o.delta_basis is not None and o.delta_basis not in DELTA_BASES:
+        raise ConfigError(f"unknown delta basis {o.delta_basis!r}; choose one of: {', '.join(DELTA_BASES)}")
+    if o.vector_basis not in VECTOR_BASES:
+        raise ConfigError(f"unknown token-vector basis {o.vector_basis!r}; choose one of: {', '.join(VECTOR_BASES)}")
+    for name, k in (("delta_k", o.delta_k), ("vector_k", o.vector_k)):
+        if not 1 <= k <= d:
+            raise ConfigError(f"{name} must be in [1, {d}] for this model, got {k}")
+    if o.n_vectors < 0:
+        raise ConfigError(f"n_vectors must be >= 0, got {o.n_vectors}")
+    if o.softness <= 0 or o.cluster_radius <= 0:
+        raise ConfigError("softness and cluster_radius must be > 0")
+
+
+def _with_placeholders(components, enc: PromptEncoding, options: GuidanceOptions):
+    """Append ``n_vectors`` placeholder tokens (at the init word's embedding) after the prompt."""
+    n = options.n_vectors
+    tok = components.tokenizer
+    word_ids = tok(options.init_word, add_special_tokens=False).input_ids
+    if not word_ids:
+        raise ConfigError(f"init word {options.init_word!r} has no tokens")
+    length = enc.ids.shape[1]
+    start = enc.n_tokens + 1
+    if start + n + 1 > length:
+        raise ConfigError(f"prompt ({enc.n_tokens} tokens) + {n} token vectors do not fit in {length - 2} tokens")
+    emb = components.text_encoder.embeddings.token_embedding
+    ids_w = enc.ids.new_tensor(word_ids)
+    init = emb(ids_w).mean(0, keepdim=True).expand(n, -1)
+    ph_ids = ids_w[:1].expand(1, n)
+    ids = torch.cat([enc.ids[:, :start], ph_ids, enc.ids[:, start:length - n]], dim=1)
+    embeds = torch.cat([enc.input_embeds[:, :start], init[None], enc.input_embeds[:, start:length - n]], dim=1)
+    hidden = encode_text_from_embeds(components, embeds, ids, options.clip_skip)
+    strings = enc.token_strings[:start] + [f"<v{i}>" for i in range(n)] + enc.token_strings[start:length - n]
+    plain = PromptEncoding(ids=ids, input_embeds=embeds, hidden=hidden, n_tokens=enc.n_tokens + n,
+                           token_strings=strings)
+    return plain, init.detach().clone(), start
+
+
+def _guide_tokens(components, guide: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+    """All guide images' tokens concatenated: [1, sum P, D]."""
+    items = guide if isinstance(guide, (list, tuple)) else [guide]
+    tokens = [encode_image(components, as_image_batch(g)) for g in items]
+    return torch.cat([t.reshape(1, -1, t.shape[-1]) for t in tokens], dim=1)
+
+
+@torch.no_grad()
+def make_context(components, prompt: str, negative: str = "", guide: ImageLike | Sequence[ImageLike] | None = None,
+                 concepts: str | Sequence[str] | None = None, init_image: ImageLike | None = None,
+                 options: GuidanceOptions | None = None) -> GuidanceContext:
+    """Build the per-run :class:`GuidanceContext`.
+
+    guide: a path / tensor [n, 3, H, W] in [0, 1], or a list of them (their tokens are pooled);
+    an empty prompt with a guide image is image-only guidance. concepts: one or more concept
+    prompts (need a guide image). init_image: img2img start image (enables ``strength``).
+    """
+    o = options or GuidanceOptions()
+    _check_options(o, components)
+    concept_list = [concepts] if isinstance(concepts, str) else list(concepts or [])
+    has_guide = guide is not None and not (isinstance(guide, (list, tuple)) and not guide)
+    if not prompt.strip() and not has_guide:
+        raise ConfigError("empty prompt and no guide image: give a prompt, a guide image, or both")
+    if concept_list and not has_guide:
+        raise ConfigError("concept mapping needs a guide image")
+    if any(not c.strip() for c in concept_list):
+        raise ConfigError("empty concept prompt")
+    enc = encode_prompt(components, prompt, o.clip_skip)
+    plain, init, start = (enc, None, 0)
+    if o.n_vectors > 0:
+        plain, init, start = _with_placeholders(components, enc, o)
+    ctx = GuidanceContext(components=components, options=o, prompt=prompt, plain=plain,
+                          negative=encode_prompt(components, negative, o.clip_skip),
+                          vector_init=init, vector_start=start)
+    if init_image is not None:
+        ctx.init_image = as_image_batch(init_image)[:1]
+    if has_guide:
+        ctx.image_tokens = _guide_tokens(components, guide).to(plain.hidden.dtype)
+        ctx.mapping = map_image_tokens(plain.hidden, ctx.image_tokens, o.mapping, o.reuse)
+        ctx.profile = cluster_profile(ctx.mapping.alignment, o.cluster_radius)
+    if concept_list:
+        hidden = [encode_prompt(components, c, o.clip_skip) for c in concept_list]
+        tokens = torch.cat([e.hidden[:, 1:e.n_tokens + 1] for e in hidden], dim=1)
+        ctx.concepts = map_concepts(plain.hidden, tokens, ctx.image_tokens, o.concept_threshold, o.softness)
+    return ctx

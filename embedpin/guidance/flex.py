@@ -1,0 +1,21 @@
+"""FlexDiffuse image guidance: tween every text token toward its mapped image token."""
+
+from __future__ import annotations
+
+import torch
+
+from embedpin.guidance.mapping import Mapping
+from embedpin.guidance.tween import tween, tween_weights
+
+FLEX_PARAMS = ("linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image", "header_cap")
+
+
+def image_guidance(text: torch.Tensor, mapping: Mapping, profile: torch.Tensor,
+                   params: dict[str, torch.Tensor], softness: float = 0.02) -> torch.Tensor:
+    """text [λ|1, L, D] -> guided [λ, L, D]: text + w (mapped - text), w from :func:`tween_weights`.
+
+    ``mapping`` holds the image tokens mapped onto the plain prompt, rescaled here to the
+    norms of ``text`` (which may differ per candidate); ``params`` values are [λ].
+    """
+    w = tween_weights(mapping.alignment, profile, mapping.valid, params, softness)
+    return tween(text, mapping.tokens(text), w)

@@ -1,0 +1,176 @@
+"""Load every model part a run needs from one ``--model`` argument, never from the network.
+
+Accepted: ``micro`` (built in), a diffusers model folder, a Hugging Face hub id that is
+already in the local cache, or a single-file ``.safetensors`` checkpoint (A1111 style).
+Pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused: loading one runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from embedpin.errors import ModelError
+from embedpin.models.components import Components
+
+MICRO_DIR = Path(__file__).parent / "micro" / "weights"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _offline():
+    """Every loader call is local-only and quiet; this also stops libraries from trying the hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """Classify a ``--model`` argument: ('micro'|'folder'|'single-file', path). Raises ModelError."""
+    if spec == "micro":
+        if not (MICRO_DIR / "model_index.json").is_file():
+            raise ModelError("the built-in micro model is missing from this install; "
+                             "rebuild it with: python -m embedpin.models.micro.train")
+        return "micro", MICRO_DIR
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"{spec}: pickle checkpoints are refused (loading one can run arbitrary code); "
+                         "convert it to .safetensors first, e.g. with diffusers' convert scripts on a "
+                         "machine you trust")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"{spec}: not a model: expected a diffusers folder, a hub id or a .safetensors file")
+        return "single-file", path
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{spec}: not a diffusers model folder (no model_index.json)")
+        return "folder", path
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return "folder", _from_cache(spec)
+    raise ModelError(f"{spec}: no such model: not 'micro', an existing folder or file, or a hub id")
+
+
+def _from_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and friends)
+        raise ModelError(
+            f"{repo_id} is not in the local Hugging Face cache ({HF_HUB_CACHE}); embedpin never downloads. "
+            f"Fetch it first where there is internet: `hf download {repo_id}` (or copy the folder here "
+            "and pass its path)") from None
+
+
+def _load(what: str, fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except ModelError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the {what}: {first}") from None
+
+
+def _clip_preprocessing(folder: Path, clip) -> dict:
+    size = int(clip.config.vision_config.image_size)
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        cfg = json.loads(pre.read_text())
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return dict(clip_image_size=size, clip_image_mean=mean, clip_image_std=std)
+
+
+def load_clip(spec: str | Path | None, fallback_folder: Path | None = None):
+    """An image-capable ``CLIPModel`` from a folder / cached hub id, or from ``<model>/clip``."""
+    from transformers import CLIPModel
+
+    folder = None
+    if spec is not None:
+        p = Path(spec).expanduser()
+        folder = p if p.is_dir() else (_from_cache(str(spec)) if HUB_ID.match(str(spec)) else None)
+        if folder is None:
+            raise ModelError(f"{spec}: no such CLIP model folder or cached hub id")
+    elif fallback_folder is not None and (fallback_folder / "clip" / "config.json").is_file():
+        folder = fallback_folder / "clip"
+    if folder is None:
+        return None, {}
+    clip = _load("CLIP model", CLIPModel.from_pretrained, folder, local_files_only=True).eval()
+    return clip, _clip_preprocessing(folder, clip)
+
+
+def _load_folder(folder: Path, name: str) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = dict(
+        tokenizer=_load("tokenizer", CLIPTokenizer.from_pretrained, folder / "tokenizer", local_files_only=True),
+        text_encoder=_load("text encoder", CLIPTextModel.from_pretrained, folder / "text_encoder",
+                           local_files_only=True),
+        unet=_load("UNet", UNet2DConditionModel.from_pretrained, folder / "unet", local_files_only=True),
+        vae=_load("VAE", AutoencoderKL.from_pretrained, folder / "vae", local_files_only=True),
+        scheduler_config=_load("scheduler config", _read_json, folder / "scheduler" / "scheduler_config.json"),
+    )
+    if (folder / "text_encoder_2").is_dir():  # SDXL: second encoder with pooled output
+        from transformers import CLIPTextModelWithProjection
+
+        parts["tokenizer_2"] = _load("tokenizer 2", CLIPTokenizer.from_pretrained, folder / "tokenizer_2",
+                                     local_files_only=True)
+        parts["text_encoder_2"] = _load("text encoder 2", CLIPTextModelWithProjection.from_pretrained,
+                                        folder / "text_encoder_2", local_files_only=True)
+    return parts
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _load_single_file(path: Path, config: str | None) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"local_files_only": True}
+    if config:
+        kw["config"] = config
+    pipe = _load(f"checkpoint {path.name} (single-file loading needs the base model's config in the local "
+                 "cache or --model-config FOLDER)", StableDiffusionPipeline.from_single_file, str(path), **kw)
+    return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
+                scheduler_config=dict(pipe.scheduler.config))
+
+
+def load_components(spec: str = "micro", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    clip: str | None = None, model_config: str | None = None) -> Components:
+    """Load tokenizer, text encoder, UNet, VAE, scheduler config and an image CLIP, on device/dtype."""
+    _offline()
+    kind, path = resolve(spec)
+    parts = _load_single_file(path, model_config) if kind == "single-file" else _load_folder(path, spec)
+    clip_model, pre = load_clip(clip, path if kind != "single-file" else None)
+    comp = Components(name=spec, clip=clip_model, source=str(path), **parts, **pre)
+    for m in (comp.text_encoder, comp.unet, comp.vae, comp.clip, comp.text_encoder_2):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    if comp.device != torch.device(device) or comp.dtype != dtype:
+        comp.to(device, dtype)
+    return comp
+
+
+def describe_builtin() -> str:
+    info = MICRO_DIR / "train_info.json"
+    status = "trained" if (MICRO_DIR / "model_index.json").is_file() else "MISSING"
+    extra = ""
+    if info.is_file():
+        extra = f", seed {json.loads(info.read_text()).get('seed')}"
+    return f"micro  (built in, default; 64x64 shapes model, {status}{extra}): {MICRO_DIR}"

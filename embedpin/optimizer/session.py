@@ -1,0 +1,130 @@
+"""Everything heavy a run holds, prepared once and validated before any run folder exists.
+
+``Session.prepare(config)`` loads the model, the targets, the guide / init images, builds
+the guidance context, the search space and the scorer. ``Session.evaluate(X)`` is the unit
+a scale-out hands to workers: (standardized candidates) -> conditionings, images, losses,
+with no global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedpin.config import RunConfig
+from embedpin.errors import ConfigError
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def guidance_options(config: RunConfig):
+    from embedpin.guidance.context import GuidanceOptions
+
+    s = config.search
+    return GuidanceOptions(
+        clip_skip=config.prompt.clip_skip, delta_basis=s.basis, delta_k=s.rank,
+        n_vectors=s.n_vectors if "token_vectors" in s.blocks else 0, vector_k=s.rank,
+        vector_basis="random" if s.basis == "random" else "pca", init_word=s.init_word, seed=config.optim.seed,
+        cfg=config.render.cfg, strength=config.render.strength)
+
+
+def render_plan(config: RunConfig, size: int):
+    from embedpin.render.sampler import RenderPlan
+
+    r = config.render
+    return RenderPlan(batch=r.batch, steps=r.steps, scheduler=r.scheduler, height=size, width=size,
+                      seed=config.optim.seed, hyperbatch=r.hyperbatch, max_batch=r.max_batch)
+
+
+@dataclass
+class Evaluation:
+    """One generation's candidates, rendered and scored (tensors stay on the device)."""
+
+    params: dict[str, np.ndarray]
+    cond: object             # guidance.build.Conditioning
+    render: object           # render.sampler.RenderResult
+    score: object            # scoring.scorer.ScoreResult
+    distance: torch.Tensor   # [λ]
+
+
+@dataclass
+class Session:
+    config: RunConfig
+    components: object
+    ctx: object              # guidance.context.GuidanceContext
+    space: object            # optimizer.space.SearchSpace
+    scorer: object           # scoring.scorer.Scorer
+    plan: object             # render.sampler.RenderPlan
+    targets: torch.Tensor | None
+    guide: list[torch.Tensor]
+
+    @classmethod
+    def prepare(cls, config: RunConfig) -> "Session":
+        from embedpin.guidance.context import make_context
+        from embedpin.models.loader import load_components
+        from embedpin.optimizer.space import SearchSpace
+        from embedpin.scoring.scorer import Scorer
+        from embedpin.scoring.targets import load_image, load_targets
+
+        config.validate()
+        p, sc = config.prompt, config.score
+        # 1. inputs a user can get wrong, before anything heavy
+        guide = [load_image(g) for g in p.guide]
+        init = load_image(p.init_image) if p.init_image else None
+        dtype = getattr(torch, config.model.dtype)
+        comp = load_components(config.model.name, device=pick_device(config.model.device), dtype=dtype,
+                               clip=config.model.clip, model_config=config.model.model_config)
+        size = config.render.size or comp.default_size
+        plan = render_plan(config, size).validate(comp.vae_scale_factor)
+        targets = load_targets(sc.targets, (size, size)).to(comp.device) if sc.targets else None
+        if init is not None:
+            init = _resize(init, size).to(comp.device)
+        # 2. per-run precomputation: guidance context, search space, scorer
+        ctx = make_context(comp, p.prompt, p.negative, guide=[g[None].to(comp.device) for g in guide] or None,
+                           concepts=p.concepts, init_image=init[None] if init is not None else None,
+                           options=guidance_options(config))
+        space = SearchSpace(ctx.blocks(config.search.blocks))
+        if (sc.clip_weight > 0 or sc.text_target) and comp.clip is None:
+            raise ConfigError("the CLIP loss needs an image CLIP model: pass --clip")
+        scorer = Scorer(comp, targets, flip_weight=sc.flip_weight, clip_weight=sc.clip_weight,
+                        text_target=sc.text_target, std_weight=sc.std_weight,
+                        hyperbatch_weighting=sc.weighting, hyperbatch_scale=sc.weighting_scale, ppd=sc.ppd)
+        return cls(config, comp, ctx, space, scorer, plan, targets, guide)
+
+    @torch.no_grad()
+    def evaluate(self, X: np.ndarray) -> Evaluation:
+        """Standardized candidates X [λ, n] -> conditionings, renders [λ, B, 3, H, W], losses [λ]."""
+        from embedpin.guidance.build import build, distance
+        from embedpin.render.sampler import render
+
+        params = self.space.decode(X)
+        like = self.ctx.plain.hidden
+        cond = build(self.ctx, {k: torch.as_tensor(v).to(like) for k, v in params.items()})
+        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, self.plan,
+                     init_image=self.ctx.init_image, strength=cond.strength)
+        score = self.scorer(out.images, out.lineage)
+        return Evaluation(params, cond, out, score, distance(self.ctx, cond))
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, centre crop: [3, H, W] -> [3, size, size]."""
+    import torch.nn.functional as F
+
+    _, h, w = image.shape
+    s = size / min(h, w)
+    x = F.interpolate(image[None], size=(max(size, round(h * s)), max(size, round(w * s))), mode="bilinear",
+                      antialias=True, align_corners=False)[0]
+    top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2
+    return x[:, top:top + size, left:left + size].clamp(0, 1)

@@ -1,0 +1,63 @@
+"""The classifier-free-guided denoiser shared by all candidates of a generation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from embedpin.errors import ModelError
+
+
+def to_denoised(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
+    """Model output -> clean prediction D(x, sigma) in VE form (Karras et al. 2022, Table 1)."""
+    if prediction_type == "epsilon":
+        return x - out * sigma
+    if prediction_type == "v_prediction":
+        return x / (sigma**2 + 1) - out * (sigma / math.sqrt(sigma**2 + 1))
+    if prediction_type == "sample":
+        return out
+    raise ModelError(f"unsupported prediction type {prediction_type!r}")
+
+
+class GuidedDenoiser:
+    """D(x, sigma) for rows x [λ, n, C, h, w] of λ candidates, with classifier-free guidance
+    (Ho & Salimans 2022): ``u + cfg (c - u)`` on the model outputs.
+
+    Every latent's unconditional and conditional halves sit side by side in one UNet
+    call; calls hold at most ``max_batch`` images; ``evals`` counts the images evaluated.
+    Rows of candidates not in ``active`` (img2img rows that have not started) are not
+    evaluated; their D is x itself.
+    """
+
+    def __init__(self, unet, cond: torch.Tensor, negative: torch.Tensor, cfg: torch.Tensor,
+                 prediction_type: str, max_batch: int):
+        self.unet, self.prediction_type = unet, prediction_type
+        self.dtype = next(unet.parameters()).dtype
+        self.cond = cond.to(self.dtype)
+        self.negative = negative.to(self.dtype).expand_as(self.cond)
+        self.cfg = cfg.float()
+        self.per_call = max(max_batch // 2, 1)
+        self.evals = 0
+
+    def _guided(self, lat: torch.Tensor, t: float, cand: torch.Tensor) -> torch.Tensor:
+        """Guided model output for latents [M, C, h, w] of candidates ``cand`` [M]."""
+        outs = []
+        for x, c in zip(lat.split(self.per_call), cand.split(self.per_call)):
+            pair = x.unsqueeze(1).expand(-1, 2, *x.shape[1:]).flatten(0, 1).to(self.dtype)
+            ehs = torch.stack([self.negative[c], self.cond[c]], 1).flatten(0, 1)
+            ts = torch.full((len(pair),), t, device=x.device, dtype=torch.float32)
+            u, v = self.unet(pair, ts, encoder_hidden_states=ehs).sample.float().unflatten(0, (-1, 2)).unbind(1)
+            outs.append(u + self.cfg[c].view(-1, 1, 1, 1) * (v - u))
+            self.evals += len(pair)
+        return torch.cat(outs)
+
+    def __call__(self, x: torch.Tensor, sigma: float, t: float, active: torch.Tensor | None = None) -> torch.Tensor:
+        xa = x if active is None else x.index_select(0, active)
+        if xa.numel() == 0:
+            return x
+        cand = (torch.arange(len(x), device=x.device) if active is None else active).repeat_interleave(x.shape[1])
+        lat = xa.flatten(0, 1)
+        out = self._guided(lat / math.sqrt(sigma**2 + 1), t, cand)
+        D = to_denoised(out, lat, sigma, self.prediction_type).view_as(xa)
+        return D if active is None else x.index_copy(0, active, D)

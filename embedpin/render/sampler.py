@@ -1,0 +1,260 @@
+"""Hyperbatch rendering of all candidates of a generation, and exact replay of one image.
+
+Every candidate starts from one latent that doubles at the branch steps of
+``schedule.branch_schedule`` until it holds B latents; all λ candidates' rows share each
+step's UNet calls. Siblings diverge after a branch with every sampler:
+
+- stochastic samplers (euler-a, ddpm, dpm++sde, ddim with eta > 0) draw each member's
+  step noise from its own stream (``noise.NoiseStreams``);
+- deterministic ones (euler, heun, lms, pndm, dpm++2m, unipc, ddim with eta = 0) would
+  keep a copied latent on its parent's ODE path, so a copy is re-noised at the branch:
+  with D the shared evaluation at sigma and eps = (x - D) / sigma its noise,
+
+      x_copy = D + sigma (sqrt(1 - rho^2) eps + rho z),   z ~ N(0, I) from the copy's stream,
+
+  which keeps the noise level at exactly sigma (an SDE-like partial refresh of the noise,
+  cf. Karras et al. 2022 Sec. 4 "churn"; rho = ``plan.renoise``, 1 by default: fresh noise).
+  The copy inherits its parent's multistep history, which stays valid: it is a history of
+  clean predictions and both rows share the same one.
+
+An image is a function of (conditioning, plan, its lineage row) only, which is what
+``render_one`` replays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+
+from embedpin.errors import ConfigError
+from embedpin.models.components import SCHEDULERS, make_scheduler
+from embedpin.render.denoiser import GuidedDenoiser
+from embedpin.render.grid import Grid, make_grid
+from embedpin.render.latents import decode, encode
+from embedpin.render.noise import NoiseStreams, member_seeds
+from embedpin.render.samplers import GRID_SOURCE, Sampler, make_sampler
+from embedpin.render.schedule import Branch, Path, batch_path, branch_schedule, check_lineage_row, image_path, lineage
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class RenderPlan:
+    """How to render: B images per candidate, sampler, size, seed and memory budget.
+
+    ``max_batch`` bounds the images per UNet call, CFG halves included. ``renoise`` is the
+    fraction rho of a copy's noise refreshed at a branch (module doc); None means 1 for
+    deterministic samplers and 0 for stochastic ones, whose own noise separates siblings.
+    ``eta`` is DDIM's (0: deterministic).
+    """
+
+    batch: int = 8
+    steps: int = 20
+    scheduler: str = "dpm++2m"
+    height: int = 64
+    width: int = 64
+    seed: int = 0
+    hyperbatch: bool = True
+    max_batch: int = 256
+    renoise: float | None = None
+    eta: float = 0.0
+
+    def validate(self, vae_scale_factor: int | None = None) -> "RenderPlan":
+        """Raise ConfigError on a value a user could have mistyped; return self."""
+        for name in ("batch", "steps", "height", "width"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not _is_int(self.max_batch) or self.max_batch < 2:
+            raise ConfigError(f"max batch must be an integer >= 2 (one latent's two CFG halves), got {self.max_batch!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(sorted(SCHEDULERS))}")
+        if self.renoise is not None and not 0 <= self.renoise <= 1:
+            raise ConfigError(f"renoise must be in [0, 1], got {self.renoise!r}")
+        if not self.eta >= 0:
+            raise ConfigError(f"eta must be >= 0, got {self.eta!r}")
+        f = vae_scale_factor
+        if f and (self.height % f or self.width % f):
+            raise ConfigError(f"image size {self.width}x{self.height} must be a multiple of the VAE factor {f}")
+        return self
+
+    def schedule(self) -> list[int]:
+        """Branch steps of this plan (``[]`` for plain batches)."""
+        return branch_schedule(self.batch, self.steps) if self.hyperbatch else []
+
+    def rho(self, sampler: Sampler) -> float:
+        if self.renoise is not None:
+            return float(self.renoise)
+        return 0.0 if sampler.stochastic else 1.0
+
+
+@dataclass
+class RenderResult:
+    """images [λ, B, 3, H, W] in [0, 1]; lineage [B, depth] (each image's member at each
+    depth); seeds [B, depth] (those members' stream seeds); unet_evals: UNet image
+    evaluations of the whole render, CFG halves counted; schedule: the branch steps."""
+
+    images: torch.Tensor
+    lineage: torch.Tensor
+    seeds: torch.Tensor
+    unet_evals: int
+    schedule: list[int]
+
+
+def plan_grid(components, plan: RenderPlan) -> Grid:
+    """The plan's noise grid, from a fresh diffusers scheduler of the model's config."""
+    if plan.scheduler in GRID_SOURCE:
+        name, extra = GRID_SOURCE[plan.scheduler]
+        return make_grid(make_scheduler(name, {**components.scheduler_config, **extra}), plan.steps)
+    return make_grid(components.scheduler(plan.scheduler), plan.steps)
+
+
+def _conditioning(components, cond, negative, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check shapes; cond [λ, L, D], negative [1 or λ, L, D], cfg [λ] on the model's device."""
+    dim = components.unet.config.cross_attention_dim
+    if cond.dim() != 3 or cond.shape[-1] != dim:
+        raise ConfigError(f"conditioning must be [candidates, tokens, {dim}], got {list(cond.shape)}")
+    if negative.dim() != 3 or negative.shape[0] not in (1, len(cond)) or negative.shape[1:] != cond.shape[1:]:
+        raise ConfigError(f"negative conditioning {list(negative.shape)} does not match {list(cond.shape)}")
+    cfg = torch.as_tensor(cfg, dtype=torch.float32).flatten()
+    if cfg.numel() == 1:
+        cfg = cfg.expand(len(cond))
+    if cfg.numel() != len(cond):
+        raise ConfigError(f"need one CFG scale per candidate ({len(cond)}), got {cfg.numel()}")
+    dev = components.device
+    return cond.to(dev), negative.to(dev), cfg.to(dev)
+
+
+def _start_steps(plan: RenderPlan, strength, n: int, init_image) -> list[int]:
+    """First step of each candidate: 0, or as diffusers' img2img (``steps - int(steps * s)``)."""
+    if init_image is None:
+        if strength is not None:
+            raise ConfigError("strength needs an init image")
+        return [0] * n
+    if strength is None:
+        raise ConfigError("an init image needs a strength in [0, 1]")
+    s = torch.as_tensor(strength, dtype=torch.float64).flatten().cpu()
+    s = s.expand(n) if s.numel() == 1 else s
+    if s.numel() != n:
+        raise ConfigError(f"need one strength per candidate ({n}), got {s.numel()}")
+    if not bool(((s >= 0) & (s <= 1)).all()):
+        raise ConfigError(f"strength must be in [0, 1], got {s.tolist()}")
+    return [plan.steps - min(int(plan.steps * v), plan.steps) for v in s.tolist()]
+
+
+def _init_latent(components, plan: RenderPlan, init_image, shape) -> torch.Tensor:
+    """Clean latent every candidate starts from: the encoded init image [1, C, h, w], or zeros."""
+    dev = components.device
+    if init_image is None:
+        return torch.zeros((1, *shape), device=dev)
+    want = (1, 3, plan.height, plan.width)
+    if tuple(init_image.shape) != want or not bool(((init_image >= 0) & (init_image <= 1)).all()):
+        raise ConfigError(f"init image must be {list(want)} with values in [0, 1], got {list(init_image.shape)}")
+    return encode(components.vae, init_image.to(dev).float())
+
+
+def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, sigma: float):
+    """Double the rows: gather every per-row tensor by parent, start and re-noise the copies."""
+    p = br.parent.to(x.device)
+    x, D, birth = x[:, p], D[:, p], birth[p]
+    state = {k: v[:, p] for k, v in state.items()}
+    new = [m for m, c in zip(br.members, br.copy.tolist()) if c]
+    if new:
+        c = br.copy.to(x.device)
+        fresh = streams.birth(new)
+        birth[c] = fresh
+        if rho > 0:
+            x[:, c] = D[:, c] + (x[:, c] - D[:, c]) * math.sqrt(1 - rho**2) + fresh * (rho * sigma)
+    return x, D, state, birth, br.members
+
+
+def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init, starts: list[int]):
+    """Run the rows of ``path`` for every candidate: latents [λ, n, C, h, w] and UNet evals."""
+    grid, sampler = plan_grid(components, plan), make_sampler(plan.scheduler, plan.eta)
+    rho, lam, dev = plan.rho(sampler), len(cond), components.device
+    streams = NoiseStreams(plan.seed, init.shape[1:], dev)
+    members = path.members
+    birth = streams.birth(members)
+    x = init.expand(lam, len(members), *init.shape[1:]).clone()
+    state = {k: torch.zeros_like(x) for k in sampler.history}
+    state["age"] = x.new_zeros(lam, len(members), 1, 1, 1)
+    model = GuidedDenoiser(components.unet, cond, negative, cfg, grid.prediction_type, plan.max_batch)
+    branches = {b.step: b for b in path.branches}
+    starts_t = torch.tensor(starts)
+    for i in range(grid.steps):
+        sigma = grid.sigmas[i]
+        joining = (starts_t == i).nonzero().flatten().to(dev)
+        if len(joining):
+            x[joining] = init + sigma * birth
+            state["age"][joining] = 0
+        on = starts_t <= i
+        active = None if bool(on.all()) else on.nonzero().flatten().to(dev)
+        keep = None if active is None else on.to(dev).view(-1, 1, 1, 1, 1)
+        denoise = partial(model, active=active)
+        D = denoise(x, sigma, grid.timesteps[i])
+        if sampler.correct is not None:
+            x = _masked(keep, sampler.correct(x, D, i, grid, state), x)
+        if i in branches:
+            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, rho, sigma)
+        noise = streams.step(members, sampler.draws) if sampler.draws else None
+        x_next, state = sampler.step(denoise, x, D, i, grid, state, noise)
+        x = _masked(keep, x_next, x)
+        state["age"] = state["age"] + 1
+    return x, model.evals
+
+
+def _masked(keep, new, old):
+    return new if keep is None else torch.where(keep, new, old)
+
+
+def _latent_shape(components, plan: RenderPlan) -> tuple[int, int, int]:
+    f = components.vae_scale_factor
+    return components.latent_channels, plan.height // f, plan.width // f
+
+
+@torch.no_grad()
+def render(components, cond: torch.Tensor, negative: torch.Tensor, cfg, plan: RenderPlan,
+           init_image: torch.Tensor | None = None, strength=None) -> RenderResult:
+    """Render B images for each of λ candidates with hyperbatch (or plain) sampling.
+
+    cond [λ, L, D] and negative [1 or λ, L, D] text-encoder outputs, cfg [λ] (or a float),
+    optional init_image [1, 3, H, W] in [0, 1] with strength [λ] (or a float) for img2img.
+    """
+    plan.validate(components.vae_scale_factor)
+    cond, negative, cfg = _conditioning(components, cond, negative, cfg)
+    starts = _start_steps(plan, strength, len(cond), init_image)
+    init = _init_latent(components, plan, init_image, _latent_shape(components, plan))
+    schedule = plan.schedule()
+    latents, evals = _sample(components, cond, negative, cfg, plan, batch_path(plan.batch, schedule), init, starts)
+    images = decode(components.vae, latents.flatten(0, 1), plan.max_batch)
+    lin = lineage(plan.batch, schedule)
+    return RenderResult(images.unflatten(0, latents.shape[:2]), lin, member_seeds(plan.seed, lin), evals, schedule)
+
+
+@torch.no_grad()
+def render_one(components, cond: torch.Tensor, negative: torch.Tensor, cfg, plan: RenderPlan,
+               lineage_row: torch.Tensor, init_image: torch.Tensor | None = None, strength=None) -> torch.Tensor:
+    """Re-render one image [3, H, W] of ``render`` alone from its conditioning cond [1, L, D],
+    the same plan and its ``lineage_row`` [depth]: replays only that image's path."""
+    plan.validate(components.vae_scale_factor)
+    cond, negative, cfg = _conditioning(components, cond, negative, cfg)
+    if len(cond) != 1:
+        raise ConfigError(f"render_one takes one candidate's conditioning, got {len(cond)}")
+    schedule = plan.schedule()
+    row = torch.as_tensor(lineage_row).flatten()
+    check_lineage_row(row, plan.batch, schedule)
+    starts = _start_steps(plan, strength, 1, init_image)
+    init = _init_latent(components, plan, init_image, _latent_shape(components, plan))
+    latents, _ = _sample(components, cond, negative, cfg, plan, image_path(row, schedule), init, starts)
+    return decode(components.vae, latents.flatten(0, 1), plan.max_batch)[0]
+
+
+def plain(plan: RenderPlan) -> RenderPlan:
+    """The same plan without hyperbatching (B independent latents from step 0)."""
+    return replace(plan, hyperbatch=False)

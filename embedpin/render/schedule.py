@@ -1,0 +1,135 @@
+"""Hyperbatch branch schedule, lineage and cost (pure functions).
+
+A hyperbatch (sd-prompt-pinning, seed ``003``) starts each candidate from one latent
+and doubles its batch at ``k = ceil(log2 B)`` branch steps until it holds ``B``
+latents; the early, high-noise steps (where composition is decided) are shared.
+
+Conventions used throughout ``embedpin.render``:
+
+- A branch at step ``s`` happens right after step ``s``'s model evaluation (which the
+  copies share with their parent) and before its update, so evaluations at the
+  doubled size start at step ``s + 1``.
+- Members (lineage nodes) are numbered in birth order: at depth ``d`` the batch holds
+  members ``0 .. n_d - 1`` with ``n_0 = 1`` and ``n_{d+1} = min(2 n_d, B)``. At a branch,
+  member ``j`` continues unchanged and member ``j + n_d`` is its new copy, so the
+  last branch of a non-power-of-two ``B`` only doubles the first ``B - n_d`` members.
+  Member 0 is the trunk: it is never re-noised.
+- Plain batches (no branches) hold members ``0 .. B - 1`` from step 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from embedpin.errors import ConfigError
+
+
+def doublings(batch: int) -> int:
+    """ceil(log2 B): how many times one latent doubles to reach ``batch`` latents."""
+    return max(int(batch) - 1, 0).bit_length()
+
+
+def branch_schedule(batch: int, steps: int) -> list[int]:
+    """Steps at which the batch doubles, strictly increasing within ``[0, steps - 2]``.
+
+    The ``k + 1`` batch sizes ``1, 2, .., B`` each run for about ``steps / (k + 1)``
+    model evaluations: branch ``j`` (1-based) is at step ``floor(j * steps / (k + 1)) - 1``.
+    Equal segments keep the first split early (half of all image pairs split there,
+    so it sets most of the batch's diversity) while the costly full-size segment
+    stays short: B=8, 20 steps -> [4, 9, 14] (75 of 160 evaluations); B=64 -> 380 of 1280.
+    ``B = 1`` has no branches; ``steps <= ceil(log2 B)`` leaves no room for one
+    evaluation per batch size, so it falls back to a plain batch (``[]``) with a warning.
+    """
+    if batch < 1 or steps < 1:
+        raise ConfigError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
+    k = doublings(batch)
+    if k == 0:
+        return []
+    if steps <= k:
+        warnings.warn(f"{steps} steps are too few to branch a batch of {batch} "
+                      f"(needs > {k}); rendering a plain batch instead", stacklevel=2)
+        return []
+    return [j * steps // (k + 1) - 1 for j in range(1, k + 1)]
+
+
+def batch_sizes(batch: int, schedule: list[int]) -> list[int]:
+    """Latents per candidate at each depth: ``[1, 2, 4, .., B]`` (``[B]`` for a plain batch)."""
+    sizes = [1 if schedule else batch]
+    for _ in schedule:
+        sizes.append(min(2 * sizes[-1], batch))
+    return sizes
+
+
+def lineage(batch: int, schedule: list[int]) -> torch.Tensor:
+    """Each final image's ancestor at each depth: LongTensor [B, len(schedule) + 1].
+
+    ``lineage[b, d]`` is the member (see module doc) that image ``b`` descends from at
+    depth ``d``; the last column is ``arange(B)``. Because ``n_d`` divides ``n_{d+1}``
+    except at the last, partial branch, the ancestor is simply ``b mod n_d``.
+    """
+    sizes = torch.tensor(batch_sizes(batch, schedule))
+    return torch.arange(batch)[:, None] % sizes[None, :]
+
+
+def unet_evaluations(batch: int, steps: int, schedule: list[int]) -> int:
+    """Model evaluations of one candidate's latents for a one-evaluation-per-step sampler.
+
+    Classifier-free guidance is NOT included: each evaluation here costs two UNet
+    image-evaluations (unconditional + conditional half); ``render`` counts those. A plain
+    batch costs ``B * steps``.
+    """
+    edges = [-1, *schedule, steps - 1]
+    return sum(n * (b - a) for n, a, b in zip(batch_sizes(batch, schedule), edges, edges[1:]))
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One doubling: row ``r`` of the new batch continues row ``parent[r]`` as member
+    ``members[r]``; rows where ``copy`` is set are newly born (fresh noise stream)."""
+
+    step: int
+    parent: torch.Tensor  # LongTensor [n_new]
+    members: tuple[int, ...]
+    copy: torch.Tensor  # BoolTensor [n_new]
+
+
+@dataclass(frozen=True)
+class Path:
+    """How a candidate's rows evolve: the members at step 0 and the branches after."""
+
+    members: tuple[int, ...]
+    branches: tuple[Branch, ...]
+
+
+def batch_path(batch: int, schedule: list[int]) -> Path:
+    """Rows of a whole hyperbatch (or a plain batch when ``schedule`` is empty)."""
+    sizes = batch_sizes(batch, schedule)
+    branches = tuple(
+        Branch(s, torch.arange(m) % n, tuple(range(m)), torch.arange(m) >= n)
+        for s, n, m in zip(schedule, sizes, sizes[1:])
+    )
+    return Path(tuple(range(sizes[0])), branches)
+
+
+def image_path(row: torch.Tensor, schedule: list[int]) -> Path:
+    """The single row that replays one image with lineage ``row`` [len(schedule) + 1]."""
+    r = [int(v) for v in row]
+    branches = tuple(
+        Branch(s, torch.zeros(1, dtype=torch.long), (b,), torch.tensor([b != a]))
+        for s, a, b in zip(schedule, r, r[1:])
+    )
+    return Path((r[0],), branches)
+
+
+def check_lineage_row(row: torch.Tensor, batch: int, schedule: list[int]) -> None:
+    """Raise ConfigError unless ``row`` is a lineage row of this (batch, schedule)."""
+    if row.dim() != 1 or len(row) != len(schedule) + 1:
+        raise ConfigError(f"lineage row must have {len(schedule) + 1} entries for this plan, got "
+                          f"{list(row.shape)}")
+    image = int(row[-1])
+    if not 0 <= image < batch or not torch.equal(row.cpu().long(), lineage(batch, schedule)[image]):
+        raise ConfigError(f"lineage row {row.tolist()} does not belong to a batch of {batch} "
+                          f"with branches at steps {schedule}")

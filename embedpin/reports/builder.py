@@ -1,0 +1,98 @@
+"""Write a run's HTML report: ``update`` after each generation, ``rebuild`` from scratch.
+
+``update(run_dir, g)`` writes generation g's page and assets, rewrites generation
+g-1's page (its "next" link appears and it stops refreshing) and refreshes the run
+page, so its cost does not grow with the number of old generation pages. Call it once
+more after the run loop marks the state finished or interrupted, so the pages stop
+refreshing. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embedpin.errors import InputError
+from embedpin.reports import plots
+from embedpin.reports.atomic import write_text
+from embedpin.reports.images import animation, frame
+from embedpin.reports.pages import generation_context, run_context
+from embedpin.reports.store import Run, load_run
+from embedpin.reports.templating import render
+
+ASSETS = "report"  # per-page folder of plots, thumbnails and frames
+RUN_PLOTS = (  # (file, title, plotter, source)
+    ("loss.png", "best / median / worst loss", plots.loss_plot, "history"),
+    ("sigma.png", "sigma and axis ratio", plots.sigma_plot, "history"),
+    ("spectrum.png", "eigenvalue spectrum", plots.spectrum_plot, "history"),
+    ("components.png", "ꟻLIP and CLIP components", plots.components_plot, "history"),
+    ("pareto.png", "Pareto front", plots.pareto_plot, "pareto"),
+    ("params.png", "best candidate's parameters", plots.params_plot, "history"),
+)
+
+
+def update(run_dir: str | Path, generation: int | None = None) -> Path:
+    """Report generation ``generation`` (default: the latest on disk) and refresh the run page."""
+    run = load_run(run_dir)
+    if generation is None:
+        generation = max(run.generations, default=None)
+    if generation is not None:
+        if generation not in run.generations:
+            raise InputError(f"generation {generation} of {run.root} has no generation.json")
+        write_generation(run, generation, assets=True)
+        if generation - 1 in run.generations:
+            write_generation(run, generation - 1, assets=False)
+    return write_run(run)
+
+
+def rebuild(run_dir: str | Path) -> Path:
+    """Rewrite every page of the run (what ``embedpin report runs/<id>`` does); returns the run page."""
+    run = load_run(run_dir)
+    for g in run.generations:
+        write_generation(run, g, assets=True)
+    return write_run(run)
+
+
+def write_generation(run: Run, generation: int, assets: bool = True) -> Path:
+    """Write ``generations/NNNN/index.html``; its histogram and GIF frame too when ``assets``
+    is set or they are missing (thumbnails are always made once per image)."""
+    record = run.generation(generation)
+    folder = run.generation_dir(generation)
+    context = generation_context(run, generation, record)
+    histogram = folder / ASSETS / "histogram.png"
+    if assets or not histogram.exists():
+        losses = np.array([_float(c["loss"]) for c in record["candidates"]])
+        per_image = np.array([_float(v) for c in record["candidates"] for v in c.get("image_losses") or []])
+        if not plots.histogram_plot(losses, per_image, histogram):
+            histogram.unlink(missing_ok=True)
+    if assets or not (folder / ASSETS / "frame.png").exists():
+        write_frame(run, generation, context)
+    context["histogram"] = f"{ASSETS}/histogram.png" if histogram.exists() else None
+    return write_text(folder / "index.html", render("generation.html", **context))
+
+
+def write_frame(run: Run, generation: int, context: dict) -> bool:
+    """The animation frame of a generation: its best candidate's thumbnails."""
+    folder = run.generation_dir(generation)
+    best = [c for c in context["candidates"] if c["is_best"]] or context["candidates"][:1]
+    tiles = [folder / i["thumb"] for c in best for i in c["images"] if i["thumb"]]
+    return frame(tiles, folder / ASSETS / "frame.png", f"gen {generation}")
+
+
+def write_run(run: Run) -> Path:
+    """Write the run page ``index.html`` with its plots and the best-over-generations GIF."""
+    assets = run.root / ASSETS
+    sources = {"history": run.history, "pareto": run.pareto}
+    written = [dict(src=f"{ASSETS}/{name}", title=title)
+               for name, title, plot, source in RUN_PLOTS if plot(sources[source], assets / name)]
+    frames = [run.generation_dir(g) / ASSETS / "frame.png" for g in run.generations]
+    for g, path in zip(run.generations, frames):
+        if not path.exists():
+            write_frame(run, g, generation_context(run, g, run.generation(g)))
+    gif = f"{ASSETS}/best.gif" if animation(frames, assets / "best.gif") else None
+    return write_text(run.root / "index.html", render("run.html", **run_context(run, written, gif)))
+
+
+def _float(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")

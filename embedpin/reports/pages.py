@@ -1,0 +1,192 @@
+"""Page contexts: store records -> the plain dicts the templates render.
+
+Paths in a context are relative to the page's folder; image entries carry the
+full-size ``href`` and the ``thumb`` shown on the page (None when the image is missing).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from embedpin.errors import InputError
+from embedpin.reports.images import thumb_relpath, thumbnail
+from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
+from embedpin.reports.store import Run, find_key, generation_dirname
+from embedpin.reports.templating import num
+
+RECIPE_PATHS = {  # headline field -> where RunConfig's TOML keeps it (a flat key as fallback)
+    "prompt": ("prompt", "prompt"), "negative": ("prompt", "negative"), "model": ("model", "name"),
+    "blocks": ("search", "blocks"), "seed": ("optim", "seed"),
+}
+
+
+def relpath(rel: str) -> str:
+    """A store-relative file path, refused when it could leave its folder."""
+    path = PurePosixPath(str(rel))
+    if path.is_absolute() or ".." in path.parts or not path.parts or "\\" in str(rel):
+        raise InputError(f"malformed image path in run store: {rel!r}")
+    return path.as_posix()
+
+
+def image_entry(folder: Path, rel: str, prefix: str = "", **extra) -> dict:
+    """Thumbnail ``folder/rel`` (once) and describe it for a page ``prefix`` above ``folder``."""
+    rel = relpath(rel)
+    shown = thumbnail(folder / rel, folder / thumb_relpath(rel))
+    thumb = None if shown is None else prefix + shown.relative_to(folder).as_posix()
+    return dict(href=prefix + rel, thumb=thumb, **extra)
+
+
+def vector(values) -> str:
+    """A parameter vector as text: ``"0.12, -1.5, 3"``."""
+    return ", ".join(num(float(v)) for v in np.ravel(np.asarray(values, dtype=np.float64)))
+
+
+def params_rows(params: dict | None) -> list[tuple[str, str]]:
+    """``{name: [floats]}`` -> ``[(name, "v0, v1, …")]`` in the store's order."""
+    try:
+        return [(str(name), vector(values)) for name, values in (params or {}).items()]
+    except (TypeError, ValueError):
+        raise InputError("malformed parameters in run store: expected {name: [numbers]}") from None
+
+
+def _loss_order(candidates: list[dict]) -> list[dict]:
+    def key(c: dict) -> tuple:
+        loss = c.get("loss")
+        finite = isinstance(loss, (int, float)) and math.isfinite(loss)
+        return (not finite, loss if finite else 0.0, c.get("index", 0))
+    return sorted(candidates, key=key)
+
+
+def candidate_context(folder: Path, c: dict, best: int | None) -> dict:
+    """One candidate card: its scores, parameters and image grid with lineage colours."""
+    images = list(c.get("images") or [])
+    lineage = lineage_array(c.get("lineage"), len(images))
+    colours = group_colours(trunk_groups(lineage))
+    losses = list(c.get("image_losses") or [])
+    seeds = list(c.get("seeds") or [])
+    entries = [
+        image_entry(folder, rel, loss=losses[j] if j < len(losses) else None,
+                    seed=seeds[j] if j < len(seeds) else None,
+                    lineage=lineage[j].tolist(), colours=colours[j])
+        for j, rel in enumerate(images)
+    ]
+    return dict(index=c["index"], loss=c["loss"], flip=c.get("flip"), clip=c.get("clip"),
+                distance=c.get("distance"), params=params_rows(c.get("params")),
+                images=entries, is_best=c["index"] == best)
+
+
+def generation_context(run: Run, generation: int, record: dict) -> dict:
+    """Everything the generation page shows, paths relative to ``generations/NNNN/``."""
+    folder = run.generation_dir(generation)
+    best = record.get("best_candidate")
+    candidates = [candidate_context(folder, c, best) for c in _loss_order(record["candidates"])]
+    errmaps = [image_entry(folder, rel, caption=f"image {j}")
+               for j, rel in enumerate(record.get("errmaps") or []) if (folder / relpath(rel)).exists()]
+    on_disk = set(run.generations)
+
+    def page(g: int) -> str | None:
+        return f"../{generation_dirname(g)}/index.html" if g in on_disk else None
+
+    return dict(
+        run=_run_summary(run), generation=generation, sigma=record.get("sigma"), best_candidate=best,
+        candidates=candidates, errmaps=errmaps, depth=max((len(i["colours"]) for c in candidates
+                                                           for i in c["images"]), default=0),
+        prev_page=page(generation - 1), next_page=page(generation + 1),
+        live=run.live and generation == max(on_disk, default=generation),
+    )
+
+
+def _run_summary(run: Run) -> dict:
+    return dict(id=run.id, status=run.status, count=run.count)
+
+
+def recipe(config: dict) -> dict:
+    """The headline recipe fields (``[prompt] prompt``, ``[model] name``, …; None when absent)."""
+    found = {}
+    for field, (section, key) in RECIPE_PATHS.items():
+        table = config.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        found[field] = value if value is not None else find_key(config, field)
+    if isinstance(found["blocks"], (list, dict)):
+        found["blocks"] = ", ".join(map(str, found["blocks"]))
+    return found
+
+
+def config_rows(tree: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """A nested config as ``[("section.key", "value")]`` rows."""
+    rows = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            rows += config_rows(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", str(value)))
+    return rows
+
+
+def commands(run: Run) -> list[str]:
+    """The commands a user copies to export and re-render the pinned conditioning."""
+    where = f"runs/{run.id}" if run.root.parent.name == "runs" else str(run.root)
+    where = shlex.quote(where)
+    return [
+        f"embedpin export {where} --format textual-inversion -o pinned.safetensors",
+        f"embedpin export {where} --format diffusers",
+        f"embedpin render {where} --seed 7 -n 8 -o out/",
+    ]
+
+
+def targets_context(run: Run) -> tuple[list[dict], dict | None]:
+    """Target and guide thumbnails (thumbnails live under ``report/thumbs/targets/``)."""
+    folder = run.root / "targets"
+    files = sorted(p for p in folder.glob("target_*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    targets = [dict(_target(run, p), name=p.stem) for p in files]
+    guide = folder / "guide.png"
+    return targets, (_target(run, guide) if guide.exists() else None)
+
+
+def _target(run: Run, path: Path) -> dict:
+    rel = f"targets/{path.name}"
+    shown = thumbnail(path, run.root / thumb_relpath(rel))
+    return dict(href=rel, thumb=None if shown is None else shown.relative_to(run.root).as_posix())
+
+
+def best_context(run: Run) -> dict | None:
+    """The best candidate so far: where it is, its loss, parameters and images."""
+    best = run.best
+    if not best or "generation" not in best:
+        return None
+    g = int(best["generation"])
+    prefix = f"generations/{generation_dirname(g)}/"
+    images = []
+    if g in run.generations:
+        record = run.generation(g)
+        found = [c for c in record["candidates"] if c["index"] == best.get("candidate")]
+        if found:
+            losses = list(found[0].get("image_losses") or [])
+            images = [image_entry(run.generation_dir(g), rel, prefix, loss=losses[j] if j < len(losses) else None)
+                      for j, rel in enumerate(found[0].get("images") or [])]
+    return dict(generation=g, candidate=best.get("candidate"), loss=best.get("loss"),
+                params=params_rows(best.get("params")), images=images, page=prefix + "index.html")
+
+
+def generation_rows(run: Run) -> list[dict]:
+    """One table row per generation (history and/or on disk), with its page link."""
+    rows = {int(h["generation"]): dict(h) for h in run.history if "generation" in h}
+    for g in run.generations:
+        rows.setdefault(g, dict(generation=g))
+    on_disk = set(run.generations)
+    return [dict(row, page=f"generations/{generation_dirname(g)}/index.html" if g in on_disk else None)
+            for g, row in sorted(rows.items())]
+
+
+def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
+    """Everything the run page shows, paths relative to ``runs/<id>/``."""
+    targets, guide = targets_context(run)
+    return dict(
+        run=_run_summary(run), live=run.live, recipe=recipe(run.config), config_rows=config_rows(run.config),
+        targets=targets, guide=guide, best=best_context(run), plots=plots, gif=gif,
+        generations=generation_rows(run), commands=commands(run),
+    )

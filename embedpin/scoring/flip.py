@@ -1,0 +1,203 @@
+"""LDR-ꟻLIP in torch, batched: Andersson et al. 2020, "FLIP: A Difference Evaluator for
+Alternating Images" (HPG 2020), following NVIDIA's reference implementation (the
+``flip-evaluator`` package): separable filters, edge-clamped borders, float32 maths.
+
+Everything ꟻLIP does to one image alone (colour transform, contrast-sensitivity
+filtering, edge and point detection) is independent of the other image, so it is done
+once per image (:func:`flip_features`); a target's features are prepared once per run
+(:class:`FlipReference`) and only the cheap per-pair combination runs per render.
+The metric is symmetric: flip(a, b) == flip(b, a).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from embedpin.scoring.color import (
+    hyab, linear_to_hunt_lab, linear_to_ycxcz, max_hunt_hyab, srgb_to_linear, ycxcz_to_linear,
+)
+
+DEFAULT_PPD = 0.7 * (3840 / 0.7) * math.pi / 180  # 67.02: 0.7 m wide 4K monitor seen from 0.7 m
+QC, PC, PT, GW, QF = 0.7, 0.4, 0.95, 0.082, 0.5  # FLIP's constants (paper, Table 1)
+# Contrast sensitivity Gaussians (a, b) per opponent channel: Y, Cx, and Cz's two lobes.
+CSF = ((1.0, 0.0047), (1.0, 0.0053), (34.1, 0.04), (13.5, 0.025))
+PIXEL_BUDGET = 1 << 23  # channel-pixels per chunk: bounds peak memory on big batches
+BLOCK = 64  # block length of the Toeplitz matmul filtering
+_CMAX = max_hunt_hyab() ** QC
+
+
+@dataclass(frozen=True)
+class FlipReference:
+    """Per-image ꟻLIP features of N images, computed once: ``lab`` [N, 3, H, W] (filtered,
+    Hunt-adjusted Lab), ``edge`` and ``point`` [N, H, W] feature magnitudes."""
+
+    lab: torch.Tensor
+    edge: torch.Tensor
+    point: torch.Tensor
+    ppd: float
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, ppd: float = DEFAULT_PPD) -> "FlipReference":
+        """images [N, 3, H, W] sRGB in [0, 1]."""
+        return flip_features(images, ppd)
+
+    def __len__(self) -> int:
+        return self.lab.shape[0]
+
+    def __getitem__(self, idx) -> "FlipReference":
+        return FlipReference(self.lab[idx], self.edge[idx], self.point[idx], self.ppd)
+
+
+prepare_reference = FlipReference.from_images
+
+
+def spatial_kernels(ppd: float) -> torch.Tensor:
+    """1-D CSF kernels [4, 2r+1] for Y, Cx, Cz lobe 1, Cz lobe 2 (FLIP eq. 2, separated)."""
+    b_max = max(b for _, b in CSF)
+    r = math.ceil(3 * math.sqrt(b_max / (2 * math.pi**2)) * ppd)
+    x2 = ((torch.arange(-r, r + 1, dtype=torch.float64) / ppd) ** 2)[None]
+    a, b = torch.tensor(CSF, dtype=torch.float64).T[..., None]
+    amp = a * torch.sqrt(math.pi / b)
+    amp[2:] = amp[2:].sqrt()  # Cz is a sum of two separable lobes: sqrt amplitude per axis
+    g = amp * torch.exp(-math.pi**2 * x2 / b)
+    g[:2] /= g[:2].sum(-1, keepdim=True)
+    g[2:] /= g[2:].sum(-1).square().sum().sqrt()  # the two Cz lobes' 2-D sum is 1
+    return g
+
+
+def feature_kernels(ppd: float) -> torch.Tensor:
+    """1-D Gaussian, 1st and 2nd derivative kernels [3, 2r+1] (FLIP Sec. 4.2); derivative
+    kernels' positive and negative weights sum to +1 and -1."""
+    sd = 0.5 * GW * ppd
+    r = math.ceil(3 * sd)
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-(x**2) / (2 * sd**2))
+    dg, ddg = -x * g, (x**2 / sd**2 - 1) * g
+
+    def signed_norm(k: torch.Tensor) -> torch.Tensor:
+        return torch.where(k > 0, k / k.clamp(min=0).sum(), k / (-k).clamp(min=0).sum())
+
+    return torch.stack((g / g.sum(), signed_norm(dg), signed_norm(ddg)))
+
+
+def _toeplitz(kernels: torch.Tensor, block: int) -> torch.Tensor:
+    """Banded matrices [C, block + K - 1, block]: one block of a 1-D correlation as a matmul."""
+    k = kernels.shape[-1]
+    t = torch.arange(block + k - 1, device=kernels.device)[:, None] - torch.arange(block, device=kernels.device)
+    return torch.where((t >= 0) & (t < k), kernels[:, t.clamp(0, k - 1)], 0)
+
+
+def _filter(x: torch.Tensor, kernels: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-channel 1-D correlation of [N, C, H, W] along dim -1 or -2, borders clamped.
+
+    Computed block-wise as a batched matmul with one banded Toeplitz matrix per channel
+    (several times faster on CPU than a depthwise convolution)."""
+    k, size = kernels.shape[-1], x.shape[dim]
+    block = min(BLOCK, size)
+    n_blocks = -(-size // block)
+    idx = torch.arange(-(k // 2), n_blocks * block + k // 2, device=x.device).clamp_(0, size - 1)
+    windows = x.index_select(dim, idx).unfold(dim, block + k - 1, block)  # [.., nb, .., win]
+    toeplitz = _toeplitz(kernels.to(x), block)
+    if dim == -1:
+        out = torch.einsum("nchbk,ckj->nchbj", windows, toeplitz).flatten(-2)
+        return out[..., :size]
+    out = torch.einsum("ncbwk,ckj->ncbjw", windows, toeplitz).flatten(2, 3)
+    return out[:, :, :size]
+
+
+def _features(images: torch.Tensor, ppd: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ycxcz = linear_to_ycxcz(srgb_to_linear(images.clamp(0, 1)))
+    sk = spatial_kernels(ppd)
+    four = torch.cat((ycxcz, ycxcz[:, 2:]), 1)  # Cz twice: once per CSF lobe
+    four = _filter(_filter(four, sk, -1), sk, -2)
+    filtered = torch.cat((four[:, :2], four[:, 2:].sum(1, keepdim=True)), 1)
+    lab = linear_to_hunt_lab(ycxcz_to_linear(filtered).clamp(0, 1))
+    fk = feature_kernels(ppd)
+    y = (ycxcz[:, :1] + 16) / 116
+    gx = _filter(y, fk, -1)  # g, dg, ddg along x
+    d = _filter(gx[:, [1, 2, 0, 0]], fk[[0, 0, 1, 2]], -2)  # dx, ddx, dy, ddy
+    return lab, torch.hypot(d[:, 0], d[:, 2]), torch.hypot(d[:, 1], d[:, 3])
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _chunk(n: int, per_item: int) -> int:
+    return max(1, PIXEL_BUDGET // max(1, per_item))
+
+
+def flip_features(images: torch.Tensor, ppd: float = DEFAULT_PPD) -> FlipReference:
+    """The per-image half of ꟻLIP for images [N, 3, H, W] sRGB in [0, 1], chunked."""
+    x = images.to(_compute_dtype(images))
+    step = _chunk(len(x), 12 * x.shape[-1] * x.shape[-2])
+    parts = [_features(x[i:i + step], ppd) for i in range(0, len(x), step)]
+    return FlipReference(*(torch.cat(p) for p in zip(*parts)), ppd=float(ppd))
+
+
+def _combine(t: FlipReference, r: FlipReference) -> torch.Tensor:
+    """Error maps [P, H, W] of aligned feature pairs (FLIP eqs. 5-8)."""
+    dc = hyab(t.lab, r.lab) ** QC
+    pcc = PC * _CMAX
+    dc = torch.where(dc < pcc, dc * (PT / pcc), PT + (dc - pcc) / (_CMAX - pcc) * (1 - PT))
+    df = torch.maximum((t.edge - r.edge).abs(), (t.point - r.point).abs())
+    df = (df / math.sqrt(2)) ** QF
+    return dc ** (1 - df)
+
+
+def _as_reference(reference: torch.Tensor | FlipReference, ppd: float) -> FlipReference:
+    if isinstance(reference, FlipReference):
+        if not math.isclose(reference.ppd, ppd, rel_tol=1e-6):
+            raise ValueError(f"reference prepared at {reference.ppd} ppd, scoring at {ppd} ppd")
+        return reference
+    return flip_features(reference, ppd)
+
+
+def flip_pairs(test: FlipReference, ref: FlipReference, ti: torch.Tensor, ri: torch.Tensor,
+               return_maps: bool = False) -> torch.Tensor:
+    """Mean error [P] (or maps [P, H, W]) of pairs (test[ti[p]], ref[ri[p]]), chunked."""
+    hw = test.lab.shape[-2:]
+    step = _chunk(len(ti), 8 * hw[0] * hw[1])
+    out = [_combine(test[ti[i:i + step]], ref[ri[i:i + step]]) for i in range(0, len(ti), step)]
+    out = out if return_maps else [m.mean((-2, -1)) for m in out]
+    return torch.cat(out) if out else test.lab.new_zeros((0, *hw) if return_maps else (0,))
+
+
+def flip_loss(test: torch.Tensor, reference: torch.Tensor | FlipReference, ppd: float = DEFAULT_PPD,
+              return_maps: bool = False):
+    """LDR-ꟻLIP of test [N, 3, H, W] against reference [N or 1, 3, H, W] (or prepared), both
+    sRGB in [0, 1]. Returns the mean error per image [N] in [0, 1] (and maps [N, H, W])."""
+    ref = _as_reference(reference, ppd)
+    if len(ref) not in (1, len(test)) or ref.lab.shape[-2:] != test.shape[-2:]:
+        raise ValueError(f"reference {tuple(ref.lab.shape)} does not match test {tuple(test.shape)}")
+    ti = torch.arange(len(test), device=test.device)
+    maps = flip_pairs(flip_features(test, ppd), ref, ti, ti if len(ref) > 1 else ti * 0, True)
+    mean = maps.mean((-2, -1)).to(test.dtype)
+    return (mean, maps.to(test.dtype)) if return_maps else mean
+
+
+def flip_cross(test: torch.Tensor, reference: torch.Tensor | FlipReference,
+               ppd: float = DEFAULT_PPD) -> torch.Tensor:
+    """Mean ꟻLIP error of every test image [N, 3, H, W] against every reference [T]: [N, T]."""
+    ref = _as_reference(reference, ppd)
+    dev = test.device
+    ti, ri = torch.meshgrid(torch.arange(len(test), device=dev), torch.arange(len(ref), device=dev),
+                            indexing="ij")
+    err = flip_pairs(flip_features(test, ppd), ref, ti.flatten(), ri.flatten())
+    return err.view(len(test), len(ref)).to(test.dtype)
+
+
+def pairwise_flip(images: torch.Tensor, ppd: float = DEFAULT_PPD) -> torch.Tensor:
+    """Symmetric matrix of mean ꟻLIP errors among images [..., B, 3, H, W]: [..., B, B] with a
+    zero diagonal; each unordered pair of each group is evaluated once, in batched calls."""
+    lead, b = images.shape[:-4], images.shape[-4]
+    feats = flip_features(images.reshape(-1, *images.shape[-3:]), ppd)
+    i, j = torch.triu_indices(b, b, 1, device=images.device)
+    base = (torch.arange(math.prod(lead), device=images.device) * b)[:, None]
+    err = flip_pairs(feats, feats, (base + i).flatten(), (base + j).flatten())
+    out = err.new_zeros(math.prod(lead), b, b)
+    out[:, i, j] = err.view(-1, len(i))
+    return (out + out.transpose(-1, -2)).view(*lead, b, b).to(images.dtype)

@@ -1,0 +1,133 @@
+"""The run's scorer: one generation's images [λ, B, 3, H, W] -> one loss per candidate.
+
+Built once per run: target ꟻLIP features and CLIP target embeddings are computed here and
+reused every generation. Per image, loss = flip_weight·ꟻLIP + clip_weight·CLIP distance,
+averaged over the targets; without targets (self mode) each image is compared with the
+other images of its own candidate's batch (pairwise, so a low loss means the prompt gives
+consistent images across seeds). Per-image losses are aggregated by
+:func:`embedpin.scoring.aggregate.aggregate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from embedpin.errors import ConfigError
+from embedpin.models.components import Components
+from embedpin.scoring.aggregate import WEIGHTINGS, WORST_LOSS, aggregate
+from embedpin.scoring.clip_loss import (
+    clip_image_embeds, clip_text_embeds, cosine_distance, pairwise_cosine_distance, require_clip,
+)
+from embedpin.scoring.flip import DEFAULT_PPD, FlipReference, flip_cross, flip_features, flip_pairs, pairwise_flip
+
+
+@dataclass
+class ScoreResult:
+    """``loss`` [λ] (what the optimizer minimises), ``flip`` / ``clip`` [λ] (each term's mean
+    over the batch, None when unused), ``per_image`` [λ, B] (weighted per-image losses);
+    non-finite values are replaced by ``WORST_LOSS``."""
+
+    loss: torch.Tensor
+    flip: torch.Tensor | None
+    clip: torch.Tensor | None
+    per_image: torch.Tensor
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, WORST_LOSS)
+
+
+def _batch_mean(x: torch.Tensor) -> torch.Tensor:
+    return _finite(x.mean(-1))
+
+
+def _off_diagonal_mean(pairs: torch.Tensor) -> torch.Tensor:
+    """[..., B, B] with zero diagonal -> mean over the other B - 1 images: [..., B]."""
+    return pairs.sum(-1) / (pairs.shape[-1] - 1)
+
+
+class Scorer:
+    """Scores generations against fixed targets (images and/or a text) or in self mode."""
+
+    def __init__(self, components: Components | None, targets: torch.Tensor | None = None,
+                 flip_weight: float = 1.0, clip_weight: float = 0.0, text_target: str | None = None,
+                 std_weight: float = 1.0, hyperbatch_weighting: str = "none",
+                 hyperbatch_scale: float = 1.0, ppd: float = DEFAULT_PPD):
+        if flip_weight < 0 or clip_weight < 0 or flip_weight + clip_weight <= 0:
+            raise ConfigError("loss weights must be >= 0 with at least one of flip/clip weight > 0")
+        if hyperbatch_weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown hyperbatch weighting {hyperbatch_weighting!r}; "
+                              f"choose one of: {', '.join(WEIGHTINGS)}")
+        if ppd <= 0:
+            raise ConfigError(f"pixels per degree must be > 0, got {ppd}")
+        if targets is not None and (targets.dim() != 4 or targets.shape[1] != 3 or len(targets) == 0):
+            raise ValueError(f"targets must be [T, 3, H, W], got {tuple(targets.shape)}")
+        self.components, self.targets = components, targets
+        self.flip_weight, self.clip_weight = float(flip_weight), float(clip_weight)
+        self.std_weight, self.weighting, self.scale = float(std_weight), hyperbatch_weighting, float(hyperbatch_scale)
+        self.ppd = float(ppd)
+        self.flip_ref = flip_features(targets, ppd) if targets is not None else None
+        self.clip_targets: list[torch.Tensor] = []
+        if clip_weight > 0:
+            require_clip(components)  # fails early, with a ConfigError, when there is no CLIP
+            if targets is not None:
+                self.clip_targets.append(clip_image_embeds(components, targets))
+            if text_target:
+                self.clip_targets.append(clip_text_embeds(components, [text_target]))
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be [λ, B, 3, H, W], got {tuple(images.shape)}")
+        if self.targets is not None and images.shape[-2:] != self.targets.shape[-2:]:
+            raise ValueError(f"renders are {tuple(images.shape[-2:])} but targets {tuple(self.targets.shape[-2:])}")
+        if self.targets is None and images.shape[1] < 2:
+            raise ConfigError("self mode (no target images) needs a batch of at least 2 images per candidate")
+
+    def _reference(self, device: torch.device) -> FlipReference:
+        ref = self.flip_ref
+        if ref.lab.device != device:
+            self.flip_ref = ref = FlipReference(ref.lab.to(device), ref.edge.to(device), ref.point.to(device), ref.ppd)
+        return ref
+
+    def flip_per_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean ꟻLIP error [λ, B] of each image to the targets, or to its batch-mates."""
+        if self.flip_ref is None:
+            return _off_diagonal_mean(pairwise_flip(images, self.ppd))
+        flat = images.flatten(0, 1)
+        return flip_cross(flat, self._reference(images.device), self.ppd).mean(-1).view(images.shape[:2])
+
+    def clip_per_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean CLIP cosine distance [λ, B] to the targets (images, text), or to batch-mates."""
+        embeds = clip_image_embeds(self.components, images.flatten(0, 1)).to(images.device)
+        if not self.clip_targets:
+            return _off_diagonal_mean(pairwise_cosine_distance(embeds.view(*images.shape[:2], -1)))
+        terms = [cosine_distance(embeds, t) for t in self.clip_targets]
+        return torch.stack(terms).mean(0).view(images.shape[:2])
+
+    def __call__(self, images: torch.Tensor, lineage: torch.Tensor | None = None) -> ScoreResult:
+        """images [λ, B, 3, H, W] sRGB in [0, 1], lineage [B, depth] (or None) -> ScoreResult."""
+        self._check(images)
+        flip = self.flip_per_image(images).float() if self.flip_weight > 0 else None
+        clip = self.clip_per_image(images).float() if self.clip_weight > 0 else None
+        per_image = sum(w * t for w, t in ((self.flip_weight, flip), (self.clip_weight, clip)) if t is not None)
+        loss = aggregate(per_image, lineage, self.std_weight, self.weighting, self.scale)
+        return ScoreResult(loss=loss, flip=None if flip is None else _batch_mean(flip),
+                           clip=None if clip is None else _batch_mean(clip), per_image=_finite(per_image))
+
+    def error_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """ꟻLIP error maps [N, H, W] in [0, 1] of images [N, 3, H, W]: mean over the targets,
+        or (self mode) over the other given images."""
+        feats = flip_features(images, self.ppd)
+        n, dev = len(images), images.device
+        if self.flip_ref is not None:
+            ref = self._reference(dev)
+            ti, ri = torch.meshgrid(torch.arange(n, device=dev), torch.arange(len(ref), device=dev), indexing="ij")
+            return flip_pairs(feats, ref, ti.flatten(), ri.flatten(), True).view(n, len(ref), *images.shape[-2:]).mean(1)
+        if n < 2:
+            raise ConfigError("self-mode error maps need at least 2 images")
+        i, j = torch.triu_indices(n, n, 1, device=dev)
+        maps = flip_pairs(feats, feats, i, j, True)
+        total = maps.new_zeros(n, *maps.shape[-2:]).index_add_(0, i, maps).index_add_(0, j, maps)
+        return total / (n - 1)

@@ -1,0 +1,129 @@
+"""Config validation / TOML round trip, the run store's atomic writes, CLI error handling."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedpin.cli import main
+from embedpin.config import RunConfig
+from embedpin.errors import ConfigError, InputError
+from embedpin.optimizer.store import RunStore, atomic_write_json
+
+
+def _cfg(tmp_path, **render):
+    c = RunConfig()
+    c.prompt.prompt = "a small red circle"
+    c.out = str(tmp_path / "runs")
+    for k, v in render.items():
+        setattr(c.render, k, v)
+    return c
+
+
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompt=text, negative=text, batch=st.integers(1, 64), cfg=st.floats(0, 30, allow_nan=False),
+       targets=st.lists(text, max_size=3), max_distance=st.none() | st.floats(0.01, 10))
+def test_toml_round_trip(prompt, negative, batch, cfg, targets, max_distance):
+    c = RunConfig()
+    c.prompt.prompt, c.prompt.negative, c.render.batch, c.render.cfg = prompt, negative, batch, cfg
+    c.score.targets, c.optim.max_distance = targets, max_distance
+    import tomllib
+
+    assert RunConfig.from_dict(tomllib.loads(c.to_toml())) == c
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("batch", 0, "--batch"), ("steps", 0, "--steps"), ("strength", 1.5, "--strength"), ("cfg", -1.0, "--cfg"),
+])
+def test_bad_ranges(tmp_path, field, value, words):
+    with pytest.raises(ConfigError, match=words):
+        _cfg(tmp_path, **{field: value}).validate()
+
+
+def test_prompt_or_guide_and_concepts_need_guide(tmp_path):
+    c = _cfg(tmp_path)
+    c.prompt.prompt = " "
+    with pytest.raises(ConfigError, match="--prompt"):
+        c.validate()
+    c.prompt.prompt, c.prompt.concepts = "a tree", "creepy tree"
+    with pytest.raises(ConfigError, match="--concepts needs a --guide"):
+        c.validate()
+
+
+def test_unknown_and_mistyped_config_keys(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[render]\nbatchsize = 3\n')
+    with pytest.raises(ConfigError, match="unknown config key"):
+        RunConfig.from_toml(f)
+    f.write_text('[render]\nbatch = "eight"\n')
+    with pytest.raises(ConfigError, match="must be int"):
+        RunConfig.from_toml(f)
+    f.write_text('not = [toml')
+    with pytest.raises(ConfigError, match="not a valid TOML"):
+        RunConfig.from_toml(f)
+
+
+def test_store_create_is_all_or_nothing(tmp_path):
+    c = _cfg(tmp_path)
+    s1 = RunStore.create(c)
+    s2 = RunStore.create(c)
+    assert s1.root.name.startswith("0001-a-small-red-circle") and s2.root.name.startswith("0002-")
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")] == []
+    assert RunStore.open(s1.root).config() == c
+
+
+def test_uncommitted_generation_is_dropped_on_open(tmp_path):
+    s = RunStore.create(_cfg(tmp_path))
+    tmp = s.begin_generation(0)
+    (tmp / "images" / "x.png").write_bytes(b"partial")
+    s.finish_generation(0, tmp, {"generation": 0})      # folder in place, but state not updated
+    s.begin_generation(1)                                # a half-assembled one
+    RunStore.open(s.root)
+    assert list((s.root / "generations").iterdir()) == []
+
+
+def test_atomic_json_refuses_nan_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "state.json"
+    atomic_write_json(p, {"a": 1})
+    with pytest.raises(ValueError):
+        atomic_write_json(p, {"a": float("nan")})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [q.name for q in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_open_rejects_non_runs(tmp_path):
+    with pytest.raises(InputError, match="not an embedpin run"):
+        RunStore.open(tmp_path)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["optimize", "--batch", "x"], "invalid int value"),
+    (["optimize", "--prompt", "a", "--batch", "0"], "--batch must be >= 1"),
+    (["optimize", "--prompt", "a", "--scheduler", "nope"], "invalid choice"),
+    (["optimize", "--prompt", "a", "--blocks", "warp"], "unknown search block"),
+    (["optimize", "--prompt", "a", "--config", "/no/such.toml"], "no such config file"),
+    (["optimize", "--resume", "/no/such/run"], "not an embedpin run folder"),
+    (["export", "/no/such/run", "--format", "diffusers", "-o", "x.safetensors"], "no pinned result"),
+    (["models", "--model", "weights.ckpt"], "pickle checkpoints are refused"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_cli_help_lists_commands_and_knobs():
+    r = subprocess.run([sys.executable, "-m", "embedpin", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("optimize", "render", "export", "report", "models"))
+    r = subprocess.run([sys.executable, "-m", "embedpin", "optimize", "--help"], capture_output=True, text=True)
+    for knob in ("--target", "--prompt", "--guide", "--concepts", "--init-image", "--population", "--generations",
+                 "--sigma0", "--batch", "--steps", "--scheduler", "--size", "--cfg", "--seed", "--max-batch",
+                 "--device", "--dtype", "--config", "--no-hyperbatch", "--resume", "--json", "--max-distance"):
+        assert knob in r.stdout, knob

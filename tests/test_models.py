@@ -1,0 +1,131 @@
+"""Foundation: tokenizer, procedural dataset, model loading and its errors, smoke training."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedpin.errors import ModelError
+from embedpin.models import loader
+from embedpin.models.micro import dataset
+from embedpin.models.micro.tokenizer import build_vocab, save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return save_tokenizer(dataset.vocabulary(), tmp_path_factory.mktemp("tok"))
+
+
+def test_every_caption_word_is_one_token(tok):
+    for w in dataset.vocabulary():
+        assert len(tok.tokenize(w)) == 1, w
+
+
+def test_unknown_words_degrade_to_pieces(tok):
+    pieces = tok.tokenize("a xyzzy, oil painting!")
+    assert pieces[0] == "a</w>"
+    assert "".join(pieces).replace("</w>", "") == "axyzzy,oilpainting!"
+    assert tok.unk_token_id not in tok.convert_tokens_to_ids(pieces)
+
+
+def test_clip_format_77_positions_with_header(tok):
+    ids = tok("a small red circle", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == tok.bos_token_id
+    assert ids[5] == tok.eos_token_id and ids[-1] == tok.pad_token_id
+
+
+def test_vocab_is_deterministic():
+    assert build_vocab(dataset.vocabulary()) == build_vocab(dataset.vocabulary())
+
+
+def test_dataset_is_reproducible_and_captioned():
+    a = dataset.batch(np.random.default_rng(5), 6)
+    b = dataset.batch(np.random.default_rng(5), 6)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert a[0].shape == (6, 3, 64, 64) and a[0].min() >= 0 and a[0].max() <= 1
+    assert all(c.startswith("a ") and c.endswith("background") for c in a[1])
+
+
+def test_dataset_covers_the_promised_variety():
+    rng = np.random.default_rng(0)
+    scenes = [dataset.random_scene(rng, p_two=0.5, held_out=None) for _ in range(3000)]
+    items = [i for s in scenes for i in s.items]
+    assert len({i.shape for i in items}) >= 5 and len({i.colour for i in items}) >= 8
+    assert len({i.size for i in items}) == 2 and len({i.position for i in items}) >= 4
+    assert {s.bg_kind for s in scenes} == {"plain", "gradient", "striped"}
+    assert any(len(s.items) == 2 for s in scenes)
+    held = [dataset.is_held_out(s) for s in scenes if len(s.items) == 1]
+    assert 0.05 < np.mean(held) < 0.15
+
+
+def test_foreground_colour_check_reads_rendered_scenes():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        s = dataset.random_scene(rng, p_two=0)
+        assert dataset.foreground_colour(dataset.render_scene(s), s.items[0], s.jitter) == s.items[0].colour
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("/definitely/not/here", "no such model"),
+    ("model.ckpt", "pickle checkpoints are refused"),
+    ("weights.bin", "pickle checkpoints are refused"),
+    ("nobody-has/this-model-xyz", "not in the local Hugging Face cache"),
+])
+def test_bad_model_arguments(spec, words):
+    with pytest.raises(ModelError, match=words):
+        loader.load_components(spec)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelError, match="not a diffusers model folder"):
+        loader.load_components(str(tmp_path))
+
+
+def test_non_safetensors_file_is_refused(tmp_path):
+    f = tmp_path / "model.txt"
+    f.write_text("hello")
+    with pytest.raises(ModelError, match="not a model"):
+        loader.load_components(str(f))
+
+
+def test_micro_loads_with_every_component():
+    comp = loader.load_components("micro")
+    assert comp.default_size == 64 and comp.vae_scale_factor == 4 and comp.text_dim == 64
+    assert comp.clip is not None and comp.clip.config.projection_dim == comp.text_dim
+    assert comp.clip_image_size == 64
+    assert not any(p.requires_grad for p in comp.unet.parameters())
+
+
+def test_micro_loads_in_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(loader.MICRO_DIR), local_files_only=True)
+    out = pipe("a large red circle in the center on a plain blue background", num_inference_steps=4,
+               height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_micro_weights_fit_the_budget():
+    total = sum(p.stat().st_size for p in loader.MICRO_DIR.rglob("*.safetensors"))
+    assert total <= 25 * 2**20
+
+
+def test_smoke_training_and_corrupt_weights(tmp_path):
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-m", "embedpin.models.micro.train", "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["smoke"] is True
+    comp = loader.load_components(str(out))
+    assert comp.clip is not None and comp.unet.config.cross_attention_dim == comp.text_dim
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not really weights")
+    with pytest.raises(ModelError, match="cannot load the UNet"):
+        loader.load_components(str(broken))

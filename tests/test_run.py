@@ -1,0 +1,160 @@
+"""The pinning run end to end on the micro model: CLI, store, resume after SIGKILL, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedpin.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a large yellow star in the center on a blue striped background"
+SMALL = ["--generations", "3", "--population", "4", "--batch", "4", "--steps", "6", "--quiet"]
+
+
+def _optimize(out, *extra):
+    return ["optimize", "--target", str(ROOT / "examples" / "star.png"), "--prompt", PROMPT, "--out", str(out),
+            *SMALL, *extra]
+
+
+def _runs(out):
+    return sorted(p for p in Path(out).iterdir() if not p.name.startswith(".")) if Path(out).exists() else []
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(_optimize(out, "--json")) == 0
+    (run,) = _runs(out)
+    return run
+
+
+def test_run_folder_is_complete(finished):
+    state = json.loads((finished / "state.json").read_text())
+    assert state["status"] == "finished" and state["generation"] == 3 and len(state["history"]) == 3
+    assert state["best"]["loss"] == min(h["best"] for h in state["history"])
+    gen = json.loads((finished / "generations" / "0002" / "generation.json").read_text())
+    assert len(gen["candidates"]) == 4 and len(gen["candidates"][0]["images"]) == 4
+    for c in gen["candidates"]:
+        assert all((finished / "generations" / "0002" / p).is_file() for p in c["images"])
+    assert (finished / "index.html").is_file() and (finished / "generations" / "0000" / "index.html").is_file()
+    assert (finished / "pinned.safetensors").is_file() and (finished / "targets" / "target_00.png").is_file()
+    assert "refresh" not in (finished / "index.html").read_text().split("<body")[0].lower()
+
+
+def test_same_seed_same_result(finished, tmp_path):
+    assert main(_optimize(tmp_path)) == 0
+    (run,) = _runs(tmp_path)
+    a = json.loads((finished / "state.json").read_text())["history"]
+    b = json.loads((run / "state.json").read_text())["history"]
+    assert [h["best"] for h in a] == [h["best"] for h in b]
+
+
+def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from embedpin.export import load_pinned
+    from embedpin.models.loader import MICRO_DIR
+
+    ti = tmp_path / "pinned.safetensors"
+    assert main(["export", str(finished), "--format", "textual-inversion", "-o", str(ti)]) == 0
+    tensors, recipe = load_pinned(finished)
+    pipe = StableDiffusionPipeline.from_pretrained(str(MICRO_DIR), local_files_only=True)
+    pipe.load_textual_inversion(str(ti), token="<pinned>")
+    emb, _ = pipe.encode_prompt(f"{PROMPT} <pinned>", "cpu", 1, False)
+    assert torch.allclose(emb, tensors["prompt_embeds"], atol=1e-4)
+    img = pipe(f"{PROMPT} <pinned>", num_inference_steps=4, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_export_diffusers_embeds_drive_a_pipeline(finished, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from embedpin.models.loader import MICRO_DIR
+
+    f = tmp_path / "embeds.safetensors"
+    assert main(["export", str(finished), "--format", "diffusers", "-o", str(f)]) == 0
+    t = load_file(str(f))
+    pipe = StableDiffusionPipeline.from_pretrained(str(MICRO_DIR), local_files_only=True)
+    img = pipe(prompt_embeds=t["prompt_embeds"], negative_prompt_embeds=t["negative_prompt_embeds"],
+               num_inference_steps=4, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
+
+
+def test_render_command(finished, tmp_path):
+    assert main(["render", str(finished), "--seed", "7", "-n", "2", "-o", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["pinned_seed7.png", "pinned_seed8.png"]
+
+
+def test_report_command_rebuilds(finished):
+    (finished / "index.html").unlink()
+    assert main(["report", str(finished)]) == 0
+    assert (finished / "index.html").is_file()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--target", "/no/such/target.png"], "target.png"),
+    (["--guide", "/no/such/guide.png", "--blocks", "guidance"], "guide.png"),
+    (["--size", "30"], "multiple"),
+])
+def test_bad_input_leaves_no_run(tmp_path, capsys, extra, words):
+    argv = ["optimize", "--prompt", PROMPT, "--out", str(tmp_path / "runs"), *SMALL, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert _runs(tmp_path / "runs") == []
+
+
+def _spawn(argv):
+    return subprocess.Popen([sys.executable, "-m", "embedpin", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _wait_for_generation(out, g, proc, timeout=240):
+    t = time.time()
+    while time.time() - t < timeout:
+        runs = _runs(out)
+        if runs and (runs[0] / "state.json").is_file():
+            if json.loads((runs[0] / "state.json").read_text())["generation"] >= g:
+                return runs[0]
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_resume_ends_like_uninterrupted(finished, tmp_path):
+    rng = np.random.default_rng(0)
+    out = tmp_path / "killed"
+    proc = _spawn(_optimize(out))
+    run = _wait_for_generation(out, 1, proc)
+    time.sleep(float(rng.uniform(0, 1.0)))   # somewhere inside a later generation (or its writes)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run([sys.executable, "-m", "embedpin", "optimize", "--resume", str(run), "--quiet", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    expected = json.loads((finished / "state.json").read_text())
+    assert summary["generations"] == 3
+    assert summary["best_loss"] == expected["best"]["loss"]
+    got = json.loads((run / "state.json").read_text())
+    assert [h["best"] for h in got["history"]] == [h["best"] for h in expected["history"]]
+
+
+def test_ctrl_c_leaves_a_resumable_run(tmp_path):
+    out = tmp_path / "int"
+    proc = _spawn(_optimize(out))
+    run = _wait_for_generation(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "interrupted" and 1 <= state["generation"] < 3
