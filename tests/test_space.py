@@ -53,7 +53,7 @@ def test_layout_and_fixed_values(space: SearchSpace) -> None:
     np.testing.assert_allclose(out["cfg"][:, 0], [9.486437, 1.0], rtol=1e-6)
     np.testing.assert_allclose(out["delta"][0], [0.1, -0.2, 0.0])
     np.testing.assert_allclose(out["floor"][:, 0], [0.783244, 0.0], atol=1e-6)
-    np.testing.assert_allclose(out["cap"][0], [0.604594, -0.380845], rtol=1e-6)
+    np.testing.assert_allclose(out["cap"][0], [0.604594, -0.380845], atol=1e-6)
     assert out["cap"][1, 0] == 1.0 and out["cap"][1, 1] == 0.2
 
 
@@ -64,7 +64,7 @@ def test_x0_decodes_exactly_to_defaults(space: SearchSpace) -> None:
 
 
 @given(block=blocks(), data=st.data())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 def test_any_finite_x_stays_within_bounds(block: Block, data: st.DataObject) -> None:
     x = data.draw(hnp.arrays(np.float64, (4, block.size), elements=finite))
     v = block.to_value(x)
@@ -73,12 +73,12 @@ def test_any_finite_x_stays_within_bounds(block: Block, data: st.DataObject) -> 
         assert np.all(v >= block.lower)
     if block.upper is not None:
         assert np.all(v <= block.upper)
-    order = np.argsort(x, axis=None)
-    assert np.all(np.diff(v.ravel()[order]) >= 0)  # monotone: a bijection, no folding
+    ranked = v.ravel()[np.argsort(x, axis=None)]
+    assert np.all(ranked[1:] >= ranked[:-1])  # monotone: a bijection, no folding
 
 
 @given(block=blocks(), data=st.data())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 def test_decode_of_encode_is_identity(block: Block, data: st.DataObject) -> None:
     t = data.draw(hnp.arrays(np.float64, (3, block.size), elements=st.floats(1e-3, 1 - 1e-3)))
     space = SearchSpace([block])
@@ -89,16 +89,15 @@ def test_decode_of_encode_is_identity(block: Block, data: st.DataObject) -> None
     np.testing.assert_allclose(back, params[block.name], rtol=1e-9, atol=1e-11 * span)
 
 
-@given(block=blocks(), x=st.floats(-3, 3))
-@settings(max_examples=200, deadline=None)
-def test_encode_of_decode_is_identity_and_slope_at_zero_is_scale(block: Block, x: float) -> None:
-    v = block.to_value(np.array([x]))
-    inside = (block.lower is None or v[0] > block.lower) and \
-        (block.upper is None or v[0] < block.upper)
-    if inside:  # a saturated value has no finite preimage in float64
-        np.testing.assert_allclose(block.to_x(v), [x], atol=1e-6 * (1 + abs(x)) * max(
-            1.0, block.scale * 1e-3))
-    h = 1e-6
+@given(block=blocks(), t=st.floats(-1, 1))
+@settings(max_examples=60, deadline=None)
+def test_encode_of_decode_is_identity_and_slope_at_zero_is_scale(block: Block, t: float) -> None:
+    gaps = [abs(b - block.default) for b in (block.lower, block.upper) if b is not None]
+    reach = min([3.0] + [g / block.scale for g in gaps])  # x moving v by at most one gap
+    x = np.array([t * reach])
+    atol = 1e-6 * reach + 1e-12 * (abs(block.default) + sum(gaps) + 1) / block.scale
+    np.testing.assert_allclose(block.to_x(block.to_value(x)), x, rtol=0, atol=atol)
+    h = 1e-4 * min([1.0] + [g / block.scale for g in gaps])  # well inside the curvature
     slope = (block.to_value(np.array(h)) - block.to_value(np.array(-h))) / (2 * h)
     np.testing.assert_allclose(slope, block.scale, rtol=1e-3)
 

@@ -7,7 +7,7 @@ the concept mapping and the delta / token-vector bases (the last two on first us
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
@@ -35,7 +35,8 @@ class GuidanceOptions:
     soft threshold steps): see :mod:`embedpin.guidance.tween`; concept_threshold: base-to-concept
     alignment a position needs to take a concept's image token; delta_basis: "image", "pca",
     "random" or None (image with a guide image, else pca) with delta_k elements; n_vectors
-    placeholder tokens appended to the prompt, initialised at init_word, in a vector_k-dim
+    placeholder tokens appended to the prompt (before EOS, as "<prompt> <pin>" would be
+    written), initialised at init_word (the mean of its tokens if it splits), in a vector_k-dim
     vector_basis ("pca" or "random"); seed for the random bases; cfg and strength: the values
     used when those blocks are not searched.
     """
@@ -79,7 +80,6 @@ class GuidanceContext:
     init_image: torch.Tensor | None = None
     vector_init: torch.Tensor | None = None
     vector_start: int = 0
-    extras: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:

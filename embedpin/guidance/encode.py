@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from embedpin.errors import ConfigError, InputError, ModelError
+from embedpin.scoring.clip_loss import clip_pixels
 
 
 @dataclass
@@ -76,33 +76,16 @@ def encode_prompt(components, prompt: str, clip_skip: int = 0) -> PromptEncoding
     return PromptEncoding(ids=ids, input_embeds=embeds, hidden=hidden, n_tokens=n_tokens, token_strings=strings)
 
 
-def clip_preprocess(components, image: torch.Tensor) -> torch.Tensor:
-    """[n, 3, H, W] in [0, 1] -> CLIP pixel values [n, 3, S, S].
-
-    Shortest side resized to S (bicubic, antialiased), centre crop, normalised with the
-    model's mean/std, as CLIP's own preprocessing does.
-    """
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise InputError(f"guide image must be [n, 3, H, W] RGB, got shape {tuple(image.shape)}")
-    size = int(components.clip_image_size)
-    h, w = image.shape[-2:]
-    scale = size / min(h, w)
-    new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    x = F.interpolate(image, size=new, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    x = x[..., top:top + size, left:left + size]
-    mean = x.new_tensor(components.clip_image_mean).view(1, 3, 1, 1)
-    std = x.new_tensor(components.clip_image_std).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 @torch.no_grad()
 def encode_image(components, image: torch.Tensor) -> torch.Tensor:
     """CLIP image tokens in text space: [n, 3, H, W] in [0, 1] -> [n, P, D] (P = 1 + patches).
 
     FlexDiffuse's image embedding: vision hidden states -> post_layernorm -> visual_projection
-    applied to every token, not only the pooled CLS token.
+    applied to every token, not only the pooled CLS token. Preprocessing is the CLIP loss's
+    (shorter side resized, centre crop, mean/std), so guide and renders are seen alike.
     """
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise InputError(f"guide image must be [n, 3, H, W] RGB, got shape {tuple(image.shape)}")
     clip = components.clip
     if clip is None:
         raise ModelError(f"model {components.name!r} has no CLIP image encoder; image guidance needs one")
@@ -111,6 +94,6 @@ def encode_image(components, image: torch.Tensor) -> torch.Tensor:
         raise ModelError(f"CLIP projection dim {proj.out_features} != text encoder dim {components.text_dim}; "
                          "image tokens cannot be mapped onto this model's prompts")
     param = next(clip.parameters())
-    x = clip_preprocess(components, image.to(device=param.device, dtype=param.dtype))
+    x = clip_pixels(components, image.to(param.device)).to(param.dtype)
     hidden = clip.vision_model(pixel_values=x).last_hidden_state
     return proj(clip.vision_model.post_layernorm(hidden))

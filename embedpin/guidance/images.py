@@ -1,36 +1,22 @@
-"""Guide images: load from a path (PIL) or accept a tensor, as [n, 3, H, W] in [0, 1].
-
-A minimal loader kept in guidance until ``embedpin.scoring.targets.load_image`` exists.
-"""
+"""Guide images: a path (read by :func:`embedpin.scoring.targets.load_image`) or a tensor,
+as [n, 3, H, W] in [0, 1]."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from embedpin.errors import InputError
+from embedpin.scoring.targets import load_image
 
 ImageLike = str | Path | torch.Tensor
 
 
-def load_guide_image(path: str | Path) -> torch.Tensor:
-    """Read an image file -> [1, 3, H, W] float32 in [0, 1]; unreadable -> :class:`InputError`."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read guide image {str(path)!r}: {e.__class__.__name__}: {e}") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
-
-
 def as_image_batch(image: ImageLike) -> torch.Tensor:
-    """A path or a tensor [3, H, W] / [n, 3, H, W] in [0, 1] -> [n, 3, H, W]."""
+    """A path or a tensor [3, H, W] / [n, 3, H, W] in [0, 1] -> [n, 3, H, W]; bad input -> InputError."""
     if isinstance(image, (str, Path)):
-        return load_guide_image(image)
+        return load_image(image)[None]
     if not isinstance(image, torch.Tensor):
         raise InputError(f"guide image must be a path or a tensor, got {type(image).__name__}")
     x = image[None] if image.ndim == 3 else image

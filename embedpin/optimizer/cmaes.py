@@ -9,6 +9,9 @@ parents μ                 ``λ // 2`` (superlinear weights)
 generations               ``16 · ⌊ln N⌋`` (at least 16)    :func:`default_generations`
 ========================  ==============================  ===========================
 
+The seed's "initial population STD 0.05" is in raw embedding units; here ``sigma0`` is in
+block-scale units, so sigma0 ≈ 0.5-1 explores about ±1 ``Block.scale`` around x0.
+
 DEAP supplies the sampling (``generate``), the ranking (``deap.base.Fitness``) and the
 parameter skeleton; :class:`_Strategy` updates it to the current recommendations of
 Hansen, "The CMA Evolution Strategy: A Tutorial" (arXiv:1604.00772, 2016): learning rates
@@ -114,7 +117,7 @@ class _Strategy(cma.Strategy):
         self._decompose()
 
     def _covariance(self, X: np.ndarray, old: np.ndarray, hsig: float) -> np.ndarray:
-        """Rank-one + rank-μ update with negative weights rescaled by ‖C^-1/2 y‖², eq. (46)."""
+        """Rank-one + rank-μ update, negative weights rescaled by n/‖C^-1/2 y‖², eq. (46)."""
         Y = (X - old) / self.sigma  # [λ, n], ranked
         w = np.concatenate([self.weights, self.neg_weights])
         norms2 = np.sum(((Y @ self.B) / self.diagD) ** 2, axis=1)
@@ -146,16 +149,13 @@ class CMAES:
 
     def __init__(self, x0: np.ndarray, sigma0: float, seed: int,
                  lambda_: int | None = None, **params: Any) -> None:
-        x0 = _vector(x0, "x0")
-        if not (isinstance(sigma0, (int, float, np.number)) and 0 < sigma0 < math.inf):
+        x0 = as_vector(x0, "x0")
+        if not (is_real(sigma0) and sigma0 > 0):
             raise ConfigError(f"sigma0 must be a positive number, got {sigma0!r}")
         lam = default_population(x0.size) if lambda_ is None else int(lambda_)
         if lam < 2:
             raise ConfigError(f"population (lambda) must be at least 2, got {lambda_!r}")
-        unknown = sorted(set(params) - set(TUNABLE))
-        if unknown:
-            raise ConfigError(f"unknown CMA-ES parameter(s): {', '.join(unknown)}")
-        self._params = dict(params)
+        self._params = _tunables(params)
         self._rng = make_rng(seed)
         self._es = _Strategy(x0, float(sigma0), lambda_=lam, **self._params)
         self._best_history: list[float] = []
@@ -168,7 +168,10 @@ class CMAES:
         return np.stack(rows)
 
     def tell(self, X: np.ndarray, losses: np.ndarray) -> None:
-        """Update from candidates ``X`` [λ, n] and their ``losses`` [λ] (NaN/inf = worst)."""
+        """Update from candidates ``X`` [λ, n] and their ``losses`` [λ] (NaN/inf = worst).
+
+        ``X`` is normally the last :meth:`ask`; checkpoint (:meth:`state_dict`) after tell.
+        """
         X = np.array(X, dtype=float)  # a copy: nothing of the caller's is touched or sorted
         losses = np.array(losses, dtype=float).reshape(-1)
         if X.shape != (self.lambda_, self.n) or losses.shape != (self.lambda_,):
@@ -263,14 +266,14 @@ class CMAES:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CMAES:
         """Rebuild from :meth:`state_dict`; continuing is bitwise identical."""
-        _check_format(state, STATE_FORMAT, STATE_VERSION)
+        check_format(state, STATE_FORMAT, STATE_VERSION)
         try:
             self = cls(np.array(state["mean"], dtype=float), float(state["sigma"]), 0,
                        int(state["lambda_"]), **state["params"])
             es = self._es
             es.C = _matrix(state["C"], self.n)
-            es.pc = _vector(state["pc"], "pc", self.n)
-            es.ps = _vector(state["ps"], "ps", self.n)
+            es.pc = as_vector(state["pc"], "pc", self.n)
+            es.ps = as_vector(state["ps"], "ps", self.n)
             es.update_count = int(state["generation"])
             es._decompose()
             self._best_history = [float(v) for v in state["best_history"]]
@@ -279,6 +282,35 @@ class CMAES:
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise InputError(f"malformed CMA-ES checkpoint: {exc}") from None
         return self
+
+
+def _tunables(params: dict[str, Any]) -> dict[str, Any]:
+    """Validated strategy parameters as plain JSON types (int mu, str weights, bool active)."""
+    unknown = sorted(set(params) - set(TUNABLE))
+    if unknown:
+        raise ConfigError(f"unknown CMA-ES parameter(s): {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        kind = {"mu": int, "weights": str, "active": bool}.get(key, float)
+        if not _has_kind(value, kind):
+            raise ConfigError(f"CMA-ES parameter {key} must be {kind.__name__}, got {value!r}")
+        out[key] = kind(value)
+    return out
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    """Whether ``value`` is a (numpy or Python) ``kind``: str, bool, int or finite float."""
+    if kind is str:
+        return isinstance(value, str)
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    return is_real(value) and (kind is float or float(value).is_integer())
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) \
+        and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 class Individual(np.ndarray):
@@ -295,7 +327,7 @@ def as_individual(x: np.ndarray, fitness: base.Fitness | None = None) -> Individ
     return ind
 
 
-def _vector(v: Any, name: str, n: int | None = None) -> np.ndarray:
+def as_vector(v: Any, name: str, n: int | None = None) -> np.ndarray:
     """A finite float64 vector (of length ``n`` when given) or ConfigError."""
     arr = np.array(v, dtype=float)
     if arr.ndim != 1 or arr.size == 0 or (n is not None and arr.size != n):
@@ -314,7 +346,7 @@ def _matrix(v: Any, n: int) -> np.ndarray:
     return arr
 
 
-def _check_format(state: Any, fmt: str, version: int) -> None:
+def check_format(state: Any, fmt: str, version: int) -> None:
     """Reject a checkpoint of another kind or a newer version with InputError."""
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise InputError(f"not an {fmt} checkpoint")

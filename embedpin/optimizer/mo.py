@@ -14,7 +14,6 @@ the lowest loss seen with distance <= ``max_distance``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from deap import base, cma
 
 from embedpin.errors import ConfigError, InputError
 from embedpin.optimizer.cmaes import (
-    Individual, _check_format, _vector, as_individual, default_population,
+    Individual, is_real, as_individual, as_vector, check_format, default_population,
 )
 from embedpin.optimizer.rng import deap_rng, make_rng, rng_from_json, rng_to_json
 
@@ -58,26 +57,29 @@ class MOCMAES:
     def __init__(self, x0: np.ndarray, sigma0: float, seed: int, max_distance: float,
                  mu: int | None = None, lambda_: int | None = None, radius: float = 0.25,
                  **params: Any) -> None:
-        x0 = _vector(x0, "x0")
+        x0 = as_vector(x0, "x0")
         for name, value in (("sigma0", sigma0), ("max_distance", max_distance)):
-            if not (isinstance(value, (int, float, np.number)) and 0 < value < math.inf):
+            if not (is_real(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not (isinstance(radius, (int, float, np.number)) and 0 <= radius < math.inf):
+        if not (is_real(radius) and radius >= 0):
             raise ConfigError(f"radius must be a non-negative number, got {radius!r}")
         unknown = sorted(set(params) - set(TUNABLE))
-        if unknown:
-            raise ConfigError(f"unknown MO-CMA-ES parameter(s): {', '.join(unknown)}")
+        bad = [k for k, v in params.items() if not is_real(v)]
+        if unknown or bad:
+            raise ConfigError(f"unknown or non-numeric MO-CMA-ES parameter(s): "
+                              f"{', '.join(unknown + bad)}")
         mu = default_population(x0.size) if mu is None else int(mu)
         lam = mu if lambda_ is None else int(lambda_)
         if mu < 2 or lam < 1:
             raise ConfigError(f"MO-CMA-ES needs mu >= 2 and lambda >= 1, got {mu}, {lam}")
         self._config = {"max_distance": float(max_distance), "mu": mu, "lambda_": lam,
-                        "radius": float(radius), "params": dict(params)}
+                        "radius": float(radius),
+                        "params": {k: float(v) for k, v in params.items()}}
         self._rng = make_rng(seed)
         offsets = self._rng.uniform(-radius, radius, (mu - 1, x0.size))
         parents = [as_individual(x) for x in np.vstack([x0, x0 + offsets])]
         self._es = cma.StrategyMultiObjective(parents, float(sigma0), mu=mu, lambda_=lam,
-                                              **params)
+                                              **self._config["params"])
         self._generation, self._evaluated = 0, False
         self._pending: list[int] | None = None  # parent index of each asked offspring
         self._last_X: np.ndarray | None = None
@@ -169,6 +171,16 @@ class MOCMAES:
         return int(self._es.dim)
 
     @property
+    def mu(self) -> int:
+        """Parents kept (also the size of the first, initial ask)."""
+        return int(self._config["mu"])
+
+    @property
+    def lambda_(self) -> int:
+        """Offspring per generation."""
+        return int(self._config["lambda_"])
+
+    @property
     def sigmas(self) -> np.ndarray:
         """Each parent's step size [μ]."""
         return np.array(self._es.sigmas, dtype=float)
@@ -199,7 +211,7 @@ class MOCMAES:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MOCMAES:
         """Rebuild from :meth:`state_dict`; continuing is bitwise identical."""
-        _check_format(state, STATE_FORMAT, STATE_VERSION)
+        check_format(state, STATE_FORMAT, STATE_VERSION)
         try:
             X = np.array(state["parents"], dtype=float)
             self = cls(X[0], float(state["sigmas"][0]), 0, state["max_distance"],

@@ -83,7 +83,8 @@ class Block:
         where = f"search block {self.name!r}"
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"search block names must be non-empty strings, got {self.name!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) \
+                or self.size < 1:
             raise ConfigError(f"{where}: size must be a positive integer, got {self.size!r}")
         numbers = {"default": self.default, "scale": self.scale,
                    "lower": self.lower, "upper": self.upper}

@@ -159,8 +159,9 @@ def _init_latent(components, plan: RenderPlan, init_image, shape) -> torch.Tenso
     return encode(components.vae, init_image.to(dev).float())
 
 
-def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, sigma: float):
-    """Double the rows: gather every per-row tensor by parent, start and re-noise the copies."""
+def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, sigma: float, keep):
+    """Double the rows: gather every per-row tensor by parent, start and re-noise the copies
+    (of active candidates: ``keep``)."""
     p = br.parent.to(x.device)
     x, D, birth = x[:, p], D[:, p], birth[p]
     state = {k: v[:, p] for k, v in state.items()}
@@ -170,7 +171,8 @@ def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, s
         fresh = streams.birth(new)
         birth[c] = fresh
         if rho > 0:
-            x[:, c] = D[:, c] + (x[:, c] - D[:, c]) * math.sqrt(1 - rho**2) + fresh * (rho * sigma)
+            renoised = D[:, c] + (x[:, c] - D[:, c]) * math.sqrt(1 - rho**2) + fresh * (rho * sigma)
+            x[:, c] = _masked(keep, renoised, x[:, c])
     return x, D, state, birth, br.members
 
 
@@ -201,7 +203,7 @@ def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init,
         if sampler.correct is not None:
             x = _masked(keep, sampler.correct(x, D, i, grid, state), x)
         if i in branches:
-            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, rho, sigma)
+            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, rho, sigma, keep)
         noise = streams.step(members, sampler.draws) if sampler.draws else None
         x_next, state = sampler.step(denoise, x, D, i, grid, state, noise)
         x = _masked(keep, x_next, x)

@@ -133,7 +133,7 @@ def commands(run: Run) -> list[str]:
     where = shlex.quote(where)
     return [
         f"embedpin export {where} --format textual-inversion -o pinned.safetensors",
-        f"embedpin export {where} --format diffusers",
+        f"embedpin export {where} --format diffusers -o pinned_embeds.safetensors",
         f"embedpin render {where} --seed 7 -n 8 -o out/",
     ]
 

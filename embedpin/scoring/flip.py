@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from embedpin.scoring.color import (
     hyab, linear_to_hunt_lab, linear_to_ycxcz, max_hunt_hyab, srgb_to_linear, ycxcz_to_linear,
@@ -25,7 +26,8 @@ QC, PC, PT, GW, QF = 0.7, 0.4, 0.95, 0.082, 0.5  # FLIP's constants (paper, Tabl
 # Contrast sensitivity Gaussians (a, b) per opponent channel: Y, Cx, and Cz's two lobes.
 CSF = ((1.0, 0.0047), (1.0, 0.0053), (34.1, 0.04), (13.5, 0.025))
 PIXEL_BUDGET = 1 << 23  # channel-pixels per chunk: bounds peak memory on big batches
-BLOCK = 64  # block length of the Toeplitz matmul filtering
+BLOCK = 64  # block length of the Toeplitz matmul filtering of long lines
+DENSE_MAX = 128  # lines up to this length are filtered with one dense band matrix
 _CMAX = max_hunt_hyab() ** QC
 
 
@@ -83,6 +85,15 @@ def feature_kernels(ppd: float) -> torch.Tensor:
     return torch.stack((g / g.sum(), signed_norm(dg), signed_norm(ddg)))
 
 
+def _band(kernels: torch.Tensor, size: int) -> torch.Tensor:
+    """Matrices [C, size, size] of 1-D correlations over ``size`` samples, clamped borders
+    folded in: out[dst] = sum_src x[src] M[src, dst]."""
+    k = kernels.shape[-1]
+    src = (torch.arange(size, device=kernels.device)[:, None] + torch.arange(k, device=kernels.device)
+           - k // 2).clamp(0, size - 1)
+    return torch.einsum("ck,dks->csd", kernels, F.one_hot(src, size).to(kernels))
+
+
 def _toeplitz(kernels: torch.Tensor, block: int) -> torch.Tensor:
     """Banded matrices [C, block + K - 1, block]: one block of a 1-D correlation as a matmul."""
     k = kernels.shape[-1]
@@ -93,31 +104,34 @@ def _toeplitz(kernels: torch.Tensor, block: int) -> torch.Tensor:
 def _filter(x: torch.Tensor, kernels: torch.Tensor, dim: int) -> torch.Tensor:
     """Per-channel 1-D correlation of [N, C, H, W] along dim -1 or -2, borders clamped.
 
-    Computed block-wise as a batched matmul with one banded Toeplitz matrix per channel
-    (several times faster on CPU than a depthwise convolution)."""
+    Done as matmuls (several times faster on CPU than depthwise convolutions): with one
+    dense band matrix per channel for short lines, else block-wise with one banded
+    Toeplitz matrix per channel on the edge-padded lines."""
     k, size = kernels.shape[-1], x.shape[dim]
-    block = min(BLOCK, size)
-    n_blocks = -(-size // block)
-    idx = torch.arange(-(k // 2), n_blocks * block + k // 2, device=x.device).clamp_(0, size - 1)
-    windows = x.index_select(dim, idx).unfold(dim, block + k - 1, block)  # [.., nb, .., win]
-    toeplitz = _toeplitz(kernels.to(x), block)
+    kernels = kernels.to(x)
+    if size <= DENSE_MAX:
+        band = _band(kernels, size)
+        if dim == -1:
+            return torch.einsum("nchw,cwv->nchv", x, band)
+        return torch.matmul(band.transpose(-1, -2), x)
+    n_blocks = -(-size // BLOCK)
+    pad = (k // 2, n_blocks * BLOCK - size + k // 2)
+    padded = F.pad(x, (*pad, 0, 0) if dim == -1 else (0, 0, *pad), mode="replicate")
+    windows = padded.unfold(dim, BLOCK + k - 1, BLOCK)  # [..., n_blocks, ..., window]
+    toeplitz = _toeplitz(kernels, BLOCK)
     if dim == -1:
-        out = torch.einsum("nchbk,ckj->nchbj", windows, toeplitz).flatten(-2)
-        return out[..., :size]
-    out = torch.einsum("ncbwk,ckj->ncbjw", windows, toeplitz).flatten(2, 3)
-    return out[:, :, :size]
+        return torch.einsum("nchbk,ckj->nchbj", windows, toeplitz).flatten(-2)[..., :size]
+    return torch.einsum("ncbwk,ckj->ncbjw", windows, toeplitz).flatten(2, 3)[:, :, :size]
 
 
 def _features(images: torch.Tensor, ppd: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ycxcz = linear_to_ycxcz(srgb_to_linear(images.clamp(0, 1)))
     sk = spatial_kernels(ppd)
-    four = torch.cat((ycxcz, ycxcz[:, 2:]), 1)  # Cz twice: once per CSF lobe
-    four = _filter(_filter(four, sk, -1), sk, -2)
+    four = _filter(_filter(ycxcz[:, [0, 1, 2, 2]], sk, -1), sk, -2)  # Cz once per CSF lobe
     filtered = torch.cat((four[:, :2], four[:, 2:].sum(1, keepdim=True)), 1)
     lab = linear_to_hunt_lab(ycxcz_to_linear(filtered).clamp(0, 1))
     fk = feature_kernels(ppd)
-    y = (ycxcz[:, :1] + 16) / 116
-    gx = _filter(y, fk, -1)  # g, dg, ddg along x
+    gx = _filter((ycxcz[:, :1] + 16) / 116, fk, -1)  # luminance in [0, 1]: g, dg, ddg along x
     d = _filter(gx[:, [1, 2, 0, 0]], fk[[0, 0, 1, 2]], -2)  # dx, ddx, dy, ddy
     return lab, torch.hypot(d[:, 0], d[:, 2]), torch.hypot(d[:, 1], d[:, 3])
 
@@ -139,7 +153,7 @@ def flip_features(images: torch.Tensor, ppd: float = DEFAULT_PPD) -> FlipReferen
 
 
 def _combine(t: FlipReference, r: FlipReference) -> torch.Tensor:
-    """Error maps [P, H, W] of aligned feature pairs (FLIP eqs. 5-8)."""
+    """Error maps [..., H, W] of two (broadcastable) feature sets (FLIP eqs. 5-8)."""
     dc = hyab(t.lab, r.lab) ** QC
     pcc = PC * _CMAX
     dc = torch.where(dc < pcc, dc * (PT / pcc), PT + (dc - pcc) / (_CMAX - pcc) * (1 - PT))
@@ -156,9 +170,13 @@ def _as_reference(reference: torch.Tensor | FlipReference, ppd: float) -> FlipRe
     return flip_features(reference, ppd)
 
 
+def _expand(f: FlipReference, dim: int) -> FlipReference:
+    return FlipReference(f.lab.unsqueeze(dim), f.edge.unsqueeze(dim), f.point.unsqueeze(dim), f.ppd)
+
+
 def flip_pairs(test: FlipReference, ref: FlipReference, ti: torch.Tensor, ri: torch.Tensor,
                return_maps: bool = False) -> torch.Tensor:
-    """Mean error [P] (or maps [P, H, W]) of pairs (test[ti[p]], ref[ri[p]]), chunked."""
+    """Mean error [P] (or maps [P, H, W]) of the pairs (test[ti[p]], ref[ri[p]]), chunked."""
     hw = test.lab.shape[-2:]
     step = _chunk(len(ti), 8 * hw[0] * hw[1])
     out = [_combine(test[ti[i:i + step]], ref[ri[i:i + step]]) for i in range(0, len(ti), step)]
@@ -173,21 +191,24 @@ def flip_loss(test: torch.Tensor, reference: torch.Tensor | FlipReference, ppd: 
     ref = _as_reference(reference, ppd)
     if len(ref) not in (1, len(test)) or ref.lab.shape[-2:] != test.shape[-2:]:
         raise ValueError(f"reference {tuple(ref.lab.shape)} does not match test {tuple(test.shape)}")
-    ti = torch.arange(len(test), device=test.device)
-    maps = flip_pairs(flip_features(test, ppd), ref, ti, ti if len(ref) > 1 else ti * 0, True)
+    feats = flip_features(test, ppd)
+    step = _chunk(len(test), 8 * test.shape[-1] * test.shape[-2])
+    maps = torch.cat([_combine(feats[i:i + step], ref if len(ref) == 1 else ref[i:i + step])
+                      for i in range(0, len(test), step)])
     mean = maps.mean((-2, -1)).to(test.dtype)
     return (mean, maps.to(test.dtype)) if return_maps else mean
 
 
 def flip_cross(test: torch.Tensor, reference: torch.Tensor | FlipReference,
-               ppd: float = DEFAULT_PPD) -> torch.Tensor:
-    """Mean ꟻLIP error of every test image [N, 3, H, W] against every reference [T]: [N, T]."""
+               ppd: float = DEFAULT_PPD, return_maps: bool = False) -> torch.Tensor:
+    """Mean ꟻLIP error [N, T] of every test image [N, 3, H, W] against every reference [T]
+    (or error maps [N, T, H, W])."""
     ref = _as_reference(reference, ppd)
-    dev = test.device
-    ti, ri = torch.meshgrid(torch.arange(len(test), device=dev), torch.arange(len(ref), device=dev),
-                            indexing="ij")
-    err = flip_pairs(flip_features(test, ppd), ref, ti.flatten(), ri.flatten())
-    return err.view(len(test), len(ref)).to(test.dtype)
+    feats = flip_features(test, ppd)
+    step = _chunk(len(test), 8 * len(ref) * test.shape[-1] * test.shape[-2])
+    out = [_combine(_expand(feats[i:i + step], 1), _expand(ref, 0)) for i in range(0, len(test), step)]
+    out = torch.cat(out if return_maps else [m.mean((-2, -1)) for m in out])
+    return out.to(test.dtype)
 
 
 def pairwise_flip(images: torch.Tensor, ppd: float = DEFAULT_PPD) -> torch.Tensor:

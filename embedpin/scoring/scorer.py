@@ -119,15 +119,13 @@ class Scorer:
     def error_maps(self, images: torch.Tensor) -> torch.Tensor:
         """ꟻLIP error maps [N, H, W] in [0, 1] of images [N, 3, H, W]: mean over the targets,
         or (self mode) over the other given images."""
-        feats = flip_features(images, self.ppd)
-        n, dev = len(images), images.device
         if self.flip_ref is not None:
-            ref = self._reference(dev)
-            ti, ri = torch.meshgrid(torch.arange(n, device=dev), torch.arange(len(ref), device=dev), indexing="ij")
-            return flip_pairs(feats, ref, ti.flatten(), ri.flatten(), True).view(n, len(ref), *images.shape[-2:]).mean(1)
+            return flip_cross(images, self._reference(images.device), self.ppd, return_maps=True).mean(1)
+        n, dev = len(images), images.device
         if n < 2:
             raise ConfigError("self-mode error maps need at least 2 images")
         i, j = torch.triu_indices(n, n, 1, device=dev)
+        feats = flip_features(images, self.ppd)
         maps = flip_pairs(feats, feats, i, j, True)
         total = maps.new_zeros(n, *maps.shape[-2:]).index_add_(0, i, maps).index_add_(0, j, maps)
         return total / (n - 1)

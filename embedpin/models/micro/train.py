@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +32,14 @@ class Budget:
     clip_batch: int = 128
     vae_steps: int = 600
     vae_batch: int = 24
-    unet_images: int = 60000
-    unet_steps: int = 2400
-    unet_batch: int = 64
+    unet_images: int = 30000
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_finetune_steps: int = 1500  # second phase: continue from phase 1 at a lower peak lr
 
     @classmethod
     def smoke(cls) -> "Budget":
-        return cls(3, 8, 3, 4, 64, 3, 8)
+        return cls(3, 8, 3, 4, 64, 3, 8, 0)
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -117,12 +118,12 @@ def _encode_dataset(vae, text_encoder, tok, n: int, rng: np.random.Generator, ch
     return torch.cat(latents), caps
 
 
-def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen):
+def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen, init=None, peak_lr=1e-3):
     """Epsilon-prediction DDPM training (Ho et al. 2020, eq. 14) with min-SNR-5 weighting
     (Hang et al. 2023) and 10% caption dropout so classifier-free guidance works."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**arch.unet_config()).train()
+    unet = (UNet2DConditionModel.from_pretrained(init) if init else UNet2DConditionModel(**arch.unet_config())).train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     noise_sched = DDPMScheduler.from_config(sched_cfg)
     acp = noise_sched.alphas_cumprod
@@ -146,7 +147,7 @@ def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen
         pred = unet(xt, t, cond).sample
         w = torch.clamp(snr[t], max=5.0) / snr[t]
         loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        _set_lr(opt, _lr(step, budget.unet_steps, 1e-3, warmup=200))
+        _set_lr(opt, _lr(step, budget.unet_steps, peak_lr, warmup=200 if init is None else 50))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (seconds), for tests")
     p.add_argument("--from-stage", choices=["clip", "vae", "unet"], default="clip",
                    help="reuse the stages before this one from --out")
+    p.add_argument("--finetune-unet", action="store_true",
+                   help="continue training the UNet in --out (second phase, peak lr 3e-4) instead of from scratch")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="override a Budget field, e.g. --budget unet_steps=4000")
@@ -232,10 +235,22 @@ def main(argv=None) -> int:
     if "unet" in stages:
         t = time.time()
         torch.manual_seed(a.seed + 3)
-        unet = train_unet(vae, text, tok, sched_cfg, budget, np.random.default_rng([a.seed, 3]),
-                          torch.Generator().manual_seed(a.seed + 3))
+        phase = 4 if a.finetune_unet else 3
+        phase_budget = replace(budget, unet_steps=budget.unet_finetune_steps) if a.finetune_unet else budget
+        unet = train_unet(vae, text, tok, sched_cfg, phase_budget, np.random.default_rng([a.seed, phase]),
+                          torch.Generator().manual_seed(a.seed + phase),
+                          init=out / "unet" if a.finetune_unet else None, peak_lr=3e-4 if a.finetune_unet else 1e-3)
         unet.save_pretrained(out / "unet")
-        times["unet_s"] = time.time() - t
+        times["unet_finetune_s" if a.finetune_unet else "unet_s"] = time.time() - t
+        if budget.unet_finetune_steps and not a.finetune_unet:
+            t = time.time()
+            unet.save_pretrained(out / "unet")
+            torch.manual_seed(a.seed + 4)
+            unet = train_unet(vae, text, tok, sched_cfg, replace(budget, unet_steps=budget.unet_finetune_steps),
+                              np.random.default_rng([a.seed, 4]), torch.Generator().manual_seed(a.seed + 4),
+                              init=out / "unet", peak_lr=3e-4)
+            unet.save_pretrained(out / "unet")
+            times["unet_finetune_s"] = time.time() - t
     _write_index(out)
     info = {"seed": a.seed, "smoke": a.smoke, "budget": asdict(budget), "seconds": times,
             "torch_threads": torch.get_num_threads()}

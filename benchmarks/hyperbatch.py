@@ -1,0 +1,148 @@
+"""Hyperbatch vs plain batches, side by side in one run, on the micro model.
+
+- cost: counted UNet image-evaluations hyperbatch / plain, 20 steps, at B=8 (goal <= 0.5)
+  and B=64 (goal <= 0.3);
+- wall time of the same renders, as a ratio (goal: within 15 % of the evaluation ratio);
+  the VAE decode costs both modes the same, so the ratio of sampling time alone
+  (render minus a timed decode of as many latents) is printed too;
+- diversity per scheduler: mean pairwise ꟻLIP among a hyperbatch's B images as a
+  fraction of the same among B independent seeds (goal >= 0.6).
+
+Uses the trained micro model when ``load_components("micro")`` works, else an untrained
+stand-in (printed warning: its images, and so the diversity figures, mean little).
+
+    python benchmarks/hyperbatch.py [--candidates 4] [--seeds 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from embedpin.guidance.encode import encode_prompt
+from embedpin.models.micro.dataset import batch as shapes_batch
+from embedpin.render.latents import decode
+from embedpin.render.sampler import RenderPlan, plain, render
+
+SCHEDULERS = ("euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "dpm++sde", "unipc", "heun", "lms")
+
+
+def load():
+    try:
+        from embedpin.models.loader import load_components
+
+        return load_components("micro"), "trained micro"
+    except Exception as e:  # noqa: BLE001 - any failure means: no trained model here
+        from embedpin.models.micro.arch import random_components
+
+        print(f"WARNING: trained micro model unavailable ({type(e).__name__}: {e}); "
+              "using random_components(scale=1.0): costs and times are meaningful, diversity is not")
+        return random_components(scale=1.0), "untrained micro (random_components)"
+
+
+def conditioning(comp, n: int):
+    """n shape captions of the micro dataset, encoded: cond [n, 77, D], negative [1, 77, D]."""
+    captions = shapes_batch(np.random.default_rng(0), n)[1]
+    cond = torch.cat([encode_prompt(comp, c).hidden for c in captions])
+    return cond, encode_prompt(comp, "").hidden, torch.full((n,), 5.0), captions
+
+
+def pair_mean(images: torch.Tensor, metric) -> float:
+    """Mean over candidates of the mean pairwise distance among each candidate's B images."""
+    d = metric(images)  # [λ, B, B], zero diagonal
+    b = d.shape[-1]
+    return float(d.sum((-1, -2)).mean() / (b * (b - 1)))
+
+
+def flip_metric():
+    try:
+        from embedpin.scoring.flip import pairwise_flip
+
+        return pairwise_flip, "ꟻLIP (embedpin.scoring.flip)"
+    except ImportError:
+        def mad(images):
+            return (images.unsqueeze(-4) - images.unsqueeze(-5)).abs().mean((-1, -2, -3))
+
+        return mad, "mean absolute difference (ꟻLIP module not available yet)"
+
+
+def timed_render(comp, cond, neg, cfg, plan):
+    t = time.perf_counter()
+    r = render(comp, cond, neg, cfg, plan)
+    return r, time.perf_counter() - t
+
+
+def decode_time(comp, n: int, plan: RenderPlan) -> float:
+    f = comp.vae_scale_factor
+    z = torch.zeros(n, comp.latent_channels, plan.height // f, plan.width // f, device=comp.device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        decode(comp.vae, z, plan.max_batch)
+    return time.perf_counter() - t
+
+
+def cost(comp, cond, neg, cfg, batch: int, steps: int, scheduler: str) -> dict[str, float]:
+    """Evaluation and wall-time ratios of one hyperbatch vs one plain render (plain first)."""
+    plan = RenderPlan(batch=batch, steps=steps, scheduler=scheduler, seed=0)
+    render(comp, cond[:1], neg, cfg[:1], replace(plan, batch=2, steps=2))  # warm-up
+    p, tp = timed_render(comp, cond, neg, cfg, plain(plan))
+    h, th = timed_render(comp, cond, neg, cfg, plan)
+    td = decode_time(comp, len(cond) * batch, plan)
+    evals = h.unet_evals / p.unet_evals
+    wall = th / tp
+    sampling = max(th - td, 1e-9) / max(tp - td, 1e-9)
+    print(f"B={batch:3d} {steps} steps {scheduler}: evals {h.unet_evals} / {p.unet_evals}, "
+          f"wall {th:.1f}s / {tp:.1f}s (decode {td:.1f}s)")
+    return {"evals": evals, "wall": wall, "sampling": sampling}
+
+
+def diversity(comp, cond, neg, cfg, scheduler: str, seeds: int, steps: int, metric) -> float:
+    """Hyperbatch pairwise distance / plain pairwise distance, B=8, averaged over seeds."""
+    hyper = indep = 0.0
+    for seed in range(seeds):
+        plan = RenderPlan(batch=8, steps=steps, scheduler=scheduler, seed=seed)
+        hyper += pair_mean(render(comp, cond, neg, cfg, plan).images, metric)
+        indep += pair_mean(render(comp, cond, neg, cfg, plain(plan)).images, metric)
+    return hyper / indep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--candidates", type=int, default=4, help="λ candidates rendered together")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per scheduler for the diversity figure")
+    ap.add_argument("--quick", action="store_true", help="2 candidates, 1 seed, 3 schedulers")
+    args = ap.parse_args()
+    if args.quick:
+        args.candidates, args.seeds = 2, 1
+    torch.manual_seed(0)  # benchmark script only: any unseeded op stays reproducible
+    comp, what = load()
+    cond, neg, cfg, captions = conditioning(comp, args.candidates)
+    metric, metric_name = flip_metric()
+    print(f"model: {what}; {args.candidates} candidates: {captions}")
+    print(f"diversity metric: {metric_name}")
+
+    c8 = cost(comp, cond, neg, cfg, 8, 20, "dpm++2m")
+    c64 = cost(comp, cond[:2] if args.quick else cond, neg, cfg[:2] if args.quick else cfg, 64, 20, "dpm++2m")
+    schedulers = SCHEDULERS[:3] if args.quick else SCHEDULERS
+    div = {}
+    for name in schedulers:
+        t = time.perf_counter()
+        div[name] = diversity(comp, cond, neg, cfg, name, args.seeds, 20, metric)
+        print(f"diversity {name}: {div[name]:.3f} ({time.perf_counter() - t:.0f}s)")
+
+    for tag, c in (("b8", c8), ("b64", c64)):
+        print(f"evals_ratio_{tag}: {c['evals']:.3f}")
+        print(f"wall_ratio_{tag}: {c['wall']:.3f}")
+        print(f"sampling_wall_ratio_{tag}: {c['sampling']:.3f}")
+        print(f"wall_over_evals_{tag}: {c['wall'] / c['evals']:.3f}")
+    for name, v in div.items():
+        print(f"diversity_{name}: {v:.3f}")
+    print(f"diversity_min: {min(div.values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
