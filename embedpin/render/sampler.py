@@ -154,8 +154,10 @@ def _init_latent(components, plan: RenderPlan, init_image, shape) -> torch.Tenso
     if init_image is None:
         return torch.zeros((1, *shape), device=dev)
     want = (1, 3, plan.height, plan.width)
-    if tuple(init_image.shape) != want or not bool(((init_image >= 0) & (init_image <= 1)).all()):
-        raise ConfigError(f"init image must be {list(want)} with values in [0, 1], got {list(init_image.shape)}")
+    if tuple(init_image.shape) != want:
+        raise ConfigError(f"init image must be {list(want)} for this plan, got {list(init_image.shape)}")
+    if not bool(((init_image >= 0) & (init_image <= 1)).all()):
+        raise ConfigError("init image values must be in [0, 1]")
     return encode(components.vae, init_image.to(dev).float())
 
 
@@ -176,6 +178,20 @@ def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, s
     return x, D, state, birth, br.members
 
 
+def _activity(starts: list[int], steps: int, dev) -> list[tuple]:
+    """Per step: (candidates joining now, active candidates or None for all, row mask or None)."""
+    t = torch.tensor(starts)
+    out = []
+    for i in range(steps):
+        on = t <= i
+        joining = (t == i).nonzero().flatten().to(dev)
+        if bool(on.all()):
+            out.append((joining, None, None))
+        else:
+            out.append((joining, on.nonzero().flatten().to(dev), on.to(dev).view(-1, 1, 1, 1, 1)))
+    return out
+
+
 def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init, starts: list[int]):
     """Run the rows of ``path`` for every candidate: latents [λ, n, C, h, w] and UNet evals."""
     grid, sampler = plan_grid(components, plan), make_sampler(plan.scheduler, plan.eta)
@@ -188,16 +204,11 @@ def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init,
     state["age"] = x.new_zeros(lam, len(members), 1, 1, 1)
     model = GuidedDenoiser(components.unet, cond, negative, cfg, grid.prediction_type, plan.max_batch)
     branches = {b.step: b for b in path.branches}
-    starts_t = torch.tensor(starts)
-    for i in range(grid.steps):
+    for i, (joining, active, keep) in enumerate(_activity(starts, grid.steps, dev)):
         sigma = grid.sigmas[i]
-        joining = (starts_t == i).nonzero().flatten().to(dev)
         if len(joining):
             x[joining] = init + sigma * birth
             state["age"][joining] = 0
-        on = starts_t <= i
-        active = None if bool(on.all()) else on.nonzero().flatten().to(dev)
-        keep = None if active is None else on.to(dev).view(-1, 1, 1, 1, 1)
         denoise = partial(model, active=active)
         D = denoise(x, sigma, grid.timesteps[i])
         if sampler.correct is not None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
-WORST_LOSS = 1e30  # finite, above any real loss; CMA-ES only needs the ranking
+WORST_LOSS = 1e10  # finite, exact in float32, above any real loss (CMA-ES only needs the ranking)
 
 
 def lineage_levels(lineage: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -140,14 +140,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _chunk(n: int, per_item: int) -> int:
+def _chunk(per_item: int) -> int:
+    """Items per chunk when each item holds ``per_item`` channel-pixels."""
     return max(1, PIXEL_BUDGET // max(1, per_item))
 
 
 def flip_features(images: torch.Tensor, ppd: float = DEFAULT_PPD) -> FlipReference:
     """The per-image half of ꟻLIP for images [N, 3, H, W] sRGB in [0, 1], chunked."""
     x = images.to(_compute_dtype(images))
-    step = _chunk(len(x), 12 * x.shape[-1] * x.shape[-2])
+    step = _chunk(12 * x.shape[-1] * x.shape[-2])
     parts = [_features(x[i:i + step], ppd) for i in range(0, len(x), step)]
     return FlipReference(*(torch.cat(p) for p in zip(*parts)), ppd=float(ppd))
 
@@ -162,12 +163,13 @@ def _combine(t: FlipReference, r: FlipReference) -> torch.Tensor:
     return dc ** (1 - df)
 
 
-def _as_reference(reference: torch.Tensor | FlipReference, ppd: float) -> FlipReference:
+def _as_reference(reference: torch.Tensor | FlipReference, ppd: float | None) -> FlipReference:
+    """Prepared features of the reference; ``ppd`` None means the prepared one's (or 67.02)."""
     if isinstance(reference, FlipReference):
-        if not math.isclose(reference.ppd, ppd, rel_tol=1e-6):
+        if ppd is not None and not math.isclose(reference.ppd, ppd, rel_tol=1e-6):
             raise ValueError(f"reference prepared at {reference.ppd} ppd, scoring at {ppd} ppd")
         return reference
-    return flip_features(reference, ppd)
+    return flip_features(reference, DEFAULT_PPD if ppd is None else ppd)
 
 
 def _expand(f: FlipReference, dim: int) -> FlipReference:
@@ -178,21 +180,23 @@ def flip_pairs(test: FlipReference, ref: FlipReference, ti: torch.Tensor, ri: to
                return_maps: bool = False) -> torch.Tensor:
     """Mean error [P] (or maps [P, H, W]) of the pairs (test[ti[p]], ref[ri[p]]), chunked."""
     hw = test.lab.shape[-2:]
-    step = _chunk(len(ti), 8 * hw[0] * hw[1])
+    step = _chunk(8 * hw[0] * hw[1])
     out = [_combine(test[ti[i:i + step]], ref[ri[i:i + step]]) for i in range(0, len(ti), step)]
     out = out if return_maps else [m.mean((-2, -1)) for m in out]
     return torch.cat(out) if out else test.lab.new_zeros((0, *hw) if return_maps else (0,))
 
 
-def flip_loss(test: torch.Tensor, reference: torch.Tensor | FlipReference, ppd: float = DEFAULT_PPD,
+def flip_loss(test: torch.Tensor, reference: torch.Tensor | FlipReference, ppd: float | None = None,
               return_maps: bool = False):
     """LDR-ꟻLIP of test [N, 3, H, W] against reference [N or 1, 3, H, W] (or prepared), both
-    sRGB in [0, 1]. Returns the mean error per image [N] in [0, 1] (and maps [N, H, W])."""
+    sRGB in [0, 1], at ``ppd`` pixels per degree (default: the prepared reference's, else
+    flip-evaluator's 67.02). Returns the mean error per image [N] in [0, 1] (and maps
+    [N, H, W])."""
     ref = _as_reference(reference, ppd)
     if len(ref) not in (1, len(test)) or ref.lab.shape[-2:] != test.shape[-2:]:
         raise ValueError(f"reference {tuple(ref.lab.shape)} does not match test {tuple(test.shape)}")
-    feats = flip_features(test, ppd)
-    step = _chunk(len(test), 8 * test.shape[-1] * test.shape[-2])
+    feats = flip_features(test, ref.ppd)
+    step = _chunk(8 * test.shape[-1] * test.shape[-2])
     maps = torch.cat([_combine(feats[i:i + step], ref if len(ref) == 1 else ref[i:i + step])
                       for i in range(0, len(test), step)])
     mean = maps.mean((-2, -1)).to(test.dtype)
@@ -200,12 +204,12 @@ def flip_loss(test: torch.Tensor, reference: torch.Tensor | FlipReference, ppd: 
 
 
 def flip_cross(test: torch.Tensor, reference: torch.Tensor | FlipReference,
-               ppd: float = DEFAULT_PPD, return_maps: bool = False) -> torch.Tensor:
+               ppd: float | None = None, return_maps: bool = False) -> torch.Tensor:
     """Mean ꟻLIP error [N, T] of every test image [N, 3, H, W] against every reference [T]
-    (or error maps [N, T, H, W])."""
+    (or error maps [N, T, H, W]); ``ppd`` as in :func:`flip_loss`."""
     ref = _as_reference(reference, ppd)
-    feats = flip_features(test, ppd)
-    step = _chunk(len(test), 8 * len(ref) * test.shape[-1] * test.shape[-2])
+    feats = flip_features(test, ref.ppd)
+    step = _chunk(8 * len(ref) * test.shape[-1] * test.shape[-2])
     out = [_combine(_expand(feats[i:i + step], 1), _expand(ref, 0)) for i in range(0, len(test), step)]
     out = torch.cat(out if return_maps else [m.mean((-2, -1)) for m in out])
     return out.to(test.dtype)

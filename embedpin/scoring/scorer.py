@@ -1,10 +1,12 @@
 """The run's scorer: one generation's images [λ, B, 3, H, W] -> one loss per candidate.
 
 Built once per run: target ꟻLIP features and CLIP target embeddings are computed here and
-reused every generation. Per image, loss = flip_weight·ꟻLIP + clip_weight·CLIP distance,
-averaged over the targets; without targets (self mode) each image is compared with the
-other images of its own candidate's batch (pairwise, so a low loss means the prompt gives
-consistent images across seeds). Per-image losses are aggregated by
+reused every generation. Per image, loss = flip_weight·ꟻLIP + clip_weight·CLIP distance.
+ꟻLIP is averaged over the target images; the CLIP distance over the target images and,
+separately, to the target text, the two then averaged. Without targets (self mode) each
+image is compared with the other images of its own candidate's batch (pairwise, so a
+low loss means the prompt gives consistent images across seeds; a text target still
+applies to the CLIP term). Per-image losses are aggregated by
 :func:`embedpin.scoring.aggregate.aggregate`.
 """
 
@@ -60,8 +62,9 @@ class Scorer:
         if hyperbatch_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown hyperbatch weighting {hyperbatch_weighting!r}; "
                               f"choose one of: {', '.join(WEIGHTINGS)}")
-        if ppd <= 0:
-            raise ConfigError(f"pixels per degree must be > 0, got {ppd}")
+        if ppd <= 0 or std_weight < 0 or hyperbatch_scale <= 0:
+            raise ConfigError(f"need ppd > 0, std weight >= 0 and hyperbatch scale > 0; got {ppd}, "
+                              f"{std_weight}, {hyperbatch_scale}")
         if targets is not None and (targets.dim() != 4 or targets.shape[1] != 3 or len(targets) == 0):
             raise ValueError(f"targets must be [T, 3, H, W], got {tuple(targets.shape)}")
         self.components, self.targets = components, targets
@@ -77,12 +80,17 @@ class Scorer:
             if text_target:
                 self.clip_targets.append(clip_text_embeds(components, [text_target]))
 
+    @property
+    def self_mode(self) -> bool:
+        """Whether some term compares images with their batch-mates (no target for it)."""
+        return (self.flip_weight > 0 and self.targets is None) or (self.clip_weight > 0 and not self.clip_targets)
+
     def _check(self, images: torch.Tensor) -> None:
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be [λ, B, 3, H, W], got {tuple(images.shape)}")
         if self.targets is not None and images.shape[-2:] != self.targets.shape[-2:]:
             raise ValueError(f"renders are {tuple(images.shape[-2:])} but targets {tuple(self.targets.shape[-2:])}")
-        if self.targets is None and images.shape[1] < 2:
+        if self.self_mode and images.shape[1] < 2:
             raise ConfigError("self mode (no target images) needs a batch of at least 2 images per candidate")
 
     def _reference(self, device: torch.device) -> FlipReference:
