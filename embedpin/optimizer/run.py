@@ -55,7 +55,7 @@ def load_optimizer(state: dict):
     from embedpin.optimizer.cmaes import CMAES
     from embedpin.optimizer.mo import MOCMAES
 
-    return (MOCMAES if state.get("format", "").endswith("mo-cmaes") or "parents" in state else CMAES).from_state(state)
+    return (MOCMAES if "mocmaes" in str(state.get("format", "")) or "parents" in state else CMAES).from_state(state)
 
 
 def total_generations(session: Session, opt) -> int:

@@ -39,8 +39,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False))
+def atomic_write_json(path: str | Path, obj, allow_nan: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=allow_nan))
 
 
 def save_png(path: str | Path, image) -> None:
@@ -142,7 +142,7 @@ class RunStore:
         return state
 
     def write_state(self, state: dict) -> None:
-        atomic_write_json(self.state_path, state)
+        atomic_write_json(self.state_path, state, allow_nan=True)  # optimizer state may hold Infinity
 
     # -- generations -----------------------------------------------------------------
     def begin_generation(self, g: int) -> Path:
