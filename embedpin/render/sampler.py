@@ -7,15 +7,21 @@ step's UNet calls. Siblings diverge after a branch with every sampler:
 - stochastic samplers (euler-a, ddpm, dpm++sde, ddim with eta > 0) draw each member's
   step noise from its own stream (``noise.NoiseStreams``);
 - deterministic ones (euler, heun, lms, pndm, dpm++2m, unipc, ddim with eta = 0) would
-  keep a copied latent on its parent's ODE path, so a copy is re-noised at the branch:
-  with D the shared evaluation at sigma and eps = (x - D) / sigma its noise,
+  keep a copied latent on its parent's ODE path (identical images: the prior tool's bug),
+  so a copy's branch step is made ancestral ("SDE-ified"): with D the shared evaluation at
+  sigma, eps = (x - D) / sigma its noise and z ~ N(0, I) from the copy's own stream,
 
-      x_copy = D + sigma (sqrt(1 - rho^2) eps + rho z),   z ~ N(0, I) from the copy's stream,
+      x_copy = D + sigma (sqrt(1 - rho^2) eps + rho z),   rho = sigma_up / sigma_next,
 
-  which keeps the noise level at exactly sigma (an SDE-like partial refresh of the noise,
-  cf. Karras et al. 2022 Sec. 4 "churn"; rho = ``plan.renoise``, 1 by default: fresh noise).
-  The copy inherits its parent's multistep history, which stays valid: it is a history of
-  clean predictions and both rows share the same one.
+  with sigma_up of an ancestral step sigma -> sigma_next of eta ``plan.renoise`` (default
+  1: the DDPM posterior's amount; k-diffusion ``get_ancestral_step``). The noise level stays
+  sigma, and the sampler's update then takes the copy to ``D + sigma_down eps + sigma_up z``,
+  exactly Euler-ancestral's step. Replacing all of the noise (rho = 1) instead would pair
+  the parent's posterior mean with foreign noise, which biases copies (washed-out colours
+  on the micro model). Every per-row state tensor (multistep history) is gathered by parent
+  index; a re-noised copy then restarts its solver at first order (age 0), as linear
+  multistep history in noise space (LMS, PLMS) belongs to the parent's noise and would be
+  extrapolated across the jump.
 
 An image is a function of (conditioning, plan, its lineage row) only, which is what
 ``render_one`` replays.
@@ -35,7 +41,7 @@ from embedpin.render.denoiser import GuidedDenoiser
 from embedpin.render.grid import Grid, make_grid
 from embedpin.render.latents import decode, encode
 from embedpin.render.noise import NoiseStreams, member_seeds
-from embedpin.render.samplers import GRID_SOURCE, Sampler, make_sampler
+from embedpin.render.samplers import GRID_SOURCE, Sampler, ancestral_sigmas, make_sampler
 from embedpin.render.schedule import Branch, Path, batch_path, branch_schedule, check_lineage_row, image_path, lineage
 
 
@@ -48,9 +54,9 @@ class RenderPlan:
     """How to render: B images per candidate, sampler, size, seed and memory budget.
 
     ``max_batch`` bounds the images per UNet call, CFG halves included. ``renoise`` is the
-    fraction rho of a copy's noise refreshed at a branch (module doc); None means 1 for
-    deterministic samplers and 0 for stochastic ones, whose own noise separates siblings.
-    ``eta`` is DDIM's (0: deterministic).
+    eta of the ancestral step a copy takes at its branch (module doc): None means 1 (the
+    DDPM posterior's amount) for deterministic samplers and 0 for stochastic ones, whose own
+    step noise separates siblings. ``eta`` is DDIM's (0: deterministic).
     """
 
     batch: int = 8
@@ -72,11 +78,11 @@ class RenderPlan:
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not _is_int(self.max_batch) or self.max_batch < 2:
-            raise ConfigError(f"max batch must be an integer >= 2 (one latent's two CFG halves), got {self.max_batch!r}")
+            raise ConfigError(f"max batch must be an integer >= 2 (a latent's two CFG halves), got {self.max_batch!r}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(sorted(SCHEDULERS))}")
-        if self.renoise is not None and not 0 <= self.renoise <= 1:
-            raise ConfigError(f"renoise must be in [0, 1], got {self.renoise!r}")
+        if self.renoise is not None and not self.renoise >= 0:
+            raise ConfigError(f"renoise must be >= 0, got {self.renoise!r}")
         if not self.eta >= 0:
             raise ConfigError(f"eta must be >= 0, got {self.eta!r}")
         f = vae_scale_factor
@@ -88,7 +94,8 @@ class RenderPlan:
         """Branch steps of this plan (``[]`` for plain batches)."""
         return branch_schedule(self.batch, self.steps) if self.hyperbatch else []
 
-    def rho(self, sampler: Sampler) -> float:
+    def branch_eta(self, sampler: Sampler) -> float:
+        """The eta of the ancestral step a copy takes at its branch (see module doc)."""
         if self.renoise is not None:
             return float(self.renoise)
         return 0.0 if sampler.stochastic else 1.0
@@ -161,7 +168,7 @@ def _init_latent(components, plan: RenderPlan, init_image, shape) -> torch.Tenso
     return encode(components.vae, init_image.to(dev).float())
 
 
-def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, sigma: float, keep):
+def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, eta: float, grid: Grid, keep):
     """Double the rows: gather every per-row tensor by parent, start and re-noise the copies
     (of active candidates: ``keep``)."""
     p = br.parent.to(x.device)
@@ -172,9 +179,12 @@ def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, rho: float, s
         c = br.copy.to(x.device)
         fresh = streams.birth(new)
         birth[c] = fresh
+        sigma, sigma_next = grid.sigmas[br.step], grid.sigmas[br.step + 1]
+        rho = min(1.0, ancestral_sigmas(sigma, sigma_next, eta)[1] / sigma_next)
         if rho > 0:
             renoised = D[:, c] + (x[:, c] - D[:, c]) * math.sqrt(1 - rho**2) + fresh * (rho * sigma)
             x[:, c] = _masked(keep, renoised, x[:, c])
+            state["age"][:, c] = 0  # a new noise realisation: its solver restarts at first order
     return x, D, state, birth, br.members
 
 
@@ -195,7 +205,7 @@ def _activity(starts: list[int], steps: int, dev) -> list[tuple]:
 def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init, starts: list[int]):
     """Run the rows of ``path`` for every candidate: latents [λ, n, C, h, w] and UNet evals."""
     grid, sampler = plan_grid(components, plan), make_sampler(plan.scheduler, plan.eta)
-    rho, lam, dev = plan.rho(sampler), len(cond), components.device
+    eta, lam, dev = plan.branch_eta(sampler), len(cond), components.device
     streams = NoiseStreams(plan.seed, init.shape[1:], dev)
     members = path.members
     birth = streams.birth(members)
@@ -214,7 +224,7 @@ def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init,
         if sampler.correct is not None:
             x = _masked(keep, sampler.correct(x, D, i, grid, state), x)
         if i in branches:
-            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, rho, sigma, keep)
+            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, eta, grid, keep)
         noise = streams.step(members, sampler.draws) if sampler.draws else None
         x_next, state = sampler.step(denoise, x, D, i, grid, state, noise)
         x = _masked(keep, x_next, x)

@@ -2,7 +2,7 @@
 
 A hyperbatch (sd-prompt-pinning, seed ``003``) starts each candidate from one latent
 and doubles its batch at ``k = ceil(log2 B)`` branch steps until it holds ``B``
-latents; the early, high-noise steps (where composition is decided) are shared.
+latents; two images share every step before the branch that split their lineages.
 
 Conventions used throughout ``embedpin.render``:
 
@@ -19,6 +19,7 @@ Conventions used throughout ``embedpin.render``:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -35,12 +36,14 @@ def doublings(batch: int) -> int:
 def branch_schedule(batch: int, steps: int) -> list[int]:
     """Steps at which the batch doubles, strictly increasing within ``[0, steps - 2]``.
 
-    The ``k + 1`` batch sizes ``1, 2, .., B`` each run for about ``steps / (k + 1)``
-    model evaluations: branch ``j`` (1-based) is at step ``floor(j * steps / (k + 1)) - 1``.
-    Equal segments keep the first split early (half of all image pairs split there,
-    so it sets most of the batch's diversity) while the costly full-size segment
-    stays short: B=8, 20 steps -> [4, 9, 14] (75 of 160 evaluations); B=64 -> 380 of 1280.
-    ``B = 1`` has no branches; ``steps <= ceil(log2 B)`` leaves no room for one
+    Half of all image pairs split at the first doubling, a quarter at the second, ..., so
+    diversity is set by the early branches, while cost is set by the late ones (the
+    j-th adds 2^(j-1) copies). Hence: the first doubling right after the first, shared
+    evaluation (step 0), the last at step ``L = steps - 1 - max(1, steps // 8)`` so the full
+    batch runs the last eighth of the steps, the others evenly in between. Siblings from
+    late doublings stay close (hyperbatch weights by lineage depth account for that).
+    B=8, 20 steps -> [0, 9, 17]: 67 of 160 evaluations; B=64 -> [0, 3, 7, 10, 14, 17]: 335
+    of 1280. ``B = 1`` has no branches; ``steps <= ceil(log2 B)`` leaves no room for one
     evaluation per batch size, so it falls back to a plain batch (``[]``) with a warning.
     """
     if batch < 1 or steps < 1:
@@ -52,7 +55,10 @@ def branch_schedule(batch: int, steps: int) -> list[int]:
         warnings.warn(f"{steps} steps are too few to branch a batch of {batch} "
                       f"(needs > {k}); rendering a plain batch instead", stacklevel=2)
         return []
-    return [j * steps // (k + 1) - 1 for j in range(1, k + 1)]
+    last = max(k - 1, steps - 1 - max(1, steps // 8))
+    if k == 1:
+        return [last // 2]
+    return [math.floor(j * last / (k - 1) + 0.5) for j in range(k)]
 
 
 def batch_sizes(batch: int, schedule: list[int]) -> list[int]:
