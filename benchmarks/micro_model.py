@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(MICRO_DIR))
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--samples", default=None, help="also save a grid of generated held-out captions here (PNG)")
     a = ap.parse_args()
     clip = CLIPModel.from_pretrained(f"{a.model}/clip").eval()
     tok = CLIPTokenizer.from_pretrained(f"{a.model}/tokenizer")
@@ -97,17 +98,25 @@ def main() -> None:
         pipe([captions[0]] * 8, num_inference_steps=20, guidance_scale=a.cfg, height=64, width=64,
              generator=torch.Generator().manual_seed(1), output_type="np")
         times.append(time.perf_counter() - t)
-    grid = (np.concatenate([np.concatenate(list(gen_imgs[r * 10:r * 10 + 10]), 1) for r in range(min(10, a.n // 10))])
-            * 255).astype(np.uint8)
-    from PIL import Image
-
-    Image.fromarray(grid).save("micro_samples.png")
-    print(f"(sample grid of generated held-out captions: micro_samples.png; torch threads {torch.get_num_threads()})")
+    if a.samples:
+        save_grid(gen_imgs, a.samples)
+    print(f"(torch threads {torch.get_num_threads()})")
     print(f"clip_top1_retrieval_100: {top1:.3f}")
     print(f"clip_zero_shot_shape_on_true_images: {np.mean(ref_ok):.3f}")
     print(f"generated_colour_right: {colour_ok:.3f}")
     print(f"generated_shape_right: {np.mean(shape_ok):.3f}")
     print(f"render_8x20_64px_seconds: {float(np.median(times[1:])):.3f}")
+
+
+def save_grid(gen_imgs: np.ndarray, path: str) -> None:
+    """Up to 10 x 10 generated images [n, 64, 64, 3] in [0, 1] as one PNG."""
+    from PIL import Image
+
+    n = len(gen_imgs)
+    grid = (np.concatenate([np.concatenate(list(gen_imgs[r * 10:r * 10 + 10]), 1) for r in range(min(10, n // 10))])
+            * 255).astype(np.uint8)
+    Image.fromarray(grid).save(path)
+    print(f"(sample grid of generated held-out captions: {path})")
 
 
 if __name__ == "__main__":

@@ -129,3 +129,18 @@ def test_smoke_training_and_corrupt_weights(tmp_path):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not really weights")
     with pytest.raises(ModelError, match="cannot load the UNet"):
         loader.load_components(str(broken))
+
+
+def test_clip_hard_negatives_change_one_attribute():
+    from embedpin.models.micro import dataset
+    from embedpin.models.micro.train import hard_negatives
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = dataset.random_scene(rng, p_two=0.5)
+        negs = hard_negatives(scene, rng)
+        assert len(negs) == len(dataset.SHAPES) - 1 + 3 and scene.caption not in negs and len(set(negs)) == len(negs)
+        words = scene.caption.split()
+        for neg in negs[:len(dataset.SHAPES) - 1]:  # the shape swaps: one word differs, and it is a shape
+            diff = [(a, b) for a, b in zip(words, neg.split()) if a != b]
+            assert len(diff) == 1 and diff[0][1] in dataset.SHAPES

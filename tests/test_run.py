@@ -158,3 +158,19 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path):
     assert proc.wait(timeout=120) == 130
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "interrupted" and 1 <= state["generation"] < 3
+
+
+def test_max_distance_pins_the_best_loss_within_the_distance(tmp_path):
+    limit = 0.004
+    assert main(_optimize(tmp_path, "--max-distance", str(limit))) == 0
+    (run,) = _runs(tmp_path)
+    state = json.loads((run / "state.json").read_text())
+    cands = [c for g in sorted((run / "generations").glob("*/generation.json"))
+             for c in json.loads(g.read_text())["candidates"]]
+    within = [c for c in cands if c["distance"] <= limit]
+    assert within and state["best"]["distance"] <= limit
+    assert state["best"]["loss"] == min(c["loss"] for c in within)
+    front = [(p["loss"], p["distance"]) for p in state["pareto"]]
+    assert front and [d for _, d in front] == sorted(d for _, d in front)
+    assert all(not (l2 <= l1 and d2 <= d1 and (l2, d2) != (l1, d1)) for l1, d1 in front for l2, d2 in front)
+    assert (run / "report" / "pareto.png").is_file()

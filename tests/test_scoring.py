@@ -294,3 +294,24 @@ def test_scorer_rejects_bad_settings(kwargs, match):
 def test_default_ppd_is_flip_evaluators():
     _, _, params = flip_evaluator.evaluate(np.zeros((2, 2, 3), np.float32), np.ones((2, 2, 3), np.float32), "LDR")
     assert DEFAULT_PPD == pytest.approx(params["ppd"], rel=1e-6)
+
+
+@pytest.mark.parametrize("batch, steps", [(8, 20), (6, 12), (64, 20), (1, 5), (4, 2)])
+def test_render_lineage_levels_group_images_by_shared_steps(batch, steps):
+    """The renderer's lineage and the scorer's levels agree: at level d (d >= 1), two images
+    are in one group iff they share their ancestor after the (d-1)-th branch, i.e. every
+    step before the d-th branch; the leaves are the single images."""
+    import warnings
+
+    from embedpin.render.schedule import branch_schedule, lineage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = branch_schedule(batch, steps)
+    lin = lineage(batch, sched)
+    levels = lineage_levels(lin, batch)
+    same = lambda ids: ids[:, None] == ids[None, :]  # noqa: E731
+    assert len(levels) == (len(sched) + 1 if sched else min(batch, 2))
+    for d in range(1, lin.shape[1]):
+        assert torch.equal(same(levels[d]), same(lin[:, d]))
+    assert torch.equal(same(levels[-1]), torch.eye(batch, dtype=torch.bool))

@@ -141,3 +141,27 @@ def test_empty_folder_and_empty_list(tmp_path):
         load_targets([tmp_path / "empty_dir"], (8, 8))
     with pytest.raises(InputError, match="no target images"):
         load_targets([], (8, 8))
+
+
+def _empty_dir(folder):
+    (folder / "empty_dir").mkdir()
+    return folder / "empty_dir"
+
+
+@pytest.mark.parametrize("make, match", [
+    (_file("empty.png", b""), "empty"),
+    (_file("text.png", b"hello"), "not an image"),
+    (_truncated, "truncated or corrupt"),
+    (_file("bomb.png", _png_header(10_000, 6_000)), "too large"),
+    (_empty_dir, "no images in folder"),
+])
+def test_cli_bad_target_is_one_error_line_and_no_run(tmp_path, capsys, make, match):
+    from embedpin.cli import main
+
+    path = make(tmp_path)
+    argv = ["optimize", "--target", str(path), "--prompt", "a red circle", "--out", str(tmp_path / "runs"),
+            "--generations", "1", "--population", "2", "--batch", "1", "--steps", "2", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0] and path.name in err[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

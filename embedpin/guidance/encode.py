@@ -9,6 +9,7 @@ tower's post-layernorm and visual projection, i.e. in the space of CLIP text fea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,22 @@ def encode_text_from_embeds(components, input_embeds: torch.Tensor, ids: torch.T
     if ids is not None and ids.shape[-1] != input_embeds.shape[1]:
         raise ValueError(f"ids length {ids.shape[-1]} != input_embeds length {input_embeds.shape[1]}")
     h = te.embeddings(inputs_embeds=input_embeds)
-    mask = create_causal_mask(config=te.config, inputs_embeds=h, attention_mask=None, past_key_values=None)
+    mask = create_causal_mask(config=te.config, inputs_embeds=h, attention_mask=None, **{_cache_arg(): None})
     for layer in layers[: len(layers) - clip_skip]:
         h = layer(h, mask, is_causal=True)
     return te.final_layer_norm(h)
+
+
+@functools.cache
+def _cache_arg() -> str:
+    """``create_causal_mask``'s cache argument: ``cache`` in recent transformers 5.x,
+    ``past_key_values`` before (deprecated, warns)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
 
 
 @torch.no_grad()

@@ -187,19 +187,21 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
     for i in range(lam):
         for b in range(B):
             save_png(tmp / "images" / f"c{i:02d}_i{b:02d}.png", images[i, b])
-    best_i = int(np.argmin(losses))
+    eligible = _eligible(session, ev, losses)
+    best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
     errmaps = _error_maps(session, ev, best_i, tmp)
     record = {"generation": g, "sigma": float(opt.sigma), "best_candidate": best_i, "errmaps": errmaps,
               "candidates": [_candidate_record(ev, i, losses, [f"images/c{i:02d}_i{b:02d}.png" for b in range(B)])
                              for i in range(lam)]}
     store.finish_generation(g, tmp, record)
     best = record["candidates"][best_i]
-    if state["best"] is None or best["loss"] < state["best"]["loss"]:
-        state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "params": best["params"]}
+    if eligible[best_i] and (state["best"] is None or best["loss"] < state["best"]["loss"]):
+        state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "distance": best["distance"],
+                         "params": best["params"]}
         _write_pinned(session, store, ev, best_i, state["best"])
     sorted_l = np.sort(losses)
     state["history"].append({
-        "generation": g, "best": float(sorted_l[0]), "median": float(np.median(sorted_l)),
+        "generation": g, "best": float(losses[best_i]), "median": float(np.median(sorted_l)),
         "worst": float(sorted_l[-1]), "sigma": float(opt.sigma),
         "axis_ratio": float(getattr(opt, "axis_ratio", float("nan"))) if hasattr(opt, "axis_ratio") else None,
         "eigenvalues": [float(x) for x in getattr(opt, "eigenvalues", [])] if hasattr(opt, "eigenvalues") else [],
@@ -210,6 +212,16 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
     state["generation"] = g + 1
     state["optimizer"] = opt.state_dict()
     store.write_state(state)
+
+
+def _eligible(session: Session, ev: Evaluation, losses: np.ndarray) -> np.ndarray:
+    """Candidates that may become the pinned result: all of them, or with the size limiter
+    (``--max-distance``) those within the distance. A generation with none eligible still
+    reports its lowest loss but pins nothing."""
+    limit = session.config.optim.max_distance
+    if limit is None:
+        return np.ones(len(losses), dtype=bool)
+    return ev.distance.double().cpu().numpy() <= limit
 
 
 def _pareto(opt) -> list[dict]:

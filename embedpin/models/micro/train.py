@@ -1,6 +1,6 @@
-"""Train the micro model from a seed: tokenizer -> CLIP -> VAE -> UNet.
+"""Train the micro model from a seed: tokenizer -> VAE -> CLIP -> UNet.
 
-    python -m embedpin.models.micro.train [--out DIR] [--seed 0] [--smoke] [--from-stage vae]
+    python -m embedpin.models.micro.train [--out DIR] [--seed 0] [--smoke] [--stages vae,clip,unet]
 
 Every stage writes its part of a diffusers-format folder (loads with plain
 ``StableDiffusionPipeline.from_pretrained``) plus ``clip/`` (the full CLIPModel, with
@@ -35,11 +35,17 @@ class Budget:
     unet_images: int = 30000
     unet_steps: int = 2000
     unet_batch: int = 32
-    unet_finetune_steps: int = 1500  # second phase: continue from phase 1 at a lower peak lr
+    unet_finetune_steps: int = 1500  # phase 2: continue from phase 1 at a lower peak lr
+    unet_phase3_steps: int = 3000    # phase 3: continue from phase 2 at a lower peak lr still
 
     @classmethod
     def smoke(cls) -> "Budget":
-        return cls(3, 8, 3, 4, 64, 3, 8, 0)
+        return cls(3, 8, 3, 4, 64, 3, 8, 0, 0)
+
+    def unet_phases(self) -> list[tuple[int, float]]:
+        """(steps, peak lr) of the UNet's phases; each later one continues the one before."""
+        return [(n, lr) for n, lr in ((self.unet_steps, 1e-3), (self.unet_finetune_steps, 3e-4),
+                                      (self.unet_phase3_steps, 1.5e-4)) if n]
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -58,20 +64,93 @@ def _log(stage, step, total, loss, t0):
         print(f"[{stage}] step {step + 1}/{total} loss {loss:.4f} ({time.time() - t0:.0f}s)", flush=True)
 
 
-def train_clip(tok, budget: Budget, rng: np.random.Generator):
-    """Contrastive CLIP (Radford et al. 2021, eq. in Fig. 3) on procedural captions."""
+def hard_negatives(scene: dataset.Scene, rng: np.random.Generator, others: int = 3) -> list[str]:
+    """Captions of ``scene`` with one attribute changed: every other shape of one of its items,
+    then ``others`` single changes of colour, size, position or background (4 + others captions)."""
+    k = int(rng.integers(len(scene.items)))
+    item = scene.items[k]
+
+    def with_item(**kw) -> dataset.Scene:
+        items = list(scene.items)
+        items[k] = replace(item, **kw)
+        return replace(scene, items=tuple(items))
+
+    used_colours = {i.colour for i in scene.items} | {scene.bg_colour}
+    used_positions = {i.position for i in scene.items}
+    free_colours = [c for c in dataset.COLOUR_NAMES if c not in used_colours]
+    changes = [
+        lambda: with_item(colour=free_colours[rng.integers(len(free_colours))]),
+        lambda: with_item(position=[p for p in dataset.POSITIONS if p not in used_positions][
+            rng.integers(len(dataset.POSITIONS) - len(used_positions))]),
+        lambda: replace(scene, bg_colour=free_colours[rng.integers(len(free_colours))]),
+        lambda: replace(scene, bg_kind=[b for b in dataset.BACKGROUNDS if b != scene.bg_kind][rng.integers(2)]),
+    ]
+    if len(scene.items) == 1:
+        changes.append(lambda: with_item(size="small" if item.size == "large" else "large"))
+    out = [with_item(shape=s) for s in dataset.SHAPES if s != item.shape]
+    out += [changes[j]() for j in rng.choice(len(changes), size=others, replace=False)]
+    return [s.caption for s in out]
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of images [n, 3, H, W] (reflect padding)."""
+    r = max(1, math.ceil(2.5 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).repeat(3, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(3, 1, 1, -1), groups=3)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(3, 1, -1, 1), groups=3)
+
+
+@torch.no_grad()
+def _augment(imgs: torch.Tensor, vae, rng: np.random.Generator) -> torch.Tensor:
+    """Images [n, 3, H, W] in [0, 1] as renders look: a quarter through the VAE (encode ->
+    decode; when there is one), a third blurred (sigma in [0.5, 1.5])."""
+    x = imgs.clone()
+    rt = torch.from_numpy(rng.random(len(x)) < 0.25)
+    if vae is not None and rt.any():
+        z = vae.encode(x[rt] * 2 - 1).latent_dist.mean
+        x[rt] = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+    bl = torch.from_numpy(rng.random(len(x)) < 1 / 3)
+    if bl.any():
+        x[bl] = _blur(x[bl], float(rng.uniform(0.5, 1.5)))
+    return x
+
+
+def train_clip(tok, budget: Budget, rng: np.random.Generator, vae=None):
+    """Contrastive CLIP (Radford et al. 2021, Fig. 3) on procedural captions, with hard negatives.
+
+    Each image is also contrasted with its own caption changed in one attribute (every other
+    shape, then random colour / size / position / background changes): with random in-batch
+    negatives alone the towers learn colours and backgrounds and hardly any shape, and the
+    text tower is the UNet's text encoder, so what it does not encode cannot be drawn.
+    The text projection is fixed to the identity, so image features (and FlexDiffuse's
+    projected image tokens) live in the text encoder's output space. Images are augmented to
+    look like renders (:func:`_augment`, with ``vae``).
+    """
     from transformers import CLIPModel
 
-    model = CLIPModel(arch.clip_config(tok)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model = CLIPModel(arch.clip_config(tok))
+    d = model.text_projection.weight.shape[0]
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(d))
+    model.text_projection.requires_grad_(False)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
     t0 = time.time()
     for step in range(budget.clip_steps):
-        imgs, caps, _ = dataset.batch(rng, budget.clip_batch, p_two=0.15)
-        enc = tok(caps, padding="longest", return_tensors="pt")
-        pix = (torch.from_numpy(imgs) - 0.5) / 0.5
-        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pix)
-        labels = torch.arange(len(caps))
-        loss = (F.cross_entropy(out.logits_per_image, labels) + F.cross_entropy(out.logits_per_text, labels)) / 2
+        imgs, caps, scenes = dataset.batch(rng, budget.clip_batch, p_two=0.15)
+        negs = [c for s in scenes for c in hard_negatives(s, rng)]
+        enc = tok(caps + negs, padding="longest", return_tensors="pt")
+        text = F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+        pix = (_augment(torch.from_numpy(imgs), vae, rng) - 0.5) / 0.5
+        image = F.normalize(model.get_image_features(pixel_values=pix).pooler_output, dim=-1)
+        n = len(caps)
+        own, hard = text[:n], text[n:].view(n, -1, text.shape[-1])
+        scale = model.logit_scale.exp().clamp(max=100)
+        per_image = scale * torch.cat([image @ own.T, torch.einsum("nd,nhd->nh", image, hard)], dim=1)
+        labels = torch.arange(n)
+        loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(scale * own @ image.T, labels)) / 2
         _set_lr(opt, _lr(step, budget.clip_steps, 1e-3))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,9 +259,12 @@ def _write_index(out: Path):
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+STAGES = ("vae", "clip", "unet")
+
+
 def main(argv=None) -> int:
     from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     from embedpin.models.micro.tokenizer import save_tokenizer
 
@@ -190,14 +272,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (seconds), for tests")
-    p.add_argument("--from-stage", choices=["clip", "vae", "unet"], default="clip",
-                   help="reuse the stages before this one from --out")
-    p.add_argument("--finetune-unet", action="store_true",
-                   help="continue training the UNet in --out (second phase, peak lr 3e-4) instead of from scratch")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated stages to train, in the order vae, clip, unet; the others are "
+                        "read from --out (default: all)")
+    p.add_argument("--unet-phase", type=int, default=0,
+                   help="resume the unet stage at this phase (0-based), from the UNet in --out")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="override a Budget field, e.g. --budget unet_steps=4000")
     a = p.parse_args(argv)
+    stages = [x.strip() for x in a.stages.split(",") if x.strip()]
+    if not stages or any(x not in STAGES for x in stages):
+        p.error(f"--stages takes a comma-separated subset of {', '.join(STAGES)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     budget = Budget.smoke() if a.smoke else Budget()
@@ -209,13 +295,22 @@ def main(argv=None) -> int:
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
     times = {}
-    t = time.time()
     tok = save_tokenizer(dataset.vocabulary(), out / "tokenizer")
-    stages = ["clip", "vae", "unet"][["clip", "vae", "unet"].index(a.from_stage):]
+    sched_cfg = arch.scheduler_config()
+    DDIMScheduler.from_config(sched_cfg).save_pretrained(out / "scheduler")
+    # 1. VAE (independent of the text side)
+    if "vae" in stages:
+        t = time.time()
+        torch.manual_seed(a.seed + 2)  # program entry: each stage's weight init from its own seed
+        vae = train_vae(budget, np.random.default_rng([a.seed, 2]), torch.Generator().manual_seed(a.seed + 2))
+        vae.save_pretrained(out / "vae")
+        times["vae_s"] = time.time() - t
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    # 2. CLIP; its text tower is the pipeline's text encoder
     if "clip" in stages:
-        rng = np.random.default_rng([a.seed, 1])
-        torch.manual_seed(a.seed + 1)  # program entry: each stage's weight init from its own seed
-        clip = train_clip(tok, budget, rng)
+        t = time.time()
+        torch.manual_seed(a.seed + 1)
+        clip = train_clip(tok, budget, np.random.default_rng([a.seed, 1]), vae)
         clip.save_pretrained(out / "clip")
         write_preprocessor_config(out / "clip")
         text = CLIPTextModel(clip.config.text_config)
@@ -223,39 +318,23 @@ def main(argv=None) -> int:
         text.save_pretrained(out / "text_encoder")
         times["clip_s"] = time.time() - t
     text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
-    sched_cfg = arch.scheduler_config()
-    DDIMScheduler.from_config(sched_cfg).save_pretrained(out / "scheduler")
-    if "vae" in stages:
-        t = time.time()
-        torch.manual_seed(a.seed + 2)
-        vae = train_vae(budget, np.random.default_rng([a.seed, 2]), torch.Generator().manual_seed(a.seed + 2))
-        vae.save_pretrained(out / "vae")
-        times["vae_s"] = time.time() - t
-    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    # 3. UNet: from scratch, then phases at lower peak learning rates (each from the last)
     if "unet" in stages:
-        t = time.time()
-        torch.manual_seed(a.seed + 3)
-        phase = 4 if a.finetune_unet else 3
-        phase_budget = replace(budget, unet_steps=budget.unet_finetune_steps) if a.finetune_unet else budget
-        unet = train_unet(vae, text, tok, sched_cfg, phase_budget, np.random.default_rng([a.seed, phase]),
-                          torch.Generator().manual_seed(a.seed + phase),
-                          init=out / "unet" if a.finetune_unet else None, peak_lr=3e-4 if a.finetune_unet else 1e-3)
-        unet.save_pretrained(out / "unet")
-        times["unet_finetune_s" if a.finetune_unet else "unet_s"] = time.time() - t
-        if budget.unet_finetune_steps and not a.finetune_unet:
+        for k, (steps, peak) in enumerate(budget.unet_phases()):
+            if k < a.unet_phase:
+                continue
             t = time.time()
+            torch.manual_seed(a.seed + 3 + k)
+            unet = train_unet(vae, text, tok, sched_cfg, replace(budget, unet_steps=steps),
+                              np.random.default_rng([a.seed, 3 + k]), torch.Generator().manual_seed(a.seed + 3 + k),
+                              init=out / "unet" if k else None, peak_lr=peak)
             unet.save_pretrained(out / "unet")
-            torch.manual_seed(a.seed + 4)
-            unet = train_unet(vae, text, tok, sched_cfg, replace(budget, unet_steps=budget.unet_finetune_steps),
-                              np.random.default_rng([a.seed, 4]), torch.Generator().manual_seed(a.seed + 4),
-                              init=out / "unet", peak_lr=3e-4)
-            unet.save_pretrained(out / "unet")
-            times["unet_finetune_s"] = time.time() - t
+            times[f"unet_phase{k + 1}_s"] = time.time() - t
     _write_index(out)
-    info = {"seed": a.seed, "smoke": a.smoke, "budget": asdict(budget), "seconds": times,
+    info = {"seed": a.seed, "smoke": a.smoke, "budget": asdict(budget), "stages": stages, "seconds": times,
             "torch_threads": torch.get_num_threads()}
     prev = out / "train_info.json"
-    if prev.exists() and a.from_stage != "clip":
+    if prev.exists() and stages != list(STAGES):
         old = json.loads(prev.read_text())
         info["seconds"] = {**old.get("seconds", {}), **times}
     prev.write_text(json.dumps(info, indent=2))
