@@ -11,7 +11,7 @@
 Uses the trained micro model when ``load_components("micro")`` works, else an untrained
 stand-in (printed warning: its images, and so the diversity figures, mean little).
 
-    python benchmarks/hyperbatch.py [--candidates 4] [--seeds 2] [--quick]
+    python benchmarks/hyperbatch.py [--candidates 4] [--seeds 2] [--renoise ETA] [--quick]
 """
 
 from __future__ import annotations
@@ -103,11 +103,11 @@ def cost(comp, cond, neg, cfg, batch: int, steps: int, scheduler: str, repeats: 
     return {"evals": evals, "wall": th / tp, "sampling": max(th - td, 1e-9) / max(tp - td, 1e-9)}
 
 
-def diversity(comp, cond, neg, cfg, scheduler: str, seeds: int, steps: int, metric) -> float:
+def diversity(comp, cond, neg, cfg, scheduler: str, seeds: int, steps: int, metric, renoise=None) -> float:
     """Hyperbatch pairwise distance / plain pairwise distance, B=8, averaged over seeds."""
     hyper = indep = 0.0
     for seed in range(seeds):
-        plan = RenderPlan(batch=8, steps=steps, scheduler=scheduler, seed=seed)
+        plan = RenderPlan(batch=8, steps=steps, scheduler=scheduler, seed=seed, renoise=renoise)
         hyper += pair_mean(render(comp, cond, neg, cfg, plan).images, metric)
         indep += pair_mean(render(comp, cond, neg, cfg, plain(plan)).images, metric)
     return hyper / indep
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="λ candidates rendered together")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per scheduler for the diversity figure")
     ap.add_argument("--repeats", type=int, default=2, help="timed renders per mode (best is kept)")
+    ap.add_argument("--renoise", type=float, default=None,
+                    help="branch re-noise eta for deterministic samplers (default: the renderer's, 1)")
     ap.add_argument("--quick", action="store_true", help="2 candidates (1 at B=64), 1 seed, 3 schedulers")
     args = ap.parse_args()
     if args.quick:
@@ -134,7 +136,7 @@ def main() -> None:
     div = {}
     for name in schedulers:
         t = time.perf_counter()
-        div[name] = diversity(comp, cond, neg, cfg, name, args.seeds, 20, metric)
+        div[name] = diversity(comp, cond, neg, cfg, name, args.seeds, 20, metric, args.renoise)
         print(f"diversity {name}: {div[name]:.3f} ({time.perf_counter() - t:.0f}s)")
     n64 = 1 if args.quick else len(cond)
     c64 = cost(comp, cond[:n64], neg, cfg[:n64], 64, 20, "dpm++2m", args.repeats)

@@ -62,6 +62,7 @@ class RenderConfig:
     hyperbatch: bool = True
     max_batch: int = 256
     strength: float = 0.6        # img2img strength (with init_image)
+    renoise: float | None = None  # eta of a copy's ancestral step at a branch (None: 1 for ODE samplers)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class RunConfig:
         _check(r.max_batch >= 2, f"--max-batch must be >= 2 (got {r.max_batch})")
         _check(0.0 <= r.strength <= 1.0, f"--strength must be in [0, 1] (got {r.strength})")
         _check(r.cfg >= 0, f"--cfg must be >= 0 (got {r.cfg})")
+        _check(r.renoise is None or r.renoise >= 0, f"--renoise must be >= 0 (got {r.renoise})")
         unknown = [b for b in s.blocks if b not in BLOCKS]
         _check(not unknown, f"unknown search block(s) {unknown}; choose from {', '.join(BLOCKS)}")
         _check(len(s.blocks) > 0, "at least one search block must be on")

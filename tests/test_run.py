@@ -104,6 +104,7 @@ def test_report_command_rebuilds(finished):
     (["--target", "/no/such/target.png"], "target.png"),
     (["--guide", "/no/such/guide.png", "--blocks", "guidance"], "guide.png"),
     (["--size", "30"], "multiple"),
+    (["--renoise", "-1"], "--renoise"),
 ])
 def test_bad_input_leaves_no_run(tmp_path, capsys, extra, words):
     argv = ["optimize", "--prompt", PROMPT, "--out", str(tmp_path / "runs"), *SMALL, *extra]

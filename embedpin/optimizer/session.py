@@ -45,7 +45,8 @@ def render_plan(config: RunConfig, size: int):
 
     r = config.render
     return RenderPlan(batch=r.batch, steps=r.steps, scheduler=r.scheduler, height=size, width=size,
-                      seed=config.optim.seed, hyperbatch=r.hyperbatch, max_batch=r.max_batch)
+                      seed=config.optim.seed, hyperbatch=r.hyperbatch, max_batch=r.max_batch,
+                      renoise=r.renoise)
 
 
 @dataclass
