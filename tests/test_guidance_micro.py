@@ -28,7 +28,8 @@ def comps():
 
 
 @pytest.mark.xfail(strict=False, reason="measured non-monotone on the shipped micro model: CLIP distance "
-                   "1.39 / 1.47 / 0.74 at max_image 0 / 0.5 / 1 (full guidance works, the midpoint does not)")
+                   "1.435 / 1.443 / 0.733 at max_image 0 / 0.5 / 1; the micro UNet only ever saw text "
+                   "hidden states, and mixes past ~0.5 image tokens are off its training distribution")
 def test_raising_max_image_guidance_raises_clip_similarity_to_the_guide(comps):
     scene = Scene(items=(Item("square", "red", "large", "in the center"),), bg_colour="yellow", bg_kind="plain")
     guide = torch.from_numpy(render_scene(scene).astype(np.float32) / 255).permute(2, 0, 1)[None]
