@@ -78,7 +78,6 @@ def _cache_arg() -> str:
     return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-
 @torch.no_grad()
 def encode_prompt(components, prompt: str, clip_skip: int = 0) -> PromptEncoding:
     """Tokenize and encode ``prompt`` -> :class:`PromptEncoding` ([1, 77, D] for SD)."""
