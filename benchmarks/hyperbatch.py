@@ -6,12 +6,15 @@
   the VAE decode costs both modes the same, so the ratio of sampling time alone
   (render minus a timed decode of as many latents) is printed too;
 - diversity per scheduler: mean pairwise ꟻLIP among a hyperbatch's B images as a
-  fraction of the same among B independent seeds (goal >= 0.6).
+  fraction of the same among B independent seeds (goal >= 0.6);
+- quality per scheduler: the share of hyperbatch images whose foreground colour is the
+  caption's (the micro model's procedural check) over the same share for independent seeds
+  (~1: siblings are as good as independent samples; a biased re-noise lowers it).
 
 Uses the trained micro model when ``load_components("micro")`` works, else an untrained
 stand-in (printed warning: its images, and so the diversity figures, mean little).
 
-    python benchmarks/hyperbatch.py [--candidates 4] [--seeds 2] [--renoise ETA] [--quick]
+    python benchmarks/hyperbatch.py [--candidates 4] [--seeds 6] [--renoise ETA] [--quick]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from embedpin.guidance.encode import encode_prompt
-from embedpin.models.micro.dataset import batch as shapes_batch
+from embedpin.models.micro.dataset import foreground_colour, random_scene
 from embedpin.render.latents import decode
 from embedpin.render.sampler import RenderPlan, plain, render
 
@@ -44,11 +47,24 @@ def load():
         return random_components(scale=1.0), "untrained micro (random_components)"
 
 
-def conditioning(comp, n: int):
-    """n shape captions of the micro dataset, encoded: cond [n, 77, D], negative [1, 77, D]."""
-    captions = shapes_batch(np.random.default_rng(0), n)[1]
+def scenes(n: int) -> list:
+    """n one-shape scenes of the micro dataset (their captions condition the renders)."""
+    rng = np.random.default_rng(0)
+    return [random_scene(rng, p_two=0.0) for _ in range(n)]
+
+
+def conditioning(comp, scenes_: list):
+    """The scenes' captions encoded: cond [n, 77, D], negative [1, 77, D], cfg [n], captions."""
+    captions = [s.caption for s in scenes_]
     cond = torch.cat([encode_prompt(comp, c).hidden for c in captions])
-    return cond, encode_prompt(comp, "").hidden, torch.full((n,), 5.0), captions
+    return cond, encode_prompt(comp, "").hidden, torch.full((len(captions),), 5.0), captions
+
+
+def colour_right(images: torch.Tensor, scenes_: list) -> float:
+    """Share of images [λ, B, 3, H, W] whose foreground has their scene's colour."""
+    im = images.permute(0, 1, 3, 4, 2).cpu().numpy()
+    return float(np.mean([foreground_colour(im[i, b], s.items[0], s.jitter) == s.items[0].colour
+                          for i, s in enumerate(scenes_) for b in range(im.shape[1])]))
 
 
 def pair_mean(images: torch.Tensor, metric) -> float:
@@ -103,20 +119,24 @@ def cost(comp, cond, neg, cfg, batch: int, steps: int, scheduler: str, repeats: 
     return {"evals": evals, "wall": th / tp, "sampling": max(th - td, 1e-9) / max(tp - td, 1e-9)}
 
 
-def diversity(comp, cond, neg, cfg, scheduler: str, seeds: int, steps: int, metric, renoise=None) -> float:
-    """Hyperbatch pairwise distance / plain pairwise distance, B=8, averaged over seeds."""
-    hyper = indep = 0.0
+def diversity(comp, cond, neg, cfg, scenes_, scheduler: str, seeds: int, steps: int, metric,
+              renoise=None) -> tuple[float, float]:
+    """(hyperbatch / plain pairwise distance, hyperbatch / plain colour-right share), B=8,
+    summed over seeds."""
+    hyper = indep = ok_h = ok_p = 0.0
     for seed in range(seeds):
         plan = RenderPlan(batch=8, steps=steps, scheduler=scheduler, seed=seed, renoise=renoise)
-        hyper += pair_mean(render(comp, cond, neg, cfg, plan).images, metric)
-        indep += pair_mean(render(comp, cond, neg, cfg, plain(plan)).images, metric)
-    return hyper / indep
+        h, p = render(comp, cond, neg, cfg, plan).images, render(comp, cond, neg, cfg, plain(plan)).images
+        hyper, indep = hyper + pair_mean(h, metric), indep + pair_mean(p, metric)
+        ok_h, ok_p = ok_h + colour_right(h, scenes_), ok_p + colour_right(p, scenes_)
+    return hyper / indep, ok_h / max(ok_p, 1e-9)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", type=int, default=4, help="λ candidates rendered together")
-    ap.add_argument("--seeds", type=int, default=2, help="seeds per scheduler for the diversity figure")
+    ap.add_argument("--seeds", type=int, default=6,
+                    help="seeds per scheduler for the diversity figure (each adds one root pair per candidate)")
     ap.add_argument("--repeats", type=int, default=2, help="timed renders per mode (best is kept)")
     ap.add_argument("--renoise", type=float, default=None,
                     help="branch re-noise eta for deterministic samplers (default: the renderer's, 1)")
@@ -126,18 +146,21 @@ def main() -> None:
         args.candidates, args.seeds, args.repeats = 2, 1, 1
     torch.manual_seed(0)  # benchmark script only: any unseeded op stays reproducible
     comp, what = load()
-    cond, neg, cfg, captions = conditioning(comp, args.candidates)
+    scenes_ = scenes(args.candidates)
+    cond, neg, cfg, captions = conditioning(comp, scenes_)
     metric, metric_name = flip_metric()
     print(f"model: {what}; {args.candidates} candidates: {captions}")
     print(f"diversity metric: {metric_name}")
 
     c8 = cost(comp, cond, neg, cfg, 8, 20, "dpm++2m", args.repeats)
     schedulers = ("euler-a", "dpm++2m", "unipc") if args.quick else SCHEDULERS
-    div = {}
+    div, quality = {}, {}
     for name in schedulers:
         t = time.perf_counter()
-        div[name] = diversity(comp, cond, neg, cfg, name, args.seeds, 20, metric, args.renoise)
-        print(f"diversity {name}: {div[name]:.3f} ({time.perf_counter() - t:.0f}s)")
+        div[name], quality[name] = diversity(comp, cond, neg, cfg, scenes_, name, args.seeds, 20, metric,
+                                             args.renoise)
+        print(f"diversity {name}: {div[name]:.3f}, colour-right ratio {quality[name]:.3f} "
+              f"({time.perf_counter() - t:.0f}s)")
     n64 = 1 if args.quick else len(cond)
     c64 = cost(comp, cond[:n64], neg, cfg[:n64], 64, 20, "dpm++2m", args.repeats)
 
@@ -149,6 +172,7 @@ def main() -> None:
     for name, v in div.items():
         print(f"diversity_{name}: {v:.3f}")
     print(f"diversity_min: {min(div.values()):.3f}")
+    print(f"colour_right_ratio_min: {min(quality.values()):.3f}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def _optimize_parser(sub):
     g.add_argument("--blocks", default=None,
                    help=f"comma-separated search blocks from {{{','.join(BLOCKS)}}} (default: "
                         f"{','.join(d.search.blocks)})")
-    g.add_argument("--basis", default=None, choices=BASES, help=f"conditioning-delta basis (default: {d.search.basis})")
+    g.add_argument("--basis", default=None, choices=BASES,
+                   help=f"basis of the conditioning delta and of the token vectors (these take pca or "
+                        f"random; default: {d.search.basis})")
     g.add_argument("--rank", type=int, default=None, help=f"basis size K (default: {d.search.rank})")
     g.add_argument("--vectors", type=int, default=None, help=f"textual-inversion tokens (default: {d.search.n_vectors})")
     g.add_argument("--init-word", default=None, help=f"token vectors start here (default: {d.search.init_word})")
@@ -80,7 +82,7 @@ def _optimize_parser(sub):
     g.add_argument("--strength", type=float, default=None, help=f"img2img strength (default: {d.render.strength})")
     g.add_argument("--renoise", type=float, default=None,
                    help="hyperbatch branch re-noise for deterministic samplers: eta of the ancestral step a "
-                        "copy takes (default 1, the DDPM posterior's amount; higher: more diverse siblings, "
+                        "copy takes at branches after step 0, whose copy is a second root (default 1, the DDPM posterior's amount; higher: more diverse siblings, "
                         "from about 2 all noise is replaced and colours wash out)")
     g.add_argument("--max-batch", type=int, default=None,
                    help=f"most images per UNet call, CFG halves included (default: {d.render.max_batch})")
@@ -154,10 +156,15 @@ def cmd_render(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from embedpin.export import export_run
+    from embedpin.export import export_run, load_pinned, not_carried
 
     path = export_run(a.run, a.format, a.output, token=a.token)
     print(f"wrote {path}")
+    lost = not_carried(load_pinned(a.run)[1]) if a.format == "textual-inversion" else []
+    if lost:
+        print(f"note: the embedding alone renders '<prompt> {a.token}' without the run's {', '.join(lost)} "
+              "(a textual-inversion file cannot carry them; they are in its metadata). "
+              "For the exact pinned result use --format diffusers.", file=sys.stderr)
     return 0
 
 

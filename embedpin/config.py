@@ -45,9 +45,9 @@ class PromptConfig:
 
 @dataclass
 class SearchConfig:
-    blocks: list[str] = field(default_factory=lambda: ["token_vectors"])
-    basis: str = "random"        # basis of the conditioning delta: image | pca | random
-    rank: int = 8                # K: basis size of the delta / token-vector blocks
+    blocks: list[str] = field(default_factory=lambda: ["token_vectors", "token_weights"])
+    basis: str = "pca"           # basis of the delta / token vectors: image | pca | random
+    rank: int = 16               # K: basis size of the delta / token-vector blocks
     n_vectors: int = 1           # textual-inversion placeholder tokens
     init_word: str = "shape"     # token vectors start at this word's embedding
 

@@ -73,8 +73,25 @@ def load_pinned(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, recipe
 
 
+def not_carried(recipe: dict) -> list[str]:
+    """Searched blocks at non-neutral values that a textual-inversion file cannot carry
+    (token weights act on the encoder's output; guidance and deltas likewise)."""
+    out = []
+    for name, values in recipe.get("params", {}).items():
+        if name in ("token_vectors", "cfg", "strength"):  # the file, and the recipe's sampling settings
+            continue
+        neutral = 1.0 if name == "token_weights" else None
+        if neutral is None or any(abs(v - neutral) > 1e-6 for v in values):
+            out.append(name)
+    return out
+
+
 def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> Path:
-    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file."""
+    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file.
+
+    The textual-inversion file holds the token vectors only; what else the run searched
+    (:func:`not_carried`) is listed in its metadata, values included, and the diffusers
+    export is the exact pinned conditioning."""
     tensors, recipe = load_pinned(run)
     out = Path(output)
     if not out.parent.exists():
@@ -88,8 +105,9 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
             raise ConfigError("this run did not search token vectors, so it has no textual-inversion form; "
                               "use --format diffusers, or run with --blocks token_vectors")
         usage = f"{recipe['prompt']} {token}".strip()
+        extra = {"not_carried": not_carried(recipe)}
         save_file({"emb_params": tensors["token_vectors"]}, str(out),
-                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage})})
+                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, **extra})})
     else:
         raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
     return out

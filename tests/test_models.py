@@ -112,7 +112,19 @@ def test_micro_loads_in_plain_diffusers():
 
 def test_micro_weights_fit_the_budget():
     total = sum(p.stat().st_size for p in loader.MICRO_DIR.rglob("*.safetensors"))
-    assert total <= 25 * 2**20
+    assert total <= 25_000_000  # decimal MB, the stricter reading
+
+
+def test_micro_clip_text_tower_is_stored_once_and_is_the_text_encoder():
+    from safetensors import safe_open
+
+    with safe_open(str(loader.MICRO_DIR / "clip" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("text_model.") for k in f.keys())
+    comp = loader.load_components("micro")
+    ids = comp.tokenizer(["a small red star"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = comp.text_encoder(ids).last_hidden_state
+        assert torch.equal(comp.clip.text_model(ids).last_hidden_state, want)
 
 
 def test_smoke_training_and_corrupt_weights(tmp_path):
@@ -124,6 +136,7 @@ def test_smoke_training_and_corrupt_weights(tmp_path):
     assert info["smoke"] is True
     comp = loader.load_components(str(out))
     assert comp.clip is not None and comp.unet.config.cross_attention_dim == comp.text_dim
+    assert loader._shares_text_tower(out / "clip")
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not really weights")

@@ -32,7 +32,7 @@ def test_schedule_b8_20_steps_branches_first_early_and_last_late():
         [0, 0, 0, 0], [0, 1, 1, 1], [0, 0, 2, 2], [0, 1, 3, 3],
         [0, 0, 0, 4], [0, 1, 1, 5], [0, 0, 2, 6], [0, 1, 3, 7],
     ]
-    assert unet_evaluations(8, 20, [0, 9, 17]) == 1 * 1 + 2 * 9 + 4 * 8 + 8 * 2
+    assert unet_evaluations(8, 20, [0, 9, 17]) == 1 * 1 + 1 + 2 * 9 + 4 * 8 + 8 * 2  # + the second root's
     assert unet_evaluations(8, 20, []) == 160
     assert unet_evaluations(8, 20, branch_schedule(8, 20)) / unet_evaluations(8, 20, []) <= 0.5
 
@@ -40,7 +40,7 @@ def test_schedule_b8_20_steps_branches_first_early_and_last_late():
 def test_schedule_b64_20_steps_costs_under_30_percent():
     s = branch_schedule(64, 20)
     assert s == [0, 3, 7, 10, 14, 17]
-    assert unet_evaluations(64, 20, s) == 335
+    assert unet_evaluations(64, 20, s) == 336
     assert unet_evaluations(64, 20, s) / unet_evaluations(64, 20, []) <= 0.3
 
 
@@ -50,7 +50,7 @@ def test_schedule_b6_last_branch_doubles_only_some_members():
     assert batch_sizes(6, s) == [1, 2, 4, 6]
     assert lineage(6, s).tolist() == [[0, 0, 0, 0], [0, 1, 1, 1], [0, 0, 2, 2],
                                       [0, 1, 3, 3], [0, 0, 0, 4], [0, 1, 1, 5]]
-    assert unet_evaluations(6, 20, s) == 1 + 2 * 9 + 4 * 8 + 6 * 2
+    assert unet_evaluations(6, 20, s) == 1 + 1 + 2 * 9 + 4 * 8 + 6 * 2
 
 
 def test_schedule_b1_has_no_branches():
@@ -139,8 +139,8 @@ def test_render_shapes_lineage_seeds_and_counted_evaluations(rendered):
     assert r.schedule == [0, 2] and r.lineage.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 2], [0, 1, 3]]
     assert r.seeds.shape == (4, 3) and r.seeds.dtype == torch.long
     assert r.seeds[3].tolist() == [member_seed(3, 0), member_seed(3, 1), member_seed(3, 3)]
-    # 2 candidates x 2 CFG halves x (1 + 2 + 2 + 4) latent evaluations
-    assert r.unet_evals == 2 * 2 * unet_evaluations(4, 4, [0, 2]) == 36
+    # 2 candidates x 2 CFG halves x (1 + 1 second root + 2 + 2 + 4) latent evaluations
+    assert r.unet_evals == 2 * 2 * unet_evaluations(4, 4, [0, 2]) == 40
 
 
 @pytest.mark.parametrize("name", ALL_SAMPLERS)
@@ -155,10 +155,11 @@ def test_siblings_diverge_and_any_image_replays_alone(comp, conditioning, render
 
 
 def test_copying_a_latent_under_an_ode_sampler_gives_identical_images(comp, conditioning, rendered):
-    """Without re-noise (rho = 0) the deterministic sampler's siblings stay on one path:
-    the bug the branch re-noise fixes."""
+    """Without re-noise (rho = 0) the deterministic sampler's siblings split after step 0
+    stay on one path: the bug the branch re-noise fixes. (The step-0 copy is a second root.)"""
     same = render(comp, *conditioning, small_plan("dpm++2m", renoise=0.0)).images
-    assert float(pair_distances(same[0]).max()) < 1e-5
+    d = pair_distances(same[0])  # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    assert float(d[[1, 4]].max()) < 1e-5 and float(d[[0, 2, 3, 5]].min()) > 1e-2
     assert float(pair_distances(rendered("dpm++2m").images[0]).min()) > 100 * 1e-5
 
 

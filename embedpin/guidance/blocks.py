@@ -31,7 +31,7 @@ SCALARS: dict[str, tuple[float, float, float | None, float]] = {
 }
 TOKEN_WEIGHTS = (0.0, 2.0, 1.0, 0.2)
 DELTA = (-1.0, 1.0, 0.0, 0.05)
-TOKEN_VECTORS = (-1.0, 1.0, 0.0, 0.05)
+TOKEN_VECTORS = (-1.0, 1.0, 0.0, 0.25)
 BLOCK_NAMES = (*SCALARS, "token_weights", "delta", "token_vectors")
 
 

@@ -109,8 +109,56 @@ def load_clip(spec: str | Path | None, fallback_folder: Path | None = None):
         folder = fallback_folder / "clip"
     if folder is None:
         return None, {}
-    clip = _load("CLIP model", CLIPModel.from_pretrained, folder, local_files_only=True).eval()
+    if _shares_text_tower(folder):
+        clip = _load("CLIP model", _clip_with_shared_text, folder).eval()
+    else:
+        clip = _load("CLIP model", CLIPModel.from_pretrained, folder, local_files_only=True).eval()
     return clip, _clip_preprocessing(folder, clip)
+
+
+TEXT_PREFIX = "text_model."
+
+
+def _shares_text_tower(folder: Path) -> bool:
+    """True for a ``<model>/clip`` folder saved by :func:`save_clip_shared`: weights without
+    the text tower, which is the sibling ``text_encoder`` (the micro model stores it once)."""
+    from safetensors import safe_open
+
+    weights, text = folder / "model.safetensors", folder.parent / "text_encoder" / "model.safetensors"
+    if not (weights.is_file() and text.is_file()):
+        return False
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return not any(k.startswith(TEXT_PREFIX) for k in f.keys())
+    except Exception:  # unreadable: let the normal loader report it
+        return False
+
+
+def _clip_with_shared_text(folder: Path):
+    """CLIPModel from ``folder``'s image tower + projections and ``../text_encoder``'s weights."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    state = load_file(str(folder / "model.safetensors"))
+    text = load_file(str(folder.parent / "text_encoder" / "model.safetensors"))
+    state.update({k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in text.items()})
+    clip = CLIPModel(CLIPConfig.from_pretrained(folder, local_files_only=True))
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"CLIP weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return clip
+
+
+def save_clip_shared(clip, folder: Path) -> None:
+    """Save a CLIPModel whose text tower is the pipeline's ``text_encoder`` without that tower
+    (config + image tower + projections; :func:`load_clip` joins them again)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    clip.config.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in clip.state_dict().items() if not k.startswith(TEXT_PREFIX)}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _load_folder(folder: Path, name: str) -> dict:

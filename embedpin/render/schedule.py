@@ -13,7 +13,8 @@ Conventions used throughout ``embedpin.render``:
   members ``0 .. n_d - 1`` with ``n_0 = 1`` and ``n_{d+1} = min(2 n_d, B)``. At a branch,
   member ``j`` continues unchanged and member ``j + n_d`` is its new copy, so the
   last branch of a non-power-of-two ``B`` only doubles the first ``B - n_d`` members.
-  Member 0 is the trunk: it is never re-noised.
+  Member 0 is the trunk: it is never re-noised. A copy born at step 0 is a second root
+  (fresh initial noise, its own step-0 evaluation), not a re-noised copy.
 - Plain batches (no branches) hold members ``0 .. B - 1`` from step 0.
 """
 
@@ -38,13 +39,14 @@ def branch_schedule(batch: int, steps: int) -> list[int]:
 
     Half of all image pairs split at the first doubling, a quarter at the second, ..., so
     diversity is set by the early branches, while cost is set by the late ones (the
-    j-th adds 2^(j-1) copies). Hence: the first doubling right after the first, shared
-    evaluation (step 0), the last at step ``L = steps - 1 - max(1, steps // 8)`` so the full
+    j-th adds 2^(j-1) copies). Hence: the first doubling at step 0 (its copy becomes a
+    second root), the last at step ``L = steps - 1 - max(1, steps // 8)`` so the full
     batch runs the last eighth of the steps, the others evenly in between. Siblings from
     late doublings stay close (hyperbatch weights by lineage depth account for that).
-    B=8, 20 steps -> [0, 9, 17]: 67 of 160 evaluations; B=64 -> [0, 3, 7, 10, 14, 17]: 335
-    of 1280. ``B = 1`` has no branches; ``steps <= ceil(log2 B)`` leaves no room for one
-    evaluation per batch size, so it falls back to a plain batch (``[]``) with a warning.
+    B=8, 20 steps -> [0, 9, 17]: 68 of 160 evaluations; B=64 -> [0, 3, 7, 10, 14, 17]: 336
+    of 1280 (the copy born at step 0 is a fresh root with its own evaluation: ``sampler``).
+    ``B = 1`` has no branches; ``steps <= ceil(log2 B)`` leaves no room for one evaluation per
+    batch size, so it falls back to a plain batch (``[]``) with a warning.
     """
     if batch < 1 or steps < 1:
         raise ConfigError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
@@ -88,7 +90,8 @@ def unet_evaluations(batch: int, steps: int, schedule: list[int]) -> int:
     batch costs ``B * steps``.
     """
     edges = [-1, *schedule, steps - 1]
-    return sum(n * (b - a) for n, a, b in zip(batch_sizes(batch, schedule), edges, edges[1:]))
+    root = 1 if schedule and schedule[0] == 0 else 0  # a step-0 copy is a fresh root: its own evaluation
+    return root + sum(n * (b - a) for n, a, b in zip(batch_sizes(batch, schedule), edges, edges[1:]))
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
     python -m embedpin.models.micro.train [--out DIR] [--seed 0] [--smoke] [--stages vae,clip,unet]
 
 Every stage writes its part of a diffusers-format folder (loads with plain
-``StableDiffusionPipeline.from_pretrained``) plus ``clip/`` (the full CLIPModel, with
-the image tower embedpin uses for image guidance and the CLIP loss). ``--smoke`` runs
+``StableDiffusionPipeline.from_pretrained``) plus ``clip/``: the CLIPModel's config, image
+tower and projections (image guidance and the CLIP loss); its text tower is
+``text_encoder/``, stored once (``embedpin.models.loader.load_clip`` joins them). ``--smoke`` runs
 each stage for a few steps on tiny batches (seconds) for the tests.
 """
 
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel
 
+    from embedpin.models.loader import save_clip_shared
     from embedpin.models.micro.tokenizer import save_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,11 +313,11 @@ def main(argv=None) -> int:
         t = time.time()
         torch.manual_seed(a.seed + 1)
         clip = train_clip(tok, budget, np.random.default_rng([a.seed, 1]), vae)
-        clip.save_pretrained(out / "clip")
-        write_preprocessor_config(out / "clip")
         text = CLIPTextModel(clip.config.text_config)
         text.load_state_dict(clip.text_model.state_dict())
         text.save_pretrained(out / "text_encoder")
+        save_clip_shared(clip, out / "clip")  # the text tower is stored once, in text_encoder/
+        write_preprocessor_config(out / "clip")
         times["clip_s"] = time.time() - t
     text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
     # 3. UNet: from scratch, then phases at lower peak learning rates (each from the last)
