@@ -12,7 +12,7 @@ Also printed: the loss of the plain prompt and of the hidden conditioning itself
 oracle: the other B - 1 images of its batch differ from the target, so it is not 0), and
 the fraction of the plain -> oracle gap the run closed.
 
-    python benchmarks/pinning.py [--generations 30] [--blocks token_vectors,delta,token_weights,delta+token_weights] [--rank K] [--basis B] [--seed S] [--no-random]
+    python benchmarks/pinning.py [--generations 30] [--blocks token_vectors,delta,token_weights,delta+token_weights] [--rank K] [--basis B] [--seed S] [--sigma0 S] [--no-random]
 """
 
 from __future__ import annotations
@@ -76,11 +76,13 @@ def reference_losses(cfg, blend: float) -> tuple[float, float]:
 
 
 def config(target: str, out: str, blocks: list[str], generations: int, rank: int | None = None,
-           basis: str | None = None, seed: int = 0):
+           basis: str | None = None, seed: int = 0, sigma0: float | None = None):
     from embedpin.config import RunConfig
 
     c = RunConfig()
     c.optim.seed = seed
+    if sigma0:
+        c.optim.sigma0 = sigma0
     if rank:
         c.search.rank = rank
     if basis:
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--blend", type=float, default=0.7)
     ap.add_argument("--rank", type=int, default=None, help="basis size K of delta / token vectors (default: the run's)")
     ap.add_argument("--basis", default=None, help="delta / token-vector basis (default: the run's)")
+    ap.add_argument("--sigma0", type=float, default=None, help="initial step size (default: the run's)")
     ap.add_argument("--seed", type=int, default=0, help="run seed (the target is rendered with it too)")
     ap.add_argument("--no-random", action="store_true", help="skip the random-search baseline (comparing blocks)")
     a = ap.parse_args()
@@ -126,7 +129,7 @@ def main() -> None:
     print(f"plain prompt loss {plain:.4f}; hidden conditioning (oracle) loss {oracle:.4f}")
     rows = []
     for blocks in a.blocks.split(","):
-        cfg = config(target, os.path.join(tmp, blocks), blocks.split("+"), a.generations, a.rank, a.basis, a.seed)
+        cfg = config(target, os.path.join(tmp, blocks), blocks.split("+"), a.generations, a.rank, a.basis, a.seed, a.sigma0)
         t = time.perf_counter()
         res = run(cfg, quiet=True)
         secs = time.perf_counter() - t
@@ -134,7 +137,7 @@ def main() -> None:
         n_cand = sum(len(json.loads((res.run_dir / "generations" / f"{h['generation']:04d}" / "generation.json")
                                     .read_text())["candidates"]) for h in state["history"])
         rnd = math.nan if a.no_random else random_search(config(
-            target, os.path.join(tmp, blocks + "-rnd"), blocks.split("+"), a.generations, a.rank, a.basis, a.seed), n_cand)
+            target, os.path.join(tmp, blocks + "-rnd"), blocks.split("+"), a.generations, a.rank, a.basis, a.seed, a.sigma0), n_cand)
         rows.append((blocks, res.first_best_loss, res.best_loss, rnd, secs, res.renders))
         print(f"{blocks}: first-generation best {res.first_best_loss:.4f} -> best {res.best_loss:.4f} "
               f"(ratio {res.best_loss / res.first_best_loss:.3f}); random search best {rnd:.4f} "
