@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from embedpin.guidance.encode import encode_prompt
-from embedpin.models.micro.dataset import foreground_colour, random_scene
+from embedpin.models.micro.dataset import colour_right as scene_colour_right, random_scene
 from embedpin.render.latents import decode
 from embedpin.render.sampler import RenderPlan, plain, render
 
@@ -63,8 +63,7 @@ def conditioning(comp, scenes_: list):
 def colour_right(images: torch.Tensor, scenes_: list) -> float:
     """Share of images [λ, B, 3, H, W] whose foreground has their scene's colour."""
     im = images.permute(0, 1, 3, 4, 2).cpu().numpy()
-    return float(np.mean([foreground_colour(im[i, b], s.items[0], s.jitter) == s.items[0].colour
-                          for i, s in enumerate(scenes_) for b in range(im.shape[1])]))
+    return float(np.mean([scene_colour_right(im[i, b], s) for i, s in enumerate(scenes_) for b in range(im.shape[1])]))
 
 
 def pair_mean(images: torch.Tensor, metric) -> float:

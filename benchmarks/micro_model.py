@@ -83,8 +83,7 @@ def main() -> None:
         out.append(pipe(captions[i:i + 25], num_inference_steps=20, guidance_scale=a.cfg, height=64, width=64,
                         generator=gen, output_type="np").images)
     gen_imgs = np.concatenate(out)  # [n, 64, 64, 3] in [0, 1]
-    colour_ok = np.array([dataset.foreground_colour(g, s.items[0], s.jitter) == s.items[0].colour
-                          for g, s in zip(gen_imgs, scenes)], dtype=float)
+    colour_ok = np.array([dataset.colour_right(g, s) for g, s in zip(gen_imgs, scenes)], dtype=float)
     # shape kind by micro-CLIP zero-shot among the caption with each shape word (texts embedded once)
     alts = embed(clip, tok, texts=[s.caption.replace(f" {s.items[0].shape} ", f" {k} ")
                                    for s in scenes for k in dataset.SHAPES]).view(len(scenes), len(dataset.SHAPES), -1)
@@ -108,14 +107,18 @@ def main() -> None:
     print(f"(torch threads {torch.get_num_threads()})")
     print(f"clip_top1_retrieval_100: {top1:.3f}")
     print(f"clip_zero_shot_shape_on_true_images: {ref_ok:.3f}")
-    se = lambda v: float(np.sqrt(v.mean() * (1 - v.mean()) / len(v)))  # noqa: E731 - binomial standard error
     print(f"generated_colour_right_first100: {colour_ok[:100].mean():.3f}")
     print(f"generated_shape_right_first100: {shape_ok[:100].mean():.3f}")
-    print(f"generated_colour_right_standard_error: {se(colour_ok):.3f}")
-    print(f"generated_shape_right_standard_error: {se(shape_ok):.3f}")
+    print(f"generated_colour_right_standard_error: {standard_error(colour_ok):.3f}")
+    print(f"generated_shape_right_standard_error: {standard_error(shape_ok):.3f}")
     print(f"generated_colour_right: {colour_ok.mean():.3f}")
     print(f"generated_shape_right: {shape_ok.mean():.3f}")
     print(f"render_8x20_64px_seconds: {float(np.median(times[1:])):.3f}")
+
+
+def standard_error(hits: np.ndarray) -> float:
+    """Binomial standard error of the share of hits [n] (0/1)."""
+    return float(np.sqrt(hits.mean() * (1 - hits.mean()) / len(hits)))
 
 
 def save_grid(gen_imgs: np.ndarray, path: str) -> None:

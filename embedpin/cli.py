@@ -82,8 +82,9 @@ def _optimize_parser(sub):
     g.add_argument("--strength", type=float, default=None, help=f"img2img strength (default: {d.render.strength})")
     g.add_argument("--renoise", type=float, default=None,
                    help="hyperbatch branch re-noise for deterministic samplers: eta of the ancestral step a "
-                        "copy takes at branches after step 0, whose copy is a second root (default 1, the DDPM posterior's amount; higher: more diverse siblings, "
-                        "from about 2 all noise is replaced and colours wash out)")
+                        "copy takes at branches after step 0, whose copy is a second root (default 1, the DDPM "
+                        "posterior's amount; higher: more diverse siblings, from about 2 all noise is replaced "
+                        "and colours wash out)")
     g.add_argument("--max-batch", type=int, default=None,
                    help=f"most images per UNet call, CFG halves included (default: {d.render.max_batch})")
     g.add_argument("--no-hyperbatch", action="store_true", help="plain batches instead of hyperbatches")
@@ -122,7 +123,8 @@ def config_from_args(a):
         ("optim", "sigma0"): a.sigma0, ("optim", "seed"): a.seed, ("optim", "max_distance"): a.max_distance,
         ("render", "batch"): a.batch, ("render", "steps"): a.steps, ("render", "scheduler"): a.scheduler,
         ("render", "size"): a.size, ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
-        ("render", "max_batch"): a.max_batch, ("render", "renoise"): a.renoise, ("render", "hyperbatch"): False if a.no_hyperbatch else None,
+        ("render", "max_batch"): a.max_batch, ("render", "renoise"): a.renoise,
+        ("render", "hyperbatch"): False if a.no_hyperbatch else None,
         ("score", "targets"): a.target, ("score", "text_target"): a.text_target,
         ("score", "flip_weight"): a.flip_weight, ("score", "clip_weight"): a.clip_weight,
         ("score", "std_weight"): a.std_weight, ("score", "weighting"): a.weighting, ("score", "ppd"): a.ppd,
@@ -156,11 +158,10 @@ def cmd_render(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from embedpin.export import export_run, load_pinned, not_carried
+    from embedpin.export import export_run
 
-    path = export_run(a.run, a.format, a.output, token=a.token)
+    path, lost = export_run(a.run, a.format, a.output, token=a.token)
     print(f"wrote {path}")
-    lost = not_carried(load_pinned(a.run)[1]) if a.format == "textual-inversion" else []
     if lost:
         print(f"note: the embedding alone renders '<prompt> {a.token}' without the run's {', '.join(lost)} "
               "(a textual-inversion file cannot carry them; they are in its metadata). "

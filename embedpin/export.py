@@ -73,21 +73,21 @@ def load_pinned(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, recipe
 
 
+CARRIED = ("token_vectors", "cfg", "strength")  # the file itself, and the recipe's sampling settings
+
+
 def not_carried(recipe: dict) -> list[str]:
-    """Searched blocks at non-neutral values that a textual-inversion file cannot carry
-    (token weights act on the encoder's output; guidance and deltas likewise)."""
-    out = []
-    for name, values in recipe.get("params", {}).items():
-        if name in ("token_vectors", "cfg", "strength"):  # the file, and the recipe's sampling settings
-            continue
-        neutral = 1.0 if name == "token_weights" else None
-        if neutral is None or any(abs(v - neutral) > 1e-6 for v in values):
-            out.append(name)
-    return out
+    """Searched blocks that a textual-inversion file cannot carry (they act on the encoder's
+    output): all but :data:`CARRIED`, token weights only where some weight is not 1."""
+    def moved(name: str, values: list[float]) -> bool:
+        return name != "token_weights" or any(abs(v - 1.0) > 1e-6 for v in values)
+
+    return [n for n, v in recipe.get("params", {}).items() if n not in CARRIED and moved(n, v)]
 
 
-def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> Path:
-    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file.
+def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> tuple[Path, list[str]]:
+    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file;
+    returns the file and what of the result it does not carry.
 
     The textual-inversion file holds the token vectors only; what else the run searched
     (:func:`not_carried`) is listed in its metadata, values included, and the diffusers
@@ -100,17 +100,17 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
         keep = {k: v for k, v in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds",
                                                            "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
         save_file(keep, str(out), metadata={"embedpin": json.dumps(recipe)})
-    elif fmt == "textual-inversion":
+        return out, []
+    if fmt == "textual-inversion":
         if "token_vectors" not in tensors:
             raise ConfigError("this run did not search token vectors, so it has no textual-inversion form; "
                               "use --format diffusers, or run with --blocks token_vectors")
         usage = f"{recipe['prompt']} {token}".strip()
-        extra = {"not_carried": not_carried(recipe)}
+        lost = not_carried(recipe)
         save_file({"emb_params": tensors["token_vectors"]}, str(out),
-                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, **extra})})
-    else:
-        raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
-    return out
+                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, "not_carried": lost})})
+        return out, lost
+    raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
 
 
 def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path = "out", steps: int | None = None,

@@ -5,11 +5,12 @@ Every candidate starts from one latent that doubles at the branch steps of
 step's UNet calls. Siblings diverge after a branch with every sampler:
 
 - the copy born at step 0 (half of all image pairs split there) is a second root: fresh
-  initial noise and its own step-0 evaluation (one more per candidate, 1/160 of a plain
-  B=8 render). Re-noising it fully from the parent's evaluation instead biases it (the
-  parent's CFG-amplified prediction paired with foreign noise: ꟻLIP diversity above that
-  of independent seeds and 5 % more wrong colours on the micro model); re-noising it
-  partly leaves the pair's noise correlated (0.75 of independent seeds' diversity);
+  initial noise and its own row in the step-0 evaluation (one more per candidate, 1/160 of
+  a plain B=8 render; ``schedule.Path.starting``). Re-noising it fully from the parent's
+  evaluation instead biases it (the parent's CFG-amplified prediction paired with foreign
+  noise: ꟻLIP diversity above that of independent seeds and 5 % more wrong colours on the
+  micro model); re-noising it partly leaves the pair's noise correlated (0.75 of
+  independent seeds' diversity);
 - stochastic samplers (euler-a, ddpm, dpm++sde, ddim with eta > 0) draw each member's
   step noise from its own stream (``noise.NoiseStreams``);
 - at later branches, deterministic samplers (euler, heun, lms, pndm, dpm++2m, unipc, ddim
@@ -175,29 +176,23 @@ def _init_latent(components, plan: RenderPlan, init_image, shape) -> torch.Tenso
     return encode(components.vae, init_image.to(dev).float())
 
 
-def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, eta: float, grid: Grid, keep, init,
-            denoise):
+def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, eta: float, grid: Grid, keep):
     """Double the rows: gather every per-row tensor by parent, start and re-noise the copies
-    (of active candidates: ``keep``). Copies born at step 0 are fresh roots (module doc)."""
+    (of active candidates: ``keep``). (Copies born at step 0 are roots: ``Path.starting``.)"""
     p = br.parent.to(x.device)
     x, D, birth = x[:, p], D[:, p], birth[p]
     state = {k: v[:, p] for k, v in state.items()}
     new = [m for m, c in zip(br.members, br.copy.tolist()) if c]
-    if not new:
-        return x, D, state, birth, br.members
-    c = br.copy.to(x.device)
-    fresh = streams.birth(new)
-    birth[c] = fresh
-    sigma, sigma_next = grid.sigmas[br.step], grid.sigmas[br.step + 1]
-    if br.step == 0:
-        x[:, c] = _masked(keep, init + fresh * sigma, x[:, c])
-        D[:, c] = denoise(x[:, c], sigma, grid.timesteps[0])
-        return x, D, state, birth, br.members
-    rho = min(1.0, ancestral_sigmas(sigma, sigma_next, eta)[1] / sigma_next)
-    if rho > 0:
-        renoised = D[:, c] + (x[:, c] - D[:, c]) * math.sqrt(1 - rho**2) + fresh * (rho * sigma)
-        x[:, c] = _masked(keep, renoised, x[:, c])
-        state["age"][:, c] = 0  # a new noise realisation: its solver restarts at first order
+    if new:
+        c = br.copy.to(x.device)
+        fresh = streams.birth(new)
+        birth[c] = fresh
+        sigma, sigma_next = grid.sigmas[br.step], grid.sigmas[br.step + 1]
+        rho = min(1.0, ancestral_sigmas(sigma, sigma_next, eta)[1] / sigma_next)
+        if rho > 0:
+            renoised = D[:, c] + (x[:, c] - D[:, c]) * math.sqrt(1 - rho**2) + fresh * (rho * sigma)
+            x[:, c] = _masked(keep, renoised, x[:, c])
+            state["age"][:, c] = 0  # a new noise realisation: its solver restarts at first order
     return x, D, state, birth, br.members
 
 
@@ -237,8 +232,7 @@ def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init,
         if sampler.correct is not None:
             x = _masked(keep, sampler.correct(x, D, i, grid, state), x)
         if i in branches:
-            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, eta, grid, keep,
-                                                   init, denoise)
+            x, D, state, birth, members = _branch(branches[i], x, D, state, birth, streams, eta, grid, keep)
         noise = streams.step(members, sampler.draws) if sampler.draws else None
         x_next, state = sampler.step(denoise, x, D, i, grid, state, noise)
         x = _masked(keep, x_next, x)

@@ -107,10 +107,20 @@ class Branch:
 
 @dataclass(frozen=True)
 class Path:
-    """How a candidate's rows evolve: the members at step 0 and the branches after."""
+    """How a candidate's rows evolve: the members they start as and the branches after.
+
+    A branch at step 0 is taken before the first evaluation: its copies are roots (fresh
+    initial noise from their own streams), so the path simply starts with them.
+    """
 
     members: tuple[int, ...]
     branches: tuple[Branch, ...]
+
+    @classmethod
+    def starting(cls, members: tuple[int, ...], branches: tuple[Branch, ...]) -> "Path":
+        if branches and branches[0].step == 0:
+            return cls(branches[0].members, branches[1:])
+        return cls(members, branches)
 
 
 def batch_path(batch: int, schedule: list[int]) -> Path:
@@ -120,7 +130,7 @@ def batch_path(batch: int, schedule: list[int]) -> Path:
         Branch(s, torch.arange(m) % n, tuple(range(m)), torch.arange(m) >= n)
         for s, n, m in zip(schedule, sizes, sizes[1:])
     )
-    return Path(tuple(range(sizes[0])), branches)
+    return Path.starting(tuple(range(sizes[0])), branches)
 
 
 def image_path(row: torch.Tensor, schedule: list[int]) -> Path:
@@ -130,7 +140,7 @@ def image_path(row: torch.Tensor, schedule: list[int]) -> Path:
         Branch(s, torch.zeros(1, dtype=torch.long), (b,), torch.tensor([b != a]))
         for s, a, b in zip(schedule, r, r[1:])
     )
-    return Path((r[0],), branches)
+    return Path.starting((r[0],), branches)
 
 
 def check_lineage_row(row: torch.Tensor, batch: int, schedule: list[int]) -> None:

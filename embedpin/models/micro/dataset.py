@@ -190,3 +190,9 @@ def foreground_colour(image: np.ndarray, item: Item, jitter=(0, 0)) -> str:
     med = np.median(patch, axis=0)
     pal = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
     return COLOUR_NAMES[int(np.argmin(((pal - med) ** 2).sum(1)))]
+
+
+def colour_right(image: np.ndarray, scene: Scene) -> bool:
+    """Whether ``image`` [H, W, 3] shows the scene's first shape in its caption's colour."""
+    item = scene.items[0]
+    return foreground_colour(image, item, scene.jitter) == item.colour
