@@ -48,7 +48,7 @@ class SearchConfig:
     blocks: list[str] = field(default_factory=lambda: ["token_vectors", "token_weights"])
     basis: str = "pca"           # basis of the delta / token vectors: image | pca | random
     rank: int = 16               # K: basis size of the delta / token-vector blocks
-    n_vectors: int = 1           # textual-inversion placeholder tokens
+    n_vectors: int = 2           # textual-inversion placeholder tokens
     init_word: str = "shape"     # token vectors start at this word's embedding
 
 

@@ -157,3 +157,23 @@ def test_clip_hard_negatives_change_one_attribute():
         for neg in negs[:len(dataset.SHAPES) - 1]:  # the shape swaps: one word differs, and it is a shape
             diff = [(a, b) for a, b in zip(words, neg.split()) if a != b]
             assert len(diff) == 1 and diff[0][1] in dataset.SHAPES
+
+
+def test_image_variation_training_conditions_as_image_guidance_does_at_run_time():
+    """The UNet's last training phase conditions on a caption guided toward its own image; that
+    conditioning must be the one ``guidance.build`` makes for a flat tween weight w (else the
+    UNet learns a guidance that embedpin never applies)."""
+    from embedpin.guidance import build, encode_image, make_context
+    from embedpin.models.micro.arch import random_components
+    from embedpin.models.micro.train import image_conditioning
+
+    comps = random_components(scale=0.25)
+    imgs, caps, _ = dataset.batch(np.random.default_rng(3), 1)
+    guide = torch.from_numpy(np.ascontiguousarray(imgs))
+    ctx = make_context(comps, caps[0], guide=guide)
+    w = torch.tensor([0.0, 0.3, 0.8, 1.0])
+    ref = build(ctx, {"linear_start": w[:, None], "linear_end": w[:, None]}).prompt_embeds
+    got = image_conditioning(ctx.plain.hidden.expand(4, -1, -1), encode_image(comps, guide).expand(4, -1, -1), w)
+    assert torch.equal(got[0], ctx.plain.hidden[0])  # w = 0: the caption's own conditioning
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    assert not torch.allclose(got[3], got[1], atol=1e-3)

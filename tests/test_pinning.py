@@ -27,7 +27,7 @@ def _config(target, out, generations):
 def test_cmaes_pins_toward_a_hidden_conditioning(tmp_path):
     # the target: the hidden conditioning rendered with the run's plan and seed (image 0)
     s = Session.prepare(_config(None, tmp_path / "x", 1))
-    plain = s.ctx.plain.hidden
+    plain = encode_prompt(s.components, PROMPT).hidden  # the prompt alone, without placeholder tokens
     hidden = plain + 0.7 * (encode_prompt(s.components, HIDDEN).hidden - plain)
     img = render(s.components, hidden, s.ctx.negative.hidden, torch.tensor([5.0]), s.plan).images[0, 0]
     save_png(tmp_path / "target.png", img)
@@ -35,6 +35,7 @@ def test_cmaes_pins_toward_a_hidden_conditioning(tmp_path):
     plain_render = render(s.components, plain, s.ctx.negative.hidden, torch.tensor([5.0]), s.plan)
     plain_loss = float(Session.prepare(cfg).scorer(plain_render.images, plain_render.lineage).loss[0])
     res = run(cfg, quiet=True)
-    # measured: 0.784 of the first generation's best after 8 generations (benchmarks/pinning.py: 0.579 after 30)
+    # measured: 0.768 of the first generation's best and 0.893 of the plain prompt's after 8 generations
+    # (benchmarks/pinning.py: 0.576 and 0.66 after 30)
     assert res.best_loss < 0.95 * res.first_best_loss, (res.best_loss, res.first_best_loss)
     assert res.best_loss < 0.95 * plain_loss, (res.best_loss, plain_loss)

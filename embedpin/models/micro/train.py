@@ -38,15 +38,18 @@ class Budget:
     unet_batch: int = 32
     unet_finetune_steps: int = 1500  # phase 2: continue from phase 1 at a lower peak lr
     unet_phase3_steps: int = 3000    # phase 3: continue from phase 2 at a lower peak lr still
+    unet_image_steps: int = 900      # phase 4: half the batch conditioned on its image's tokens
 
     @classmethod
     def smoke(cls) -> "Budget":
-        return cls(3, 8, 3, 4, 64, 3, 8, 0, 0)
+        return cls(3, 8, 3, 4, 64, 3, 8, 0, 0, 2)
 
-    def unet_phases(self) -> list[tuple[int, float]]:
-        """(steps, peak lr) of the UNet's phases; each later one continues the one before."""
-        return [(n, lr) for n, lr in ((self.unet_steps, 1e-3), (self.unet_finetune_steps, 3e-4),
-                                      (self.unet_phase3_steps, 1.5e-4)) if n]
+    def unet_phases(self) -> list[tuple[int, float, float]]:
+        """(steps, peak lr, share of image-conditioned samples) of the UNet's phases; each later
+        one continues the one before."""
+        phases = ((self.unet_steps, 1e-3, 0.0), (self.unet_finetune_steps, 3e-4, 0.0),
+                  (self.unet_phase3_steps, 1.5e-4, 0.0), (self.unet_image_steps, 1.5e-4, 0.4))
+        return [ph for ph in phases if ph[0]]
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -189,18 +192,62 @@ def train_vae(budget: Budget, rng: np.random.Generator, gen: torch.Generator):
 
 
 @torch.no_grad()
-def _encode_dataset(vae, text_encoder, tok, n: int, rng: np.random.Generator, chunk: int = 256):
-    latents, caps = [], []
+def _encode_dataset(vae, tok, n: int, rng: np.random.Generator, clip=None, chunk: int = 256):
+    """n training images -> (scaled latents [n, 4, h, w], captions, CLIP image tokens in text
+    space [n, P, D] (float16, as :func:`embedpin.guidance.encode.encode_image` makes them) or None)."""
+    latents, caps, tokens = [], [], []
     for i in range(0, n, chunk):
         imgs, c, _ = dataset.batch(rng, min(chunk, n - i), p_two=0.15)
-        latents.append(vae.encode(torch.from_numpy(imgs) * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+        x = torch.from_numpy(imgs)
+        latents.append(vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
         caps += c
-    return torch.cat(latents), caps
+        if clip is not None:
+            hidden = clip.vision_model(pixel_values=(x - 0.5) / 0.5).last_hidden_state
+            tokens.append(clip.visual_projection(clip.vision_model.post_layernorm(hidden)).half())
+    return torch.cat(latents), caps, (torch.cat(tokens) if tokens else None)
 
 
-def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen, init=None, peak_lr=1e-3):
+def image_conditioning(text: torch.Tensor, image_tokens: torch.Tensor, w: torch.Tensor,
+                       header_cap: float = 0.15) -> torch.Tensor:
+    """FlexDiffuse guidance toward each sample's own image, as embedpin applies it at run time
+    (alignment-first mapping with reuse, a flat tween weight, the default header cap):
+    text [n, L, D], image_tokens [n, P, D], w [n] in [0, 1] -> [n, L, D]."""
+    from embedpin.guidance.mapping import map_image_tokens
+    from embedpin.guidance.tween import tween
+
+    m = map_image_tokens(text, image_tokens.to(text.dtype))
+    weights = w[:, None].expand(-1, text.shape[1]).clone()
+    weights[:, 0] = weights[:, 0].clamp(max=header_cap)
+    return tween(text, m.tokens(text), weights * m.valid)
+
+
+@torch.no_grad()
+def _guide_toward_images(cond, x0, pick, idx, data, text_encoder, tok, gen) -> None:
+    """Image-variation samples, in place: rows ``pick`` of the batch (cond [n, L, D], x0 [n, ...],
+    dataset indices idx [n]) become another caption guided with weight w ~ U(0, 1) toward
+    their own image's tokens (``data`` = (latents, captions, image tokens)); the target is
+    their own image with probability w, else the other caption's image. So guidance weight w
+    means "draw the guide with probability w": the renders' expected likeness to the guide
+    rises with w, from the caption's image at 0 to the guide's at 1."""
+    if not len(pick):
+        return
+    latents, caps, tokens = data
+    other = torch.randint(0, len(caps), (len(pick),), generator=gen)
+    ids = tok([caps[i] for i in other.tolist()], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    w = torch.rand(len(pick), generator=gen)
+    cond[pick] = image_conditioning(text_encoder(ids).last_hidden_state, tokens[idx[pick]], w)
+    keep = torch.rand(len(pick), generator=gen) >= w
+    x0[pick[keep]] = latents[other[keep]]
+
+
+def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen, init=None, peak_lr=1e-3,
+               clip=None, image_p: float = 0.0):
     """Epsilon-prediction DDPM training (Ho et al. 2020, eq. 14) with min-SNR-5 weighting
-    (Hang et al. 2023) and 10% caption dropout so classifier-free guidance works."""
+    (Hang et al. 2023) and 10% caption dropout so classifier-free guidance works.
+
+    With ``image_p`` > 0 (and ``clip``), that share of the captioned samples is image-variation
+    training (:func:`_guide_toward_images`), so the UNet learns what FlexDiffuse-mapped image
+    tokens mean and more image guidance gives renders closer to the guide."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     unet = (UNet2DConditionModel.from_pretrained(init) if init else UNet2DConditionModel(**arch.unet_config())).train()
@@ -208,7 +255,7 @@ def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen
     noise_sched = DDPMScheduler.from_config(sched_cfg)
     acp = noise_sched.alphas_cumprod
     snr = acp / (1 - acp)
-    latents, caps = _encode_dataset(vae, text_encoder, tok, budget.unet_images, rng)
+    latents, caps, image_tokens = _encode_dataset(vae, tok, budget.unet_images, rng, clip if image_p else None)
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
     t0 = time.time()
@@ -221,6 +268,9 @@ def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen
         with torch.no_grad():
             cond = text_encoder(ids).last_hidden_state
         x0 = latents[idx]
+        if image_tokens is not None:
+            pick = ((torch.rand(len(idx), generator=gen) < image_p) & ~drop).nonzero()[:, 0]
+            _guide_toward_images(cond, x0, pick, idx, (latents, caps, image_tokens), text_encoder, tok, gen)
         t = torch.randint(0, len(acp), (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
@@ -267,7 +317,7 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel
 
-    from embedpin.models.loader import save_clip_shared
+    from embedpin.models.loader import load_clip, save_clip_shared
     from embedpin.models.micro.tokenizer import save_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,17 +369,19 @@ def main(argv=None) -> int:
         save_clip_shared(clip, out / "clip")  # the text tower is stored once, in text_encoder/
         write_preprocessor_config(out / "clip")
         times["clip_s"] = time.time() - t
-    text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
-    # 3. UNet: from scratch, then phases at lower peak learning rates (each from the last)
+    # 3. UNet: from scratch, then phases at lower peak learning rates (each from the last); the
+    #    last one also learns image guidance toward the sample's own image (needs the CLIP)
     if "unet" in stages:
-        for k, (steps, peak) in enumerate(budget.unet_phases()):
+        text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+        clip = load_clip(None, out)[0].eval()
+        for k, (steps, peak, image_p) in enumerate(budget.unet_phases()):
             if k < a.unet_phase:
                 continue
             t = time.time()
             torch.manual_seed(a.seed + 3 + k)
             unet = train_unet(vae, text, tok, sched_cfg, replace(budget, unet_steps=steps),
                               np.random.default_rng([a.seed, 3 + k]), torch.Generator().manual_seed(a.seed + 3 + k),
-                              init=out / "unet" if k else None, peak_lr=peak)
+                              init=out / "unet" if k else None, peak_lr=peak, clip=clip, image_p=image_p)
             unet.save_pretrained(out / "unet")
             times[f"unet_phase{k + 1}_s"] = time.time() - t
     _write_index(out)
