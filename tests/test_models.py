@@ -164,6 +164,7 @@ def test_image_variation_training_conditions_as_image_guidance_does_at_run_time(
     conditioning must be the one ``guidance.build`` makes for a flat tween weight w (else the
     UNet learns a guidance that embedpin never applies)."""
     from embedpin.guidance import build, encode_image, make_context
+    from embedpin.guidance.encode import image_tokens
     from embedpin.models.micro.arch import random_components
     from embedpin.models.micro.train import image_conditioning
 
@@ -173,7 +174,9 @@ def test_image_variation_training_conditions_as_image_guidance_does_at_run_time(
     ctx = make_context(comps, caps[0], guide=guide)
     w = torch.tensor([0.0, 0.3, 0.8, 1.0])
     ref = build(ctx, {"linear_start": w[:, None], "linear_end": w[:, None]}).prompt_embeds
-    got = image_conditioning(ctx.plain.hidden.expand(4, -1, -1), encode_image(comps, guide).expand(4, -1, -1), w)
+    tokens = image_tokens(comps.clip, (guide - 0.5) / 0.5)  # as train._encode_dataset makes them
+    assert torch.equal(tokens, encode_image(comps, guide))
+    got = image_conditioning(ctx.plain.hidden.expand(4, -1, -1), tokens.expand(4, -1, -1), w)
     assert torch.equal(got[0], ctx.plain.hidden[0])  # w = 0: the caption's own conditioning
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert not torch.allclose(got[3], got[1], atol=1e-3)

@@ -106,6 +106,11 @@ def encode_image(components, image: torch.Tensor) -> torch.Tensor:
         raise ModelError(f"CLIP projection dim {proj.out_features} != text encoder dim {components.text_dim}; "
                          "image tokens cannot be mapped onto this model's prompts")
     param = next(clip.parameters())
-    x = clip_pixels(components, image.to(param.device)).to(param.dtype)
-    hidden = clip.vision_model(pixel_values=x).last_hidden_state
-    return proj(clip.vision_model.post_layernorm(hidden))
+    return image_tokens(clip, clip_pixels(components, image.to(param.device)).to(param.dtype))
+
+
+def image_tokens(clip, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Every vision token (CLS + patches) -> post_layernorm -> visual_projection:
+    CLIP pixel_values [n, 3, S, S] -> [n, P, D]."""
+    hidden = clip.vision_model(pixel_values=pixel_values).last_hidden_state
+    return clip.visual_projection(clip.vision_model.post_layernorm(hidden))

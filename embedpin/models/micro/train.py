@@ -194,7 +194,9 @@ def train_vae(budget: Budget, rng: np.random.Generator, gen: torch.Generator):
 @torch.no_grad()
 def _encode_dataset(vae, tok, n: int, rng: np.random.Generator, clip=None, chunk: int = 256):
     """n training images -> (scaled latents [n, 4, h, w], captions, CLIP image tokens in text
-    space [n, P, D] (float16, as :func:`embedpin.guidance.encode.encode_image` makes them) or None)."""
+    space [n, P, D] (float16; :func:`embedpin.guidance.encode.image_tokens`) or None)."""
+    from embedpin.guidance.encode import image_tokens
+
     latents, caps, tokens = [], [], []
     for i in range(0, n, chunk):
         imgs, c, _ = dataset.batch(rng, min(chunk, n - i), p_two=0.15)
@@ -202,8 +204,7 @@ def _encode_dataset(vae, tok, n: int, rng: np.random.Generator, clip=None, chunk
         latents.append(vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
         caps += c
         if clip is not None:
-            hidden = clip.vision_model(pixel_values=(x - 0.5) / 0.5).last_hidden_state
-            tokens.append(clip.visual_projection(clip.vision_model.post_layernorm(hidden)).half())
+            tokens.append(image_tokens(clip, (x - 0.5) / 0.5).half())
     return torch.cat(latents), caps, (torch.cat(tokens) if tokens else None)
 
 
