@@ -120,10 +120,10 @@ def vectors_only(run_dir) -> tuple[float, float] | None:
     if "token_vectors" not in best:
         return None
     s = Session.prepare(cfg)
-    only = {n: (v if n == "token_vectors" else s.space.decode(s.space.x0())[n]) for n, v in best.items()}
-    X = s.space.encode({n: np.asarray(v)[None] for n, v in best.items()})
-    X = np.concatenate([X, s.space.encode({n: np.asarray(v)[None] for n, v in only.items()})])
-    loss = s.evaluate(X).score.loss
+    x = s.space.encode({n: np.asarray(v) for n, v in best.items()})
+    only, vectors = s.space.x0(), s.space.slices["token_vectors"]  # x0: every block at its default
+    only[vectors] = x[vectors]
+    loss = s.evaluate(np.stack([x, only])).score.loss
     return float(loss[0]), float(loss[1])
 
 

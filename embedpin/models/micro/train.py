@@ -38,7 +38,7 @@ class Budget:
     unet_batch: int = 32
     unet_finetune_steps: int = 1500  # phase 2: continue from phase 1 at a lower peak lr
     unet_phase3_steps: int = 3000    # phase 3: continue from phase 2 at a lower peak lr still
-    unet_image_steps: int = 900      # phase 4: half the batch conditioned on its image's tokens
+    unet_image_steps: int = 900      # phase 4: 40% of the samples are image variation
 
     @classmethod
     def smoke(cls) -> "Budget":
@@ -208,18 +208,20 @@ def _encode_dataset(vae, tok, n: int, rng: np.random.Generator, clip=None, chunk
     return torch.cat(latents), caps, (torch.cat(tokens) if tokens else None)
 
 
-def image_conditioning(text: torch.Tensor, image_tokens: torch.Tensor, w: torch.Tensor,
-                       header_cap: float = 0.15) -> torch.Tensor:
-    """FlexDiffuse guidance toward each sample's own image, as embedpin applies it at run time
-    (alignment-first mapping with reuse, a flat tween weight, the default header cap):
-    text [n, L, D], image_tokens [n, P, D], w [n] in [0, 1] -> [n, L, D]."""
+def image_conditioning(text: torch.Tensor, image_tokens: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """embedpin's run-time FlexDiffuse guidance (:func:`embedpin.guidance.flex.image_guidance`,
+    default alignment-first mapping with reuse) toward each sample's own image, every parameter
+    at its default but linear_start = linear_end = w: text [n, L, D], image_tokens [n, P, D],
+    w [n] in [0, 1] -> [n, L, D]."""
+    from embedpin.guidance.blocks import SCALARS
+    from embedpin.guidance.flex import FLEX_PARAMS, image_guidance
     from embedpin.guidance.mapping import map_image_tokens
-    from embedpin.guidance.tween import tween
+    from embedpin.guidance.tween import cluster_profile
 
     m = map_image_tokens(text, image_tokens.to(text.dtype))
-    weights = w[:, None].expand(-1, text.shape[1]).clone()
-    weights[:, 0] = weights[:, 0].clamp(max=header_cap)
-    return tween(text, m.tokens(text), weights * m.valid)
+    params = {n: w.new_full(w.shape, SCALARS[n][2]) for n in FLEX_PARAMS}
+    params["linear_start"] = params["linear_end"] = w
+    return image_guidance(text, m, cluster_profile(m.alignment), params)
 
 
 @torch.no_grad()
@@ -256,7 +258,7 @@ def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen
     noise_sched = DDPMScheduler.from_config(sched_cfg)
     acp = noise_sched.alphas_cumprod
     snr = acp / (1 - acp)
-    latents, caps, image_tokens = _encode_dataset(vae, tok, budget.unet_images, rng, clip if image_p else None)
+    latents, caps, guide_tokens = _encode_dataset(vae, tok, budget.unet_images, rng, clip if image_p else None)
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
     t0 = time.time()
@@ -269,9 +271,9 @@ def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen
         with torch.no_grad():
             cond = text_encoder(ids).last_hidden_state
         x0 = latents[idx]
-        if image_tokens is not None:
+        if guide_tokens is not None:
             pick = ((torch.rand(len(idx), generator=gen) < image_p) & ~drop).nonzero()[:, 0]
-            _guide_toward_images(cond, x0, pick, idx, (latents, caps, image_tokens), text_encoder, tok, gen)
+            _guide_toward_images(cond, x0, pick, idx, (latents, caps, guide_tokens), text_encoder, tok, gen)
         t = torch.randint(0, len(acp), (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
