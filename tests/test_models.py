@@ -1,5 +1,6 @@
 """Foundation: tokenizer, procedural dataset, model loading and its errors, smoke training."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -68,6 +69,18 @@ def test_foreground_colour_check_reads_rendered_scenes():
     for _ in range(40):
         s = dataset.random_scene(rng, p_two=0)
         assert dataset.foreground_colour(dataset.render_scene(s), s.items[0], s.jitter) == s.items[0].colour
+
+
+def test_silhouette_shape_check_reads_rendered_scenes_and_catches_a_wrong_shape():
+    rng = np.random.default_rng(2)
+    scenes = [dataset.random_scene(rng, p_two=0) for _ in range(30)]
+    assert {s.items[0].shape for s in scenes} == set(dataset.SHAPES)
+    for s in scenes:
+        assert dataset.shape_by_template(dataset.render_scene(s), s) == s.items[0].shape
+    s = scenes[0]
+    wrong = next(k for k in dataset.SHAPES if k != s.items[0].shape)
+    drawn = dataset.render_scene(dataclasses.replace(s, items=(dataclasses.replace(s.items[0], shape=wrong),)))
+    assert dataset.shape_by_template(drawn, s) == wrong
 
 
 @pytest.mark.parametrize("spec, words", [

@@ -131,10 +131,14 @@ def _tint(rgb: np.ndarray, amount: float) -> np.ndarray:
     return rgb + (255 - rgb) * amount if amount > 0 else rgb * (1 + amount)
 
 
-def _background(scene: Scene) -> np.ndarray:
+def _background_colours(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """The background's colour and its stripe / gradient partner (darker if it is light)."""
     base = np.array(COLOURS[scene.bg_colour], dtype=np.float32)
-    light = sum(base) > 500
-    other = _tint(base, -0.45 if light else 0.45)
+    return base, _tint(base, -0.45 if sum(base) > 500 else 0.45)
+
+
+def _background(scene: Scene) -> np.ndarray:
+    base, other = _background_colours(scene)
     img = np.empty((SIZE, SIZE, 3), dtype=np.float32)
     if scene.bg_kind == "plain":
         img[:] = base
@@ -148,18 +152,22 @@ def _background(scene: Scene) -> np.ndarray:
     return img
 
 
+def _draw_item(draw: ImageDraw.ImageDraw, it: Item, jitter: tuple[int, int], fill) -> None:
+    cx, cy = POSITIONS[it.position]
+    cx, cy = cx + jitter[0], cy + jitter[1]
+    d = SIZES[it.size]
+    if it.shape == "circle":
+        draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=fill)
+    else:
+        draw.polygon(_shape_polygon(it.shape, cx, cy, d), fill=fill)
+
+
 def render_scene(scene: Scene) -> np.ndarray:
     """The scene as uint8 [64, 64, 3]."""
     im = Image.fromarray(_background(scene).round().astype(np.uint8))
     draw = ImageDraw.Draw(im)
     for it in scene.items:
-        cx, cy = POSITIONS[it.position]
-        cx, cy = cx + scene.jitter[0], cy + scene.jitter[1]
-        d = SIZES[it.size]
-        if it.shape == "circle":
-            draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=COLOURS[it.colour])
-        else:
-            draw.polygon(_shape_polygon(it.shape, cx, cy, d), fill=COLOURS[it.colour])
+        _draw_item(draw, it, scene.jitter, COLOURS[it.colour])
     return np.asarray(im)
 
 
@@ -178,11 +186,15 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def _as_255(image: np.ndarray) -> np.ndarray:
+    """An image (uint8, or float in [0, 1]) as float32 in [0, 255]."""
+    img = np.asarray(image, dtype=np.float32)
+    return img * 255 if img.max() <= 1.0 else img
+
+
 def foreground_colour(image: np.ndarray, item: Item, jitter=(0, 0)) -> str:
     """Nearest palette colour at the shape's centre of ``image`` (uint8 or float [H, W, 3])."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.max() <= 1.0:
-        img = img * 255
+    img = _as_255(image)
     cx, cy = POSITIONS[item.position]
     cx, cy = cx + jitter[0], cy + jitter[1]
     r = 2 if item.size == "small" else 4
@@ -196,3 +208,41 @@ def colour_right(image: np.ndarray, scene: Scene) -> bool:
     """Whether ``image`` [H, W, 3] shows the scene's first shape in its caption's colour."""
     item = scene.items[0]
     return foreground_colour(image, item, scene.jitter) == item.colour
+
+
+def _item_mask(item: Item, jitter: tuple[int, int]) -> np.ndarray:
+    """Where ``item`` is drawn: bool [64, 64]."""
+    im = Image.new("L", (SIZE, SIZE))
+    _draw_item(ImageDraw.Draw(im), item, jitter, 255)
+    return np.asarray(im) > 127
+
+
+def _foreground(image: np.ndarray, scene: Scene) -> np.ndarray:
+    """Pixels nearer the first item's colour than the background's colour range: bool [H, W]
+    (the background spans the segment from its colour to its stripe / gradient tint)."""
+    img = _as_255(image)
+    base, other = _background_colours(scene)
+    seg = other - base
+    t = np.clip(((img - base) @ seg) / (seg @ seg), 0, 1)[..., None]
+    d_bg = np.linalg.norm(img - (base + t * seg), axis=-1)
+    d_fg = np.linalg.norm(img - np.array(COLOURS[scene.items[0].colour], dtype=np.float32), axis=-1)
+    return d_fg < d_bg
+
+
+def shape_by_template(image: np.ndarray, scene: Scene, slack: int = 6) -> str | None:
+    """The shape kind whose silhouette, at the first item's size and drawn within ``slack``
+    pixels of its position, best overlaps (IoU) the pixels of the item's colour in ``image``
+    (uint8 or float [H, W, 3]; None where no pixel has that colour): a procedural shape
+    check that needs no CLIP."""
+    fg = _foreground(image, scene)
+    item = scene.items[0]
+    best, best_iou = None, 0.0
+    for shape in SHAPES:
+        m = _item_mask(Item(shape, item.colour, item.size, item.position), scene.jitter)
+        for dy in range(-slack, slack + 1):
+            for dx in range(-slack, slack + 1):
+                t = np.roll(m, (dy, dx), axis=(0, 1))
+                iou = (t & fg).sum() / max(1, (t | fg).sum())
+                if iou > best_iou:
+                    best, best_iou = shape, iou
+    return best
