@@ -229,6 +229,15 @@ def _foreground(image: np.ndarray, scene: Scene) -> np.ndarray:
     return d_fg < d_bg
 
 
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``mask`` [H, W] moved by (dy, dx) pixels; what moves in is False (nothing wraps)."""
+    out = np.zeros_like(mask)
+    h, w = mask.shape
+    out[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
+        mask[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)]
+    return out
+
+
 def shape_by_template(image: np.ndarray, scene: Scene, slack: int = 6) -> str | None:
     """The shape kind whose silhouette, at the first item's size and drawn within ``slack``
     pixels of its position, best overlaps (IoU) the pixels of the item's colour in ``image``
@@ -241,7 +250,7 @@ def shape_by_template(image: np.ndarray, scene: Scene, slack: int = 6) -> str | 
         m = _item_mask(Item(shape, item.colour, item.size, item.position), scene.jitter)
         for dy in range(-slack, slack + 1):
             for dx in range(-slack, slack + 1):
-                t = np.roll(m, (dy, dx), axis=(0, 1))
+                t = _shift(m, dy, dx)
                 iou = (t & fg).sum() / max(1, (t | fg).sum())
                 if iou > best_iou:
                     best, best_iou = shape, iou
