@@ -8,7 +8,7 @@ striped background of another colour.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -229,29 +229,19 @@ def _foreground(image: np.ndarray, scene: Scene) -> np.ndarray:
     return d_fg < d_bg
 
 
-def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``mask`` [H, W] moved by (dy, dx) pixels; what moves in is False (nothing wraps)."""
-    out = np.zeros_like(mask)
-    h, w = mask.shape
-    out[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
-        mask[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)]
-    return out
-
-
 def shape_by_template(image: np.ndarray, scene: Scene, slack: int = 6) -> str | None:
     """The shape kind whose silhouette, at the first item's size and drawn within ``slack``
     pixels of its position, best overlaps (IoU) the pixels of the item's colour in ``image``
     (uint8 or float [H, W, 3]; None where no pixel has that colour): a procedural shape
     check that needs no CLIP."""
     fg = _foreground(image, scene)
-    item = scene.items[0]
-    best, best_iou = None, 0.0
-    for shape in SHAPES:
-        m = _item_mask(Item(shape, item.colour, item.size, item.position), scene.jitter)
-        for dy in range(-slack, slack + 1):
-            for dx in range(-slack, slack + 1):
-                t = _shift(m, dy, dx)
-                iou = (t & fg).sum() / max(1, (t | fg).sum())
-                if iou > best_iou:
-                    best, best_iou = shape, iou
-    return best
+    item, (jx, jy) = scene.items[0], scene.jitter
+
+    def iou(shape: str, dy: int, dx: int) -> float:
+        t = _item_mask(replace(item, shape=shape), (jx + dx, jy + dy))
+        return (t & fg).sum() / max(1, (t | fg).sum())
+
+    offsets = range(-slack, slack + 1)
+    score, shape = max(((iou(k, dy, dx), k) for k in SHAPES for dy in offsets for dx in offsets),
+                       key=lambda c: c[0])  # the first of equals, in SHAPES order
+    return shape if score > 0 else None
