@@ -49,8 +49,40 @@ def embed(clip, tok, images: np.ndarray | None = None, texts: list[str] | None =
     return f / f.norm(dim=-1, keepdim=True)
 
 
-def main() -> None:
+def held_out_pipeline(model: str):
+    """Plain diffusers StableDiffusionPipeline of ``model`` with DPM++ 2M, no progress bar."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render_captions(pipe, captions: list[str], cfg: float) -> np.ndarray:
+    """One image per caption (20 steps, 64x64, seed 0), float [n, 64, 64, 3] in [0, 1]."""
+    gen = torch.Generator().manual_seed(0)
+    out = [pipe(captions[i:i + 25], num_inference_steps=20, guidance_scale=cfg, height=64, width=64,
+                generator=gen, output_type="np").images for i in range(0, len(captions), 25)]
+    return np.concatenate(out)
+
+
+def zero_shot_shape(clip, tok, scenes):
+    """Shape kind by micro-CLIP zero-shot: each image against its caption with every shape word
+    (texts embedded once). Returns image embeddings [n, D] -> right (float 0/1) [n]."""
+    from embedpin.models.micro import dataset
+
+    alts = embed(clip, tok, texts=[s.caption.replace(f" {s.items[0].shape} ", f" {k} ")
+                                   for s in scenes for k in dataset.SHAPES]).view(len(scenes), len(dataset.SHAPES), -1)
+    truth = torch.tensor([dataset.SHAPES.index(s.items[0].shape) for s in scenes])
+
+    def shape_right(image_embeds: torch.Tensor) -> np.ndarray:
+        return (torch.einsum("nkd,nd->nk", alts, image_embeds).argmax(1) == truth).float().numpy()
+
+    return shape_right
+
+
+def main() -> None:
     from transformers import CLIPTokenizer
 
     from embedpin.models.loader import MICRO_DIR, load_clip
@@ -76,24 +108,10 @@ def main() -> None:
     scenes, captions, true_e = scenes[:a.gen_n], captions[:a.gen_n], true_e[:a.gen_n]
 
     # 2. generation from held-out captions with plain diffusers
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, local_files_only=True)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(0, a.gen_n, 25):
-        out.append(pipe(captions[i:i + 25], num_inference_steps=20, guidance_scale=a.cfg, height=64, width=64,
-                        generator=gen, output_type="np").images)
-    gen_imgs = np.concatenate(out)  # [n, 64, 64, 3] in [0, 1]
+    pipe = held_out_pipeline(a.model)
+    gen_imgs = render_captions(pipe, captions, a.cfg)  # [n, 64, 64, 3] in [0, 1]
     colour_ok = np.array([dataset.colour_right(g, s) for g, s in zip(gen_imgs, scenes)], dtype=float)
-    # shape kind by micro-CLIP zero-shot among the caption with each shape word (texts embedded once)
-    alts = embed(clip, tok, texts=[s.caption.replace(f" {s.items[0].shape} ", f" {k} ")
-                                   for s in scenes for k in dataset.SHAPES]).view(len(scenes), len(dataset.SHAPES), -1)
-    truth = torch.tensor([dataset.SHAPES.index(s.items[0].shape) for s in scenes])
-
-    def shape_right(image_embeds: torch.Tensor) -> np.ndarray:
-        return (torch.einsum("nkd,nd->nk", alts, image_embeds).argmax(1) == truth).float().numpy()
-
+    shape_right = zero_shot_shape(clip, tok, scenes)
     shape_ok = shape_right(embed(clip, tok, images=gen_imgs.transpose(0, 3, 1, 2).astype(np.float32)))
     ref_ok = shape_right(true_e).mean()  # on the procedural (true) images, for reference
     silhouette_ok = np.array([dataset.shape_by_template(g, s) == s.items[0].shape

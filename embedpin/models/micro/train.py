@@ -107,14 +107,20 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images [n, 3, H, W] in [0, 1] encoded (latent mean) and decoded by ``vae``."""
+    z = vae.encode(images * 2 - 1).latent_dist.mean
+    return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
 def _augment(imgs: torch.Tensor, vae, rng: np.random.Generator) -> torch.Tensor:
     """Images [n, 3, H, W] in [0, 1] as renders look: a quarter through the VAE (encode ->
     decode; when there is one), a third blurred (sigma in [0.5, 1.5])."""
     x = imgs.clone()
     rt = torch.from_numpy(rng.random(len(x)) < 0.25)
     if vae is not None and rt.any():
-        z = vae.encode(x[rt] * 2 - 1).latent_dist.mean
-        x[rt] = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        x[rt] = vae_round_trip(vae, x[rt])
     bl = torch.from_numpy(rng.random(len(x)) < 1 / 3)
     if bl.any():
         x[bl] = _blur(x[bl], float(rng.uniform(0.5, 1.5)))
