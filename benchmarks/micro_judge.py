@@ -56,7 +56,7 @@ def main() -> None:
         silhouette = np.array([dataset.shape_by_template(x, s) == k for x, s, k in zip(hwc, scenes, shapes)])
         rows[name] = (judge, silhouette)
     judge, silhouette = rows["generated"]
-    squares = silhouette & (np.array(shapes) == "square")
+    squares = silhouette & (np.array(shapes) == "square")  # the judge's commonest miss: read as circles
     print(f"(torch threads {torch.get_num_threads()}; {a.gen_n} held-out captions)")
     print(f"{'images':<16}{'micro-CLIP':>12}{'silhouette':>12}")
     for name, (j, s) in rows.items():

@@ -68,8 +68,9 @@ def render_captions(pipe, captions: list[str], cfg: float) -> np.ndarray:
 
 
 def zero_shot_shape(clip, tok, scenes):
-    """Shape kind by micro-CLIP zero-shot: each image against its caption with every shape word
-    (texts embedded once). Returns image embeddings [n, D] -> right (float 0/1) [n]."""
+    """Shape kind by micro-CLIP zero-shot: each image against its scene's caption with every
+    shape word (texts embedded once). Returns a function: image embeddings [n, D], normalized,
+    in the order of ``scenes`` -> whether each names the first item's shape (float 0/1) [n]."""
     from embedpin.models.micro import dataset
 
     alts = embed(clip, tok, texts=[s.caption.replace(f" {s.items[0].shape} ", f" {k} ")
