@@ -20,14 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from micro_model import embed, held_out_pipeline, held_out_scenes, render_captions, zero_shot_shape
+from micro_model import (embed, held_out_pipeline, held_out_scenes, render_captions, silhouette_right, true_images,
+                         zero_shot_shape)
 
 
 def main() -> None:
     from transformers import CLIPTokenizer
 
     from embedpin.models.loader import MICRO_DIR, load_clip
-    from embedpin.models.micro import dataset
     from embedpin.models.micro.train import vae_round_trip
 
     ap = argparse.ArgumentParser()
@@ -40,23 +40,18 @@ def main() -> None:
     scenes = held_out_scenes(a.gen_n)
     pipe = held_out_pipeline(a.model)
 
-    # 1. the images [n, 3, 64, 64] in [0, 1]: true, VAE round trip, generated
-    true = torch.from_numpy(np.stack([dataset.render_scene(s) for s in scenes]).astype(np.float32) / 255)
-    true = true.permute(0, 3, 1, 2)
-    sets = {"true": true, "vae_round_trip": vae_round_trip(pipe.vae, true),
-            "generated": torch.from_numpy(render_captions(pipe, [s.caption for s in scenes], a.cfg)).permute(0, 3, 1, 2)}
+    # 1. the images [n, 64, 64, 3] in [0, 1]: true, VAE round trip, generated
+    true = true_images(scenes)
+    round_trip = vae_round_trip(pipe.vae, torch.from_numpy(true).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    sets = {"true": true, "vae_round_trip": round_trip,
+            "generated": render_captions(pipe, [s.caption for s in scenes], a.cfg)}
 
-    # 2. both readers on every set
+    # 2. both readers on every set: (micro-CLIP right, silhouette right) [n] each
     right = zero_shot_shape(clip, tok, scenes)
-    shapes = [s.items[0].shape for s in scenes]
-    rows = {}
-    for name, images in sets.items():
-        judge = right(embed(clip, tok, images=images.contiguous().numpy()))
-        hwc = images.permute(0, 2, 3, 1).numpy()
-        silhouette = np.array([dataset.shape_by_template(x, s) == k for x, s, k in zip(hwc, scenes, shapes)])
-        rows[name] = (judge, silhouette)
+    rows = {name: (right(embed(clip, tok, images=np.ascontiguousarray(x.transpose(0, 3, 1, 2)))),
+                   silhouette_right(x, scenes).astype(bool)) for name, x in sets.items()}
     judge, silhouette = rows["generated"]
-    squares = silhouette & (np.array(shapes) == "square")  # the judge's commonest miss: read as circles
+    squares = silhouette & np.array([s.items[0].shape == "square" for s in scenes])  # the judge's commonest miss
     print(f"(torch threads {torch.get_num_threads()}; {a.gen_n} held-out captions)")
     print(f"{'images':<16}{'micro-CLIP':>12}{'silhouette':>12}")
     for name, (j, s) in rows.items():

@@ -67,6 +67,21 @@ def render_captions(pipe, captions: list[str], cfg: float) -> np.ndarray:
     return np.concatenate(out)
 
 
+def true_images(scenes) -> np.ndarray:
+    """The scenes' procedural images, float [n, 64, 64, 3] in [0, 1]."""
+    from embedpin.models.micro import dataset
+
+    return np.stack([dataset.render_scene(s) for s in scenes]).astype(np.float32) / 255
+
+
+def silhouette_right(images: np.ndarray, scenes) -> np.ndarray:
+    """Whether ``dataset.shape_by_template`` reads each image [n, 64, 64, 3] as its scene's first
+    shape (float 0/1) [n]: the shape check that needs no CLIP."""
+    from embedpin.models.micro import dataset
+
+    return np.array([dataset.shape_by_template(x, s) == s.items[0].shape for x, s in zip(images, scenes)], dtype=float)
+
+
 def zero_shot_shape(clip, tok, scenes):
     """Shape kind by micro-CLIP zero-shot: each image against its scene's caption with every
     shape word (texts embedded once). Returns a function: image embeddings [n, D], normalized,
@@ -102,8 +117,7 @@ def main() -> None:
     captions = [s.caption for s in scenes]
 
     # 1. retrieval on procedural held-out images (the first n captions)
-    imgs = np.stack([dataset.render_scene(s) for s in scenes]).astype(np.float32).transpose(0, 3, 1, 2) / 255
-    true_e = embed(clip, tok, images=imgs)
+    true_e = embed(clip, tok, images=true_images(scenes).transpose(0, 3, 1, 2))
     top1 = ((true_e[:a.n] @ embed(clip, tok, texts=captions[:a.n]).T).argmax(1)
             == torch.arange(a.n)).float().mean().item()
     scenes, captions, true_e = scenes[:a.gen_n], captions[:a.gen_n], true_e[:a.gen_n]
@@ -115,8 +129,7 @@ def main() -> None:
     shape_right = zero_shot_shape(clip, tok, scenes)
     shape_ok = shape_right(embed(clip, tok, images=gen_imgs.transpose(0, 3, 1, 2).astype(np.float32)))
     ref_ok = shape_right(true_e).mean()  # on the procedural (true) images, for reference
-    silhouette_ok = np.array([dataset.shape_by_template(g, s) == s.items[0].shape
-                              for g, s in zip(gen_imgs, scenes)], dtype=float)
+    silhouette_ok = silhouette_right(gen_imgs, scenes)
 
     # 3. speed: 8 images x 20 steps at 64x64, plain diffusers (median of 5)
     times = []
