@@ -46,6 +46,9 @@ def _optimize_parser(sub):
     g.add_argument("--concepts", default=None, help="second prompt selecting which guide-image features map in")
     g.add_argument("--init-image", default=None, help="img2img init image")
     g.add_argument("--text-target", default=None, help="target text for a CLIP text loss")
+    g.add_argument("--guide-target", action="store_true", default=None,
+                   help="without --guide: use the target image(s) as the guide images (image guidance and "
+                        "the delta's image basis)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | cached hub id | "
                                                  f".safetensors checkpoint (default: {d.model.name})")
@@ -64,7 +67,9 @@ def _optimize_parser(sub):
                         f"random; default: {d.search.basis})")
     g.add_argument("--rank", type=int, default=None, help=f"basis size K (default: {d.search.rank})")
     g.add_argument("--vectors", type=int, default=None, help=f"textual-inversion tokens (default: {d.search.n_vectors})")
-    g.add_argument("--init-word", default=None, help=f"token vectors start here (default: {d.search.init_word})")
+    g.add_argument("--init-word", default=None,
+                   help=f"token vectors start here: a word, comma-separated words (one per vector), or auto "
+                        f"(the words CLIP ranks highest for the target; default: {d.search.init_word})")
     g = p.add_argument_group("optimizer")
     g.add_argument("--population", type=int, default=None, help="candidates per generation (default: 4 + 3 ln N)")
     g.add_argument("--generations", type=int, default=None, help="generations (default: 16 floor(ln N))")
@@ -72,6 +77,12 @@ def _optimize_parser(sub):
     g.add_argument("--seed", type=int, default=None, help=f"seed for everything (default: {d.optim.seed})")
     g.add_argument("--max-distance", type=float, default=None,
                    help="multi-objective size limiter: best loss within this distance from the plain prompt")
+    g.add_argument("--search-seeds", default=None, choices=["rotate", "fixed"],
+                   help=f"rotate: new render seeds every generation; fixed: the same seeds every generation "
+                        f"(default: {d.optim.search_seeds})")
+    g.add_argument("--validation-seeds", type=int, default=None, metavar="N",
+                   help=f"plain renders per validated candidate, on seeds the search never uses; the pinned "
+                        f"result is the best on them; 0 turns validation off (default: {d.optim.validation_seeds})")
     g = p.add_argument_group("rendering")
     g.add_argument("--batch", type=int, default=None, help=f"images per candidate B (default: {d.render.batch})")
     g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {d.render.steps})")
@@ -85,6 +96,9 @@ def _optimize_parser(sub):
                         "copy takes at branches after step 0, whose copy is a second root (default 1, the DDPM "
                         "posterior's amount; higher: more diverse siblings, from about 2 all noise is replaced "
                         "and colours wash out)")
+    g.add_argument("--roots", type=int, default=None,
+                   help=f"independent initial latents per candidate in a hyperbatch, a power of two; the rest "
+                        f"of the batch branches from them (default: {d.render.roots})")
     g.add_argument("--max-batch", type=int, default=None,
                    help=f"most images per UNet call, CFG halves included (default: {d.render.max_batch})")
     g.add_argument("--no-hyperbatch", action="store_true", help="plain batches instead of hyperbatches")
@@ -115,12 +129,14 @@ def config_from_args(a):
         ("model", "device"): a.device, ("model", "dtype"): a.dtype,
         ("prompt", "prompt"): a.prompt, ("prompt", "negative"): a.negative, ("prompt", "guide"): a.guide,
         ("prompt", "concepts"): a.concepts, ("prompt", "init_image"): a.init_image,
-        ("prompt", "clip_skip"): a.clip_skip,
+        ("prompt", "clip_skip"): a.clip_skip, ("prompt", "guide_target"): a.guide_target,
         ("search", "blocks"): [b.strip() for b in a.blocks.split(",") if b.strip()] if a.blocks else None,
         ("search", "basis"): a.basis, ("search", "rank"): a.rank, ("search", "n_vectors"): a.vectors,
         ("search", "init_word"): a.init_word,
         ("optim", "population"): a.population, ("optim", "generations"): a.generations,
         ("optim", "sigma0"): a.sigma0, ("optim", "seed"): a.seed, ("optim", "max_distance"): a.max_distance,
+        ("optim", "search_seeds"): a.search_seeds, ("optim", "validation_seeds"): a.validation_seeds,
+        ("render", "roots"): a.roots,
         ("render", "batch"): a.batch, ("render", "steps"): a.steps, ("render", "scheduler"): a.scheduler,
         ("render", "size"): a.size, ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
         ("render", "max_batch"): a.max_batch, ("render", "renoise"): a.renoise,
@@ -146,6 +162,8 @@ def cmd_optimize(a) -> int:
         result = run(config_from_args(a), quiet=a.quiet)
     if a.json:
         print(json.dumps(result.summary()))
+    elif not a.quiet:
+        print(result.describe())
     return 130 if result.interrupted else 0
 
 

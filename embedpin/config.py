@@ -21,6 +21,7 @@ BLOCKS = ("guidance", "cfg", "strength", "token_weights", "delta", "token_vector
           "clustered", "threshold", "threshold_floor", "max_image", "header_cap", "concept")
 BASES = ("image", "pca", "random")
 WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
+SEED_SCHEDULES = ("rotate", "fixed")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -41,6 +42,7 @@ class PromptConfig:
     concepts: str | None = None                       # second prompt selecting image features
     init_image: str | None = None                     # img2img init image
     clip_skip: int = 0
+    guide_target: bool = False                        # no --guide: the targets are the guide images
 
 
 @dataclass
@@ -49,7 +51,7 @@ class SearchConfig:
     basis: str = "pca"           # basis of the delta / token vectors: image | pca | random
     rank: int = 16               # K: basis size of the delta / token-vector blocks
     n_vectors: int = 2           # textual-inversion placeholder tokens
-    init_word: str = "shape"     # token vectors start at this word's embedding
+    init_word: str = "shape"     # token vectors start here: a word, words "a,b" (one per vector), or "auto"
 
 
 @dataclass
@@ -63,6 +65,7 @@ class RenderConfig:
     max_batch: int = 256
     strength: float = 0.6        # img2img strength (with init_image)
     renoise: float | None = None  # eta of a copy's ancestral step at a branch (None: 1 for ODE samplers)
+    roots: int = 2               # independent initial latents per candidate in a hyperbatch
 
 
 @dataclass
@@ -86,6 +89,8 @@ class OptimConfig:
     max_distance: float | None = None
     tol_fun: float = 1e-6
     tol_x: float = 1e-6
+    search_seeds: str = "rotate"    # rotate: new render seeds every generation; fixed: the same ones
+    validation_seeds: int = 16      # plain renders per validated candidate on seeds the search never uses
 
 
 @dataclass
@@ -118,6 +123,10 @@ class RunConfig:
         _check(o.generations is None or o.generations >= 1, f"--generations must be >= 1 (got {o.generations})")
         _check(o.sigma0 > 0, f"--sigma0 must be > 0 (got {o.sigma0})")
         _check(o.max_distance is None or o.max_distance > 0, "--max-distance must be > 0")
+        _check(o.search_seeds in SEED_SCHEDULES, f"--search-seeds must be one of {', '.join(SEED_SCHEDULES)}")
+        _check(o.validation_seeds >= 0, f"--validation-seeds must be >= 0 (got {o.validation_seeds})")
+        _check(r.roots >= 1 and not r.roots & (r.roots - 1), f"--roots must be a power of two (got {r.roots})")
+        _check(bool(s.init_word.replace(",", "").strip()), "--init-word must name a word, words or auto")
         _check(sc.flip_weight >= 0 and sc.clip_weight >= 0, "loss weights must be >= 0")
         _check(sc.flip_weight + sc.clip_weight > 0, "at least one of --flip-weight / --clip-weight must be > 0")
         _check(sc.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}")
@@ -129,7 +138,9 @@ class RunConfig:
         _check("strength" not in s.blocks or p.init_image, "the 'strength' block needs --init-image")
         guided = {"guidance", "linear_start", "linear_end", "clustered", "threshold", "threshold_floor",
                   "max_image", "header_cap", "concept"}
-        _check(not (guided & set(s.blocks)) or p.guide, "the guidance blocks need a --guide image")
+        guides = bool(p.guide) or (p.guide_target and bool(sc.targets))
+        _check(not (guided & set(s.blocks)) or guides, "the guidance blocks need a --guide image (or --guide-target)")
+        _check(not p.guide_target or bool(sc.targets), "--guide-target needs --target images")
         _check(not sc.targets or sc.flip_weight > 0 or sc.clip_weight > 0, "targets need a loss weight")
         return self
 

@@ -30,7 +30,8 @@ def _recipe(session, best: dict, cfg_value: float) -> dict:
             "size": session.plan.height, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
             "hyperbatch": c.render.hyperbatch, "loss": best["loss"], "generation": best["generation"],
             "candidate": best["candidate"], "params": best["params"], "init_word": c.search.init_word,
-            "clip_skip": c.prompt.clip_skip}
+            "clip_skip": c.prompt.clip_skip, "loss_on": "validation seeds" if best.get("validation") else "search seeds",
+            "validation_seeds": c.optim.validation_seeds}
 
 
 def save_pinned(path: Path, session, cond, i: int, best: dict) -> None:

@@ -1,5 +1,6 @@
-"""Convergence smoke test of the pinning run on the micro model (benchmarks/pinning.py is the
-full measurement): CMA-ES moves the conditioning toward a hidden target's."""
+"""Convergence smoke test of the pinning run on the micro model (benchmarks/generalization.py is
+the full measurement): the pinned result beats the plain prompt on the run's validation seeds,
+which the search never rendered with, and the in-run figures say so honestly."""
 
 import torch
 
@@ -8,10 +9,10 @@ from embedpin.guidance.encode import encode_prompt
 from embedpin.optimizer.run import run
 from embedpin.optimizer.session import Session
 from embedpin.optimizer.store import save_png
-from embedpin.render.sampler import render
+from embedpin.render.sampler import RenderPlan, render
 
-PROMPT = "a large yellow star in the center on a blue striped background"
-HIDDEN = "a large red star in the center on a blue striped background"
+PROMPT = "a star"
+CAPTION = "a large red star at the top left on a plain blue background"
 
 
 def _config(target, out, generations):
@@ -20,22 +21,16 @@ def _config(target, out, generations):
     c.score.targets = [str(target)] if target else []
     c.render.batch, c.render.steps = 4, 8
     c.optim.generations, c.optim.tol_fun, c.optim.tol_x = generations, 0.0, 0.0
+    c.optim.validation_seeds = 8
     c.out = str(out)
     return c.validate()
 
 
-def test_cmaes_pins_toward_a_hidden_conditioning(tmp_path):
-    # the target: the hidden conditioning rendered with the run's plan and seed (image 0)
+def test_pinned_result_beats_the_plain_prompt_on_validation_seeds(tmp_path):
     s = Session.prepare(_config(None, tmp_path / "x", 1))
-    plain = encode_prompt(s.components, PROMPT).hidden  # the prompt alone, without placeholder tokens
-    hidden = plain + 0.7 * (encode_prompt(s.components, HIDDEN).hidden - plain)
-    img = render(s.components, hidden, s.ctx.negative.hidden, torch.tensor([5.0]), s.plan).images[0, 0]
+    plan = RenderPlan(batch=1, steps=8, height=64, width=64, seed=4242, hyperbatch=False)
+    img = render(s.components, encode_prompt(s.components, CAPTION).hidden, s.ctx.negative.hidden, 5.0,
+                 plan).images[0, 0]
     save_png(tmp_path / "target.png", img)
-    cfg = _config(tmp_path / "target.png", tmp_path / "runs", 8)
-    plain_render = render(s.components, plain, s.ctx.negative.hidden, torch.tensor([5.0]), s.plan)
-    plain_loss = float(Session.prepare(cfg).scorer(plain_render.images, plain_render.lineage).loss[0])
-    res = run(cfg, quiet=True)
-    # measured: 0.768 of the first generation's best and 0.893 of the plain prompt's after 8 generations
-    # (benchmarks/pinning.py: 0.576 and 0.66 after 30)
-    assert res.best_loss < 0.95 * res.first_best_loss, (res.best_loss, res.first_best_loss)
-    assert res.best_loss < 0.95 * plain_loss, (res.best_loss, plain_loss)
+    res = run(_config(tmp_path / "target.png", tmp_path / "runs", 8), quiet=True)
+    assert res.validation_loss < 0.95 * res.plain_validation_loss, (res.validation_loss, res.plain_validation_loss)

@@ -70,16 +70,28 @@ def test_schedule_too_few_steps_warns_and_falls_back_to_plain():
         assert branch_schedule(8, 4) == [0, 1, 2]  # one evaluation per batch size
 
 
-@settings(max_examples=50, deadline=None)
-@given(batch=st.integers(1, 300), steps=st.integers(1, 60))
-def test_schedule_and_lineage_properties(batch, steps):
+def test_schedule_roots_branch_at_step_0_and_the_rest_late():
+    assert branch_schedule(8, 20, roots=4) == [0, 0, 17]
+    assert unet_evaluations(8, 20, [0, 0, 17]) == 4 * 18 + 8 * 2  # four roots from step 0
+    assert branch_schedule(8, 20, roots=1) == [6, 11, 17]  # one trunk, no second root
+    assert branch_schedule(8, 20, roots=8) == [] and branch_schedule(2, 20) == []  # all roots: a plain batch
+    with pytest.raises(ConfigError, match="power of two"):
+        branch_schedule(8, 20, roots=3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch=st.integers(1, 300), steps=st.integers(1, 60), roots=st.sampled_from([1, 2, 4, 8]))
+def test_schedule_and_lineage_properties(batch, steps, roots):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = branch_schedule(batch, steps)
-    k = doublings(batch)
+        s = branch_schedule(batch, steps, roots)
+    k, r = doublings(batch), doublings(roots)
     assert 2 ** k >= batch > 2 ** (k - 1) or batch == 1
-    assert len(s) == (k if steps > k else 0)
-    assert s == sorted(set(s)) and all(0 <= v <= steps - 2 for v in s)
+    later = max(k - r, 0)
+    assert len(s) == (k if later and steps - 2 >= later else 0)
+    zeros = [v for v in s if v == 0]
+    assert len(zeros) == (min(r, k) if s else 0) and s[len(zeros):] == sorted(set(s[len(zeros):]))
+    assert all(0 <= v <= steps - 2 for v in s)
     lin = lineage(batch, s)
     sizes = batch_sizes(batch, s)
     assert lin.shape == (batch, len(s) + 1) and sizes[-1] == batch
@@ -152,6 +164,20 @@ def test_siblings_diverge_and_any_image_replays_alone(comp, conditioning, render
     cond, neg, cfg = conditioning
     one = render_one(comp, cond[1:], neg, cfg[1:], small_plan(name), r.lineage[3])  # a copy at every branch
     assert float((one - r.images[1, 3]).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "euler-a", "lms"])
+def test_more_roots_are_independent_from_step_0_and_replay_alone(comp, conditioning, rendered, name):
+    plan = small_plan(name, batch=8, steps=6, roots=4)
+    r = render(comp, *conditioning, plan)
+    assert r.schedule == [0, 0, 4] and r.roots.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert r.unet_evals == 2 * 2 * (4 * 5 + 8 * 1)
+    # the roots draw their members' streams from step 0, as a plain batch's first four do
+    p = render(comp, *conditioning, plain(plan))
+    assert float((p.images[:, :4] - r.images[:, :4]).abs().max()) <= TOL
+    cond, neg, cfg = conditioning
+    one = render_one(comp, cond[:1], neg, cfg[:1], plan, r.lineage[6])  # a copy of root 2
+    assert float((one - r.images[0, 6]).abs().max()) <= TOL
 
 
 def test_copying_a_latent_under_an_ode_sampler_gives_identical_images(comp, conditioning, rendered):

@@ -16,7 +16,8 @@ from embedpin.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large yellow star in the center on a blue striped background"
-SMALL = ["--generations", "3", "--population", "4", "--batch", "4", "--steps", "6", "--quiet"]
+SMALL = ["--generations", "3", "--population", "4", "--batch", "4", "--steps", "6", "--validation-seeds", "4",
+         "--quiet"]
 
 
 def _optimize(out, *extra):
@@ -36,17 +37,81 @@ def finished(tmp_path_factory):
     return run
 
 
+def _validated(run):
+    return [v for g in sorted((run / "generations").glob("*/generation.json"))
+            for v in json.loads(g.read_text())["validation"]]
+
+
 def test_run_folder_is_complete(finished):
     state = json.loads((finished / "state.json").read_text())
     assert state["status"] == "finished" and state["generation"] == 3 and len(state["history"]) == 3
-    assert state["best"]["loss"] == min(h["best"] for h in state["history"])
     gen = json.loads((finished / "generations" / "0002" / "generation.json").read_text())
     assert len(gen["candidates"]) == 4 and len(gen["candidates"][0]["images"]) == 4
     for c in gen["candidates"]:
         assert all((finished / "generations" / "0002" / p).is_file() for p in c["images"])
+    assert [v["kind"] for v in gen["validation"]] == ["best", "mean"] and gen["validation"][0]["index"] == \
+        gen["best_candidate"]
+    plain = state["plain_validation"]
+    assert len(plain["images"]) == 4 and all((finished / p).is_file() for p in plain["images"])
+    assert all((finished / p).is_file() for v in gen["validation"] for p in v["images"])
+    assert sum(h["renders"] for h in state["history"]) + 4 == 3 * (4 * 4 + 2 * 4)
     assert (finished / "index.html").is_file() and (finished / "generations" / "0000" / "index.html").is_file()
     assert (finished / "pinned.safetensors").is_file() and (finished / "targets" / "target_00.png").is_file()
     assert "refresh" not in (finished / "index.html").read_text().split("<body")[0].lower()
+
+
+def test_pinned_result_is_the_validation_best(finished):
+    """Pinned = the lowest validation loss over every validated candidate, and the pinned file
+    re-rendered on the validation seeds gives exactly that loss."""
+    from embedpin.config import RunConfig
+    from embedpin.export import load_pinned
+    from embedpin.optimizer.session import Session
+    from embedpin.render.sampler import render
+
+    state = json.loads((finished / "state.json").read_text())
+    assert state["best"]["validation"] and state["best"]["loss"] == min(v["loss"] for v in _validated(finished))
+    tensors, recipe = load_pinned(finished)
+    assert recipe["loss_on"] == "validation seeds" and recipe["loss"] == state["best"]["loss"]
+    s = Session.prepare(RunConfig.from_toml(finished / "config.toml"))
+    out = render(s.components, tensors["prompt_embeds"], tensors["negative_prompt_embeds"], recipe["cfg"],
+                 s.validation)
+    assert float(s.scorer(out.images, out.lineage, out.roots).loss[0]) == pytest.approx(state["best"]["loss"],
+                                                                                        abs=1e-5)
+
+
+def test_validation_seeds_never_overlap_search_seeds(finished):
+    """Every noise stream a validation render drew from is one no search render drew from."""
+    from embedpin.config import RunConfig
+    from embedpin.optimizer.session import Session
+    from embedpin.render.noise import member_seed
+
+    searched, validated = set(), set()
+    for g in sorted((finished / "generations").glob("*/generation.json")):
+        record = json.loads(g.read_text())
+        searched |= {s for c in record["candidates"] for row in c["seeds"] for s in row}
+        validated |= {s for v in record["validation"] for row in v["seeds"] for s in row}
+    assert len(validated) == 4 and len(searched) == 3 * 4 and not searched & validated  # seeds rotate
+    s = Session.prepare(RunConfig.from_toml(finished / "config.toml"))
+    later = {member_seed(s.search_plan(g).seed, m) for g in range(3, 1000) for m in range(4)}
+    assert not later & validated  # nor would any of a longer run's next 997 generations
+
+
+def test_json_summary_has_validation_figures(finished, tmp_path, capsys):
+    assert main(_optimize(tmp_path, "--generations", "1", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = Path(summary["run_dir"])
+    state = json.loads((run / "state.json").read_text())
+    assert summary["validation_loss"] == state["best"]["loss"]
+    assert summary["plain_validation_loss"] == state["plain_validation"]["loss"]
+    assert summary["renders"] == 4 * 4 + 2 * 4 + 4
+
+
+def test_validation_off_pins_the_search_best(tmp_path, capsys):
+    assert main(_optimize(tmp_path, "--validation-seeds", "0", "--search-seeds", "fixed", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    state = json.loads((Path(summary["run_dir"]) / "state.json").read_text())
+    assert summary["validation_loss"] is None and summary["plain_validation_loss"] is None
+    assert state["best"]["loss"] == min(h["best"] for h in state["history"])
 
 
 def test_same_seed_same_result(finished, tmp_path):
@@ -54,7 +119,7 @@ def test_same_seed_same_result(finished, tmp_path):
     (run,) = _runs(tmp_path)
     a = json.loads((finished / "state.json").read_text())["history"]
     b = json.loads((run / "state.json").read_text())["history"]
-    assert [h["best"] for h in a] == [h["best"] for h in b]
+    assert [(h["best"], h["validation"]) for h in a] == [(h["best"], h["validation"]) for h in b]
 
 
 def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path, capsys):
@@ -168,7 +233,9 @@ def test_sigkill_then_resume_ends_like_uninterrupted(finished, tmp_path):
     assert summary["generations"] == 3, seed
     assert summary["best_loss"] == expected["best"]["loss"], seed
     got = json.loads((run / "state.json").read_text())
-    assert [h["best"] for h in got["history"]] == [h["best"] for h in expected["history"]]
+    assert [(h["best"], h["validation"]) for h in got["history"]] == \
+        [(h["best"], h["validation"]) for h in expected["history"]], seed
+    assert got["plain_validation"] == expected["plain_validation"] and got["best"] == expected["best"], seed
 
 
 def test_ctrl_c_leaves_a_resumable_run(tmp_path):
@@ -190,7 +257,9 @@ def test_max_distance_pins_the_best_loss_within_the_distance(tmp_path):
              for c in json.loads(g.read_text())["candidates"]]
     within = [c for c in cands if c["distance"] <= limit]
     assert within and state["best"]["distance"] <= limit
-    assert state["best"]["loss"] == min(c["loss"] for c in within)
+    validated = [v for v in _validated(run) if v["distance"] <= limit]
+    assert [v["kind"] for v in _validated(run)] == ["best"] * 3  # MO-CMA-ES has no single mean
+    assert state["best"]["loss"] == min(v["loss"] for v in validated)
     front = [(p["loss"], p["distance"]) for p in state["pareto"]]
     assert front and [d for _, d in front] == sorted(d for _, d in front)
     assert all(not (l2 <= l1 and d2 <= d1 and (l2, d2) != (l1, d1)) for l1, d1 in front for l2, d2 in front)

@@ -196,6 +196,18 @@ def test_aggregate_mean_plus_weighted_std():
     assert aggregate(X, std_weight=2.0)[0].item() == pytest.approx(0.3 + 2 * 0.035**0.5, abs=1e-6)
 
 
+def test_aggregate_std_from_independent_pairs_only():
+    # X[0] = [0.1, 0.3, 0.2, 0.6]; roots [0, 1, 0, 1]: pairs (0,1) (0,3) (2,1) (2,3) are independent
+    # -> var = mean of 0.2^2, 0.5^2, 0.1^2, 0.4^2 over 2 = 0.0575
+    roots = torch.tensor([0, 1, 0, 1])
+    assert aggregate(X, std_weight=1.0, roots=roots)[0].item() == pytest.approx(0.3 + 0.0575**0.5, abs=1e-6)
+    # every image its own root (a plain batch): the sample std, ddof = 1
+    plain = aggregate(X, std_weight=1.0, roots=torch.arange(4))
+    assert plain.tolist() == pytest.approx((X.mean(-1) + X.std(-1, correction=1)).tolist(), abs=1e-6)
+    assert aggregate(X, std_weight=1.0, roots=torch.zeros(4, dtype=torch.long)).tolist() == pytest.approx(
+        aggregate(X, std_weight=1.0).tolist())  # one root: no independent pair, the population std
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(0, 1), min_size=2, max_size=8), st.floats(0, 3),
        st.sampled_from(["none", "geometric", "exponential", "polynomial"]))

@@ -36,7 +36,8 @@ class GuidanceOptions:
     alignment a position needs to take a concept's image token; delta_basis: "image", "pca",
     "random" or None (image with a guide image, else pca) with delta_k elements; n_vectors
     placeholder tokens appended to the prompt (before EOS, as "<prompt> <pin>" would be
-    written), initialised at init_word (the mean of its tokens if it splits), in a vector_k-dim
+    written), initialised at init_word (comma-separated words: one per placeholder, in turn;
+    a word's tokens' mean if it splits), in a vector_k-dim
     vector_basis ("pca" or "random"); seed for the random bases; cfg and strength: the values
     used when those blocks are not searched.
     """
@@ -146,21 +147,33 @@ def _check_options(o: GuidanceOptions, components) -> None:
         raise ConfigError("softness and cluster_radius must be > 0")
 
 
+def init_words(options: GuidanceOptions) -> list[str]:
+    """The placeholders' init words: ``init_word`` split at commas, repeated to ``n_vectors``."""
+    words = [w.strip() for w in options.init_word.split(",") if w.strip()]
+    if not words:
+        raise ConfigError(f"init word {options.init_word!r} names no word")
+    return [words[i % len(words)] for i in range(options.n_vectors)]
+
+
 def _with_placeholders(components, enc: PromptEncoding, options: GuidanceOptions):
-    """Append ``n_vectors`` placeholder tokens (at the init word's embedding) after the prompt."""
+    """Append ``n_vectors`` placeholder tokens (each at its init word's embedding: the mean of
+    the word's tokens if it splits) after the prompt."""
     n = options.n_vectors
-    tok = components.tokenizer
-    word_ids = tok(options.init_word, add_special_tokens=False).input_ids
-    if not word_ids:
-        raise ConfigError(f"init word {options.init_word!r} has no tokens")
+    tok, emb = components.tokenizer, components.text_encoder.embeddings.token_embedding
+    inits, first_ids = [], []
+    for word in init_words(options):
+        word_ids = tok(word, add_special_tokens=False).input_ids
+        if not word_ids:
+            raise ConfigError(f"init word {word!r} has no tokens")
+        ids_w = enc.ids.new_tensor(word_ids)
+        inits.append(emb(ids_w).mean(0))
+        first_ids.append(word_ids[0])
     length = enc.ids.shape[1]
     start = enc.n_tokens + 1
     if start + n + 1 > length:
         raise ConfigError(f"prompt ({enc.n_tokens} tokens) + {n} token vectors do not fit in {length - 2} tokens")
-    emb = components.text_encoder.embeddings.token_embedding
-    ids_w = enc.ids.new_tensor(word_ids)
-    init = emb(ids_w).mean(0, keepdim=True).expand(n, -1)
-    ph_ids = ids_w[:1].expand(1, n)
+    init = torch.stack(inits)
+    ph_ids = enc.ids.new_tensor(first_ids)[None]
     ids = torch.cat([enc.ids[:, :start], ph_ids, enc.ids[:, start:length - n]], dim=1)
     embeds = torch.cat([enc.input_embeds[:, :start], init[None], enc.input_embeds[:, start:length - n]], dim=1)
     hidden = encode_text_from_embeds(components, embeds, ids, options.clip_skip)

@@ -1,10 +1,19 @@
-"""The pinning run: ask -> decode -> build -> render -> score -> tell -> commit -> report.
+"""The pinning run: ask -> decode -> build -> render -> score -> tell -> validate -> commit -> report.
 
 A generation is committed as a whole (images, generation.json, then state.json with the
 optimizer's JSON state); a run killed at any moment resumes from its last committed
-generation and ends where an uninterrupted run would have. Render seeds are the run's
-seed in every generation (common random numbers: candidates are compared on the same
-noise), so nothing but the optimizer state needs saving to continue exactly.
+generation and ends where an uninterrupted run would have. Within a generation all
+candidates are rendered on the same seeds (common random numbers: they are compared on
+the same noise); across generations the seeds rotate (``--search-seeds``,
+``optimizer.seeds``), and are a function of (run seed, generation), so nothing but the
+optimizer state needs saving to continue exactly.
+
+Validation: every generation, its best candidate and the distribution's mean (the
+point the candidates were drawn around) are rendered as plain batches on the run's
+validation seeds, which the search never renders with, and the pinned result is the
+validated candidate with the lowest validation loss: what a user rendering it on new
+seeds is most likely to see, rather than the luckiest fit to the search's own noise.
+The plain prompt is validated once, on the same seeds, as the run's reference.
 """
 
 from __future__ import annotations
@@ -25,6 +34,11 @@ from embedpin.optimizer.store import RunStore, atomic_write_json, save_png
 
 @dataclass
 class RunResult:
+    """best_loss: the pinned result's loss (its validation loss when validation is on);
+    validation_loss / plain_validation_loss: the pinned result's and the plain prompt's
+    loss on the validation seeds (None without validation); renders: images rendered,
+    validation included."""
+
     run_dir: Path
     best_loss: float
     first_best_loss: float
@@ -32,11 +46,24 @@ class RunResult:
     renders: int
     interrupted: bool = False
     stop_reason: str = ""
+    validation_loss: float | None = None
+    plain_validation_loss: float | None = None
+
+    def describe(self) -> str:
+        """What a person reads at the end: where the run is and how the result did."""
+        if self.validation_loss is not None and self.plain_validation_loss:
+            how = (f"validation loss {self.validation_loss:.4f} against the plain prompt's "
+                   f"{self.plain_validation_loss:.4f} ({self.validation_loss / self.plain_validation_loss:.2f}x) "
+                   f"on seeds the search never used")
+        else:
+            how = f"loss {self.best_loss:.4f} on the search's own seeds"
+        return f"run folder: {self.run_dir}\npinned result: {how}\nreport: {self.run_dir / 'index.html'}"
 
     def summary(self) -> dict:
         return {"run_dir": str(self.run_dir), "best_loss": self.best_loss, "first_best_loss": self.first_best_loss,
                 "generations": self.generations, "renders": self.renders, "interrupted": self.interrupted,
-                "stop_reason": self.stop_reason}
+                "stop_reason": self.stop_reason, "validation_loss": self.validation_loss,
+                "plain_validation_loss": self.plain_validation_loss}
 
 
 def make_optimizer(session: Session):
@@ -112,6 +139,9 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
     state["status"] = "running"
     store.write_state(state)
     _report(store, None)
+    if session.validation is not None and state.get("plain_validation") is None:
+        state["plain_validation"] = _validate_plain(session, store)
+        store.write_state(state)
     bar = tqdm(total=total, initial=state["generation"], disable=quiet, unit="gen", dynamic_ncols=True)
     reason, interrupted = "generations", False
     try:
@@ -120,13 +150,14 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
                 g = state["generation"]
                 t0 = time.time()
                 X = opt.ask()                                    # 1. ask: X [λ, n]
-                ev = session.evaluate(X)                         # 2-5. decode, build, render, score
+                center = _center(opt)                            # what X was drawn around
+                ev = session.evaluate(X, g)                      # 2-5. decode, build, render, score
                 losses = _finite(ev.score.loss)
                 if hasattr(opt, "front"):                        # 6. tell
                     opt.tell(X, losses, ev.distance.double().cpu().numpy())
                 else:
                     opt.tell(X, losses)
-                _commit(session, store, state, opt, g, ev, losses, time.time() - t0)  # 7. commit
+                _commit(session, store, state, opt, g, ev, losses, X, center, t0)  # 7-8. validate, commit
                 _report(store, g)                                # 8. report
                 _progress(bar, state, quiet)
                 if stop.requested:
@@ -144,10 +175,18 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
     state["stop_reason"] = reason
     store.write_state(state)
     _report(store, None)
-    hist = state["history"]
-    return RunResult(store.root, state["best"]["loss"] if state["best"] else math.nan,
-                     hist[0]["best"] if hist else math.nan, state["generation"],
-                     sum(h["renders"] for h in hist), interrupted, reason)
+    hist, plain = state["history"], state.get("plain_validation")
+    best = state["best"]["loss"] if state["best"] else math.nan
+    validated = plain is not None
+    return RunResult(store.root, best, hist[0]["best"] if hist else math.nan, state["generation"],
+                     sum(h["renders"] for h in hist) + (plain["renders"] if validated else 0), interrupted, reason,
+                     best if validated and state["best"] else None, plain["loss"] if validated else None)
+
+
+def _center(opt) -> np.ndarray | None:
+    """The search distribution's mean before this generation's update (CMA-ES), else None."""
+    mean = getattr(opt, "mean", None)
+    return None if mean is None else np.array(mean, dtype=np.float64)
 
 
 def _finite(loss: torch.Tensor) -> np.ndarray:
@@ -179,34 +218,43 @@ def _num(x) -> float | None:
 
 
 def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Evaluation, losses: np.ndarray,
-            seconds: float) -> None:
-    """Write generation g as a whole, then the state that names it."""
+            X: np.ndarray, center: np.ndarray | None, t0: float) -> None:
+    """Validate generation g, write it as a whole, then the state that names it."""
     tmp = store.begin_generation(g)
     images = ev.render.images.float().cpu()
     lam, B = images.shape[:2]
     for i in range(lam):
         for b in range(B):
             save_png(tmp / "images" / f"c{i:02d}_i{b:02d}.png", images[i, b])
-    eligible = _eligible(session, ev, losses)
+    eligible = _eligible(session, ev.distance, losses)
     best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
     errmaps = _error_maps(session, ev, best_i, tmp)
     record = {"generation": g, "sigma": float(opt.sigma), "best_candidate": best_i, "errmaps": errmaps,
+              "seed": session.search_plan(g).seed,
               "candidates": [_candidate_record(ev, i, losses, [f"images/c{i:02d}_i{b:02d}.png" for b in range(B)])
                              for i in range(lam)]}
+    validated = _validate(session, tmp, g, X[best_i], best_i, center) if session.validation is not None else None
+    if validated:
+        record["validation"] = validated[0]
     store.finish_generation(g, tmp, record)
     best = record["candidates"][best_i]
-    if eligible[best_i] and (state["best"] is None or best["loss"] < state["best"]["loss"]):
+    if validated:
+        _pin_validated(session, store, state, g, *validated)
+    elif eligible[best_i] and (state["best"] is None or best["loss"] < state["best"]["loss"]):
         state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "distance": best["distance"],
                          "params": best["params"]}
-        _write_pinned(session, store, ev, best_i, state["best"])
+        _write_pinned(session, store, ev.cond, best_i, state["best"])
     sorted_l = np.sort(losses)
+    v_renders = len(validated[0]) * session.validation.batch if validated else 0
     state["history"].append({
         "generation": g, "best": float(losses[best_i]), "median": float(np.median(sorted_l)),
         "worst": float(sorted_l[-1]), "sigma": float(opt.sigma),
         "axis_ratio": float(getattr(opt, "axis_ratio", float("nan"))) if hasattr(opt, "axis_ratio") else None,
         "eigenvalues": [float(x) for x in getattr(opt, "eigenvalues", [])] if hasattr(opt, "eigenvalues") else [],
         "flip": best["flip"], "clip": best["clip"], "best_candidate": best_i, "best_params": best["params"],
-        "seconds": seconds, "renders": int(lam * B), "unet_evals": int(ev.render.unet_evals)})
+        "validation": {v["kind"]: v["loss"] for v in validated[0]} if validated else None,
+        "seconds": time.time() - t0, "renders": int(lam * B) + v_renders, "validation_renders": v_renders,
+        "unet_evals": int(ev.render.unet_evals)})
     if hasattr(opt, "front"):
         state["pareto"] = _pareto(opt)
     state["generation"] = g + 1
@@ -214,14 +262,63 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
     store.write_state(state)
 
 
-def _eligible(session: Session, ev: Evaluation, losses: np.ndarray) -> np.ndarray:
+def _validate(session: Session, folder: Path, g: int, best_x: np.ndarray, best_i: int,
+              center: np.ndarray | None) -> tuple[list[dict], Evaluation]:
+    """Render the generation's best candidate (and the distribution's mean) on the validation
+    seeds; their images go to ``folder/validation/``. Returns (records, the evaluation)."""
+    kinds = [("best", best_i, best_x)] + ([("mean", None, center)] if center is not None else [])
+    ev = session.validate(np.stack([x for _, _, x in kinds]))
+    losses = _finite(ev.score.loss)
+    eligible = _eligible(session, ev.distance, losses)
+    (folder / "validation").mkdir(exist_ok=True)
+    records = []
+    for k, (kind, index, _) in enumerate(kinds):
+        names = [f"validation/{kind}_i{b:02d}.png" for b in range(ev.render.images.shape[1])]
+        for name, img in zip(names, ev.render.images[k].float().cpu()):
+            save_png(folder / name, img)
+        records.append({**_candidate_record(ev, k, losses, [f"generations/{g:04d}/{n}" for n in names]),
+                        "kind": kind, "index": index, "eligible": bool(eligible[k])})
+    return records, ev
+
+
+def _pin_validated(session: Session, store: RunStore, state: dict, g: int, records: list[dict],
+                   ev: Evaluation) -> None:
+    """Pin the lowest validation loss among this generation's validated candidates if it
+    beats the pinned result so far (within ``--max-distance`` with the size limiter)."""
+    ok = [r for r in records if r["eligible"]]
+    if not ok:
+        return
+    k = min(range(len(records)), key=lambda j: records[j]["loss"] if records[j]["eligible"] else math.inf)
+    r = records[k]
+    if state["best"] is None or r["loss"] < state["best"]["loss"]:
+        state["best"] = {"generation": g, "candidate": r["index"] if r["kind"] == "best" else "mean",
+                         "kind": r["kind"], "loss": r["loss"], "flip": r["flip"], "clip": r["clip"],
+                         "distance": r["distance"], "params": r["params"], "images": r["images"],
+                         "image_losses": r["image_losses"], "validation": True}
+        _write_pinned(session, store, ev.cond, k, state["best"])
+
+
+def _validate_plain(session: Session, store: RunStore) -> dict:
+    """The plain prompt on the validation seeds: its record, images under ``validation/``."""
+    out, score = session.validate_plain()
+    (store.root / "validation").mkdir(exist_ok=True)
+    names = [f"validation/plain_i{b:02d}.png" for b in range(out.images.shape[1])]
+    for name, img in zip(names, out.images[0].float().cpu()):
+        save_png(store.root / name, img)
+    return {"loss": float(score.loss[0]), "flip": None if score.flip is None else _num(score.flip[0]),
+            "clip": None if score.clip is None else _num(score.clip[0]),
+            "image_losses": [_num(x) for x in score.per_image[0]], "images": names,
+            "seed": session.validation.seed, "renders": int(out.images.shape[1])}
+
+
+def _eligible(session: Session, distance: torch.Tensor, losses: np.ndarray) -> np.ndarray:
     """Candidates that may become the pinned result: all of them, or with the size limiter
     (``--max-distance``) those within the distance. A generation with none eligible still
     reports its lowest loss but pins nothing."""
     limit = session.config.optim.max_distance
     if limit is None:
         return np.ones(len(losses), dtype=bool)
-    return ev.distance.double().cpu().numpy() <= limit
+    return distance.double().cpu().numpy() <= limit
 
 
 def _pareto(opt) -> list[dict]:
@@ -244,10 +341,10 @@ def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> 
     return names
 
 
-def _write_pinned(session: Session, store: RunStore, ev: Evaluation, i: int, best: dict) -> None:
+def _write_pinned(session: Session, store: RunStore, cond, i: int, best: dict) -> None:
     from embedpin.export import save_pinned
 
-    save_pinned(store.root / "pinned.safetensors", session, ev.cond, i, best)
+    save_pinned(store.root / "pinned.safetensors", session, cond, i, best)
 
 
 def _report(store: RunStore, g: int | None) -> None:
@@ -257,9 +354,13 @@ def _report(store: RunStore, g: int | None) -> None:
 
 
 def _progress(bar, state: dict, quiet: bool) -> None:
-    h = state["history"][-1]
-    bar.set_postfix(best=f"{state['best']['loss']:.4f}", refresh=False)
+    h, best = state["history"][-1], state["best"]
+    bar.set_postfix(pinned="-" if best is None else f"{best['loss']:.4f}", refresh=False)
     bar.update(1)
     if not quiet:
-        bar.write(f"gen {h['generation']:4d}  best {h['best']:.4f}  median {h['median']:.4f}  "
+        v = h.get("validation") or {}
+        val = "".join(f"  val {k} {x:.4f}" for k, x in v.items())
+        plain = state.get("plain_validation")
+        ref = f" (plain {plain['loss']:.4f})" if plain else ""
+        bar.write(f"gen {h['generation']:4d}  best {h['best']:.4f}  median {h['median']:.4f}{val}{ref}  "
                   f"sigma {h['sigma']:.3g}  ({h['seconds']:.1f}s)")

@@ -1,20 +1,23 @@
 """Everything heavy a run holds, prepared once and validated before any run folder exists.
 
 ``Session.prepare(config)`` loads the model, the targets, the guide / init images, builds
-the guidance context, the search space and the scorer. ``Session.evaluate(X)`` is the unit
-a scale-out hands to workers: (standardized candidates) -> conditionings, images, losses,
-with no global state.
+the guidance context, the search space and the scorer. ``Session.evaluate(X, g)`` is the
+unit a scale-out hands to workers: (standardized candidates, generation) -> conditionings,
+images, losses, with no global state. ``Session.validate(X)`` renders candidates as a user
+would (plain batches) on the run's validation seeds, which no search render uses
+(``optimizer.seeds``); ``Session.validate_plain()`` does the same for the plain prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
+from embedpin.optimizer.seeds import search_seed, validation_seed
 
 
 def pick_device(name: str) -> str:
@@ -29,15 +32,32 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
-def guidance_options(config: RunConfig):
+def guidance_options(config: RunConfig, init_word: str | None = None):
+    """The run's guidance options; ``init_word`` replaces the config's (``auto`` resolved)."""
     from embedpin.guidance.context import GuidanceOptions
 
     s = config.search
     return GuidanceOptions(
         clip_skip=config.prompt.clip_skip, delta_basis=s.basis, delta_k=s.rank,
         n_vectors=s.n_vectors if "token_vectors" in s.blocks else 0, vector_k=s.rank,
-        vector_basis="random" if s.basis == "random" else "pca", init_word=s.init_word, seed=config.optim.seed,
-        cfg=config.render.cfg, strength=config.render.strength)
+        vector_basis="random" if s.basis == "random" else "pca", init_word=init_word or s.init_word,
+        seed=config.optim.seed, cfg=config.render.cfg, strength=config.render.strength)
+
+
+def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None) -> str:
+    """``--init-word auto``: the vocabulary words CLIP ranks highest for the targets, one per
+    placeholder, leaving out the prompt's own words (``guidance.interrogate``)."""
+    from embedpin.guidance.interrogate import rank_words
+
+    if targets is None:
+        raise ConfigError("--init-word auto needs --target images to rank words for")
+    if components.clip is None:
+        raise ConfigError("--init-word auto needs an image CLIP model: pass --clip")
+    prompt_words = config.prompt.prompt.replace(",", " ").split()
+    ranked = rank_words(components, targets, exclude=prompt_words, n=config.search.n_vectors)
+    if not ranked:
+        raise ConfigError("--init-word auto found no vocabulary word outside the prompt")
+    return ",".join(w for w, _ in ranked)
 
 
 def render_plan(config: RunConfig, size: int):
@@ -46,7 +66,13 @@ def render_plan(config: RunConfig, size: int):
     r = config.render
     return RenderPlan(batch=r.batch, steps=r.steps, scheduler=r.scheduler, height=size, width=size,
                       seed=config.optim.seed, hyperbatch=r.hyperbatch, max_batch=r.max_batch,
-                      renoise=r.renoise)
+                      renoise=r.renoise, roots=r.roots)
+
+
+def validation_plan(config: RunConfig, plan):
+    """Plain batches of ``validation_seeds`` images on the run's validation seed (None: off)."""
+    n = config.optim.validation_seeds
+    return replace(plan, batch=n, hyperbatch=False, seed=validation_seed(config.optim.seed)) if n else None
 
 
 @dataclass
@@ -67,9 +93,15 @@ class Session:
     ctx: object              # guidance.context.GuidanceContext
     space: object            # optimizer.space.SearchSpace
     scorer: object           # scoring.scorer.Scorer
-    plan: object             # render.sampler.RenderPlan
+    plan: object             # render.sampler.RenderPlan (generation 0's search renders)
     targets: torch.Tensor | None
     guide: list[torch.Tensor]
+    validation: object = None  # render.sampler.RenderPlan of the validation renders, or None
+
+    def search_plan(self, generation: int):
+        """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
+        o = self.config.optim
+        return replace(self.plan, seed=search_seed(o.seed, generation, o.search_seeds))
 
     @classmethod
     def prepare(cls, config: RunConfig) -> "Session":
@@ -82,7 +114,7 @@ class Session:
         config.validate()
         p, sc = config.prompt, config.score
         # 1. inputs a user can get wrong, before anything heavy
-        guide = [load_image(g) for g in p.guide]
+        guide = [load_image(g) for g in p.guide]  # (the targets, resized, with --guide-target)
         init = load_image(p.init_image) if p.init_image else None
         dtype = getattr(torch, config.model.dtype)
         comp = load_components(config.model.name, device=pick_device(config.model.device), dtype=dtype,
@@ -92,31 +124,55 @@ class Session:
         targets = load_targets(sc.targets, (size, size)).to(comp.device) if sc.targets else None
         if init is not None:
             init = _resize(init, size).to(comp.device)
+        if p.guide_target and not guide:
+            guide = list(targets)
         # 2. per-run precomputation: guidance context, search space, scorer
+        words = auto_init_words(config, comp, targets) if config.search.init_word.strip() == "auto" else None
         ctx = make_context(comp, p.prompt, p.negative, guide=[g[None].to(comp.device) for g in guide] or None,
                            concepts=p.concepts, init_image=init[None] if init is not None else None,
-                           options=guidance_options(config))
+                           options=guidance_options(config, words))
         space = SearchSpace(ctx.blocks(config.search.blocks))
         if (sc.clip_weight > 0 or sc.text_target) and comp.clip is None:
             raise ConfigError("the CLIP loss needs an image CLIP model: pass --clip")
         scorer = Scorer(comp, targets, flip_weight=sc.flip_weight, clip_weight=sc.clip_weight,
                         text_target=sc.text_target, std_weight=sc.std_weight,
                         hyperbatch_weighting=sc.weighting, hyperbatch_scale=sc.weighting_scale, ppd=sc.ppd)
-        return cls(config, comp, ctx, space, scorer, plan, targets, guide)
+        return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan))
 
     @torch.no_grad()
-    def evaluate(self, X: np.ndarray) -> Evaluation:
-        """Standardized candidates X [λ, n] -> conditionings, renders [λ, B, 3, H, W], losses [λ]."""
+    def evaluate(self, X: np.ndarray, generation: int = 0, plan=None) -> Evaluation:
+        """Standardized candidates X [λ, n] -> conditionings, renders [λ, B, 3, H, W], losses [λ],
+        rendered with generation ``generation``'s search plan (or ``plan``)."""
         from embedpin.guidance.build import build, distance
         from embedpin.render.sampler import render
 
         params = self.space.decode(X)
         like = self.ctx.plain.hidden
         cond = build(self.ctx, {k: torch.as_tensor(v).to(like) for k, v in params.items()})
-        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, self.plan,
-                     init_image=self.ctx.init_image, strength=cond.strength)
-        score = self.scorer(out.images, out.lineage)
+        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg,
+                     plan or self.search_plan(generation), init_image=self.ctx.init_image, strength=cond.strength)
+        score = self.scorer(out.images, out.lineage, out.roots)
         return Evaluation(params, cond, out, score, distance(self.ctx, cond))
+
+    def validate(self, X: np.ndarray) -> Evaluation:
+        """Candidates X [k, n] rendered as plain batches on the validation seeds, scored."""
+        if self.validation is None:
+            raise ConfigError("validation is off (--validation-seeds 0)")
+        return self.evaluate(X, plan=self.validation)
+
+    @torch.no_grad()
+    def validate_plain(self):
+        """The plain prompt (no placeholders, no block applied) on the validation seeds:
+        (RenderResult, ScoreResult)."""
+        from embedpin.guidance.encode import encode_prompt
+        from embedpin.render.sampler import render
+
+        c = self.config
+        plain = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip).hidden
+        strength = c.render.strength if self.ctx.init_image is not None else None
+        out = render(self.components, plain, self.ctx.negative.hidden, c.render.cfg, self.validation,
+                     init_image=self.ctx.init_image, strength=strength)
+        return out, self.scorer(out.images, out.lineage, out.roots)
 
 
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:

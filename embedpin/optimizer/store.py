@@ -94,7 +94,8 @@ class RunStore:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_png(tmp / rel, img)
             atomic_write_json(tmp / "state.json", {"version": STATE_VERSION, "status": "running", "generation": 0,
-                                                   "best": None, "history": [], "pareto": [], "optimizer": None})
+                                                   "best": None, "history": [], "pareto": [], "optimizer": None,
+                                                   "plain_validation": None})
             slug = _slug(config.prompt.prompt or "image guided")
             while True:
                 used = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^(\d{4,})-", p.name))]

@@ -61,7 +61,9 @@ def _is_int(v) -> bool:
 class RenderPlan:
     """How to render: B images per candidate, sampler, size, seed and memory budget.
 
-    ``max_batch`` bounds the images per UNet call, CFG halves included. ``renoise`` is the
+    ``roots`` independent initial latents per candidate (a power of two; the rest of the
+    batch branches from them, ``schedule.branch_schedule``); ``max_batch`` bounds the images
+    per UNet call, CFG halves included. ``renoise`` is the
     eta of the ancestral step a copy takes at a branch after step 0 (module doc): None means
     1 (the DDPM posterior's amount) for deterministic samplers and 0 for stochastic ones,
     whose own step noise separates siblings. ``eta`` is DDIM's (0: deterministic).
@@ -77,6 +79,7 @@ class RenderPlan:
     max_batch: int = 256
     renoise: float | None = None
     eta: float = 0.0
+    roots: int = 2
 
     def validate(self, vae_scale_factor: int | None = None) -> "RenderPlan":
         """Raise ConfigError on a value a user could have mistyped; return self."""
@@ -93,6 +96,8 @@ class RenderPlan:
             raise ConfigError(f"renoise must be >= 0, got {self.renoise!r}")
         if not self.eta >= 0:
             raise ConfigError(f"eta must be >= 0, got {self.eta!r}")
+        if not _is_int(self.roots) or self.roots < 1 or self.roots & (self.roots - 1):
+            raise ConfigError(f"roots must be a power of two (1, 2, 4, ...), got {self.roots!r}")
         f = vae_scale_factor
         if f and (self.height % f or self.width % f):
             raise ConfigError(f"image size {self.width}x{self.height} must be a multiple of the VAE factor {f}")
@@ -100,7 +105,7 @@ class RenderPlan:
 
     def schedule(self) -> list[int]:
         """Branch steps of this plan (``[]`` for plain batches)."""
-        return branch_schedule(self.batch, self.steps) if self.hyperbatch else []
+        return branch_schedule(self.batch, self.steps, self.roots) if self.hyperbatch else []
 
     def branch_eta(self, sampler: Sampler) -> float:
         """The eta of the ancestral step a copy takes at its branch (see module doc)."""
@@ -120,6 +125,11 @@ class RenderResult:
     seeds: torch.Tensor
     unet_evals: int
     schedule: list[int]
+
+    @property
+    def roots(self) -> torch.Tensor:
+        """Each image's root [B] (images of different roots have independent noise)."""
+        return self.lineage[:, sum(1 for s in self.schedule if s == 0)]
 
 
 def plan_grid(components, plan: RenderPlan) -> Grid:

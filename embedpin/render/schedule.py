@@ -34,33 +34,37 @@ def doublings(batch: int) -> int:
     return max(int(batch) - 1, 0).bit_length()
 
 
-def branch_schedule(batch: int, steps: int) -> list[int]:
-    """Steps at which the batch doubles, strictly increasing within ``[0, steps - 2]``.
+def branch_schedule(batch: int, steps: int, roots: int = 2) -> list[int]:
+    """Steps at which the batch doubles, non-decreasing within ``[0, steps - 2]``.
 
-    Half of all image pairs split at the first doubling, a quarter at the second, ..., so
-    diversity is set by the early branches, while cost is set by the late ones (the
-    j-th adds 2^(j-1) copies). Hence: the first doubling at step 0 (its copy becomes a
-    second root), the last at step ``L = steps - 1 - max(1, steps // 8)`` so the full
-    batch runs the last eighth of the steps, the others evenly in between. Siblings from
-    late doublings stay close (hyperbatch weights by lineage depth account for that).
-    B=8, 20 steps -> [0, 9, 17]: 68 of 160 evaluations; B=64 -> [0, 3, 7, 10, 14, 17]: 336
-    of 1280 (the copy born at step 0 is a fresh root with its own evaluation: ``sampler``).
-    ``B = 1`` has no branches; ``steps <= ceil(log2 B)`` leaves no room for one evaluation per
-    batch size, so it falls back to a plain batch (``[]``) with a warning.
+    ``roots`` independent starting latents per candidate (a power of two): the first
+    ``log2(roots)`` doublings happen at step 0, and their copies are roots (fresh initial
+    noise, their own step-0 evaluations: ``Path.starting``). Half of all image pairs split
+    at the first doubling, a quarter at the second, ..., so the roots set most of the
+    diversity and, since images of different roots are independent, how many noise
+    samples a candidate's loss averages over. The other doublings are spread evenly up to
+    ``L = steps - 1 - max(1, steps // 8)``, so the full batch runs the last eighth of the
+    steps; their cost is set by the late ones (the j-th adds 2^(j-1) copies), and siblings
+    from late doublings stay close (hyperbatch weights by lineage depth account for that).
+    B=8, 20 steps, 2 roots -> [0, 9, 17]: 68 of 160 evaluations; 4 roots -> [0, 0, 17]: 92;
+    B=64 -> [0, 3, 7, 10, 14, 17]: 336 of 1280. ``roots >= B`` (or ``B = 1``) is a plain
+    batch (``[]``); ``steps`` too few for one evaluation per batch size fall back to a
+    plain batch with a warning.
     """
     if batch < 1 or steps < 1:
         raise ConfigError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
-    k = doublings(batch)
-    if k == 0:
+    if roots < 1 or roots & (roots - 1):
+        raise ConfigError(f"roots must be a power of two (1, 2, 4, ...), got {roots}")
+    k, r = doublings(batch), doublings(roots)
+    later = k - r  # doublings after step 0, at distinct steps in [1, steps - 2]
+    if later <= 0:
         return []
-    if steps <= k:
-        warnings.warn(f"{steps} steps are too few to branch a batch of {batch} "
-                      f"(needs > {k}); rendering a plain batch instead", stacklevel=2)
+    if steps - 2 < later:
+        warnings.warn(f"{steps} steps are too few to branch a batch of {batch} from {roots} root(s) "
+                      f"(needs > {later + 1}); rendering a plain batch instead", stacklevel=2)
         return []
-    last = max(k - 1, steps - 1 - max(1, steps // 8))
-    if k == 1:
-        return [last // 2]
-    return [math.floor(j * last / (k - 1) + 0.5) for j in range(k)]
+    last = min(steps - 2, max(later, steps - 1 - max(1, steps // 8)))
+    return [0] * r + [math.floor(j * last / later + 0.5) for j in range(1, later + 1)]
 
 
 def batch_sizes(batch: int, schedule: list[int]) -> list[int]:
@@ -89,9 +93,11 @@ def unet_evaluations(batch: int, steps: int, schedule: list[int]) -> int:
     image-evaluations (unconditional + conditional half); ``render`` counts those. A plain
     batch costs ``B * steps``.
     """
-    edges = [-1, *schedule, steps - 1]
-    root = 1 if schedule and schedule[0] == 0 else 0  # a step-0 copy is a fresh root: its own evaluation
-    return root + sum(n * (b - a) for n, a, b in zip(batch_sizes(batch, schedule), edges, edges[1:]))
+    sizes = batch_sizes(batch, schedule)
+    roots = sizes[sum(1 for v in schedule if v == 0)]  # step-0 copies are roots: their own evaluations
+    later = [v for v in schedule if v > 0]
+    edges = [0, *later, steps - 1]
+    return roots + sum(n * (b - a) for n, a, b in zip(sizes[len(schedule) - len(later):], edges, edges[1:]))
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,8 @@ class Branch:
 class Path:
     """How a candidate's rows evolve: the members they start as and the branches after.
 
-    A branch at step 0 is taken before the first evaluation: its copies are roots (fresh
-    initial noise from their own streams), so the path simply starts with them.
+    Branches at step 0 are taken before the first evaluation: their copies are roots
+    (fresh initial noise from their own streams), so the path simply starts with them.
     """
 
     members: tuple[int, ...]
@@ -118,8 +124,8 @@ class Path:
 
     @classmethod
     def starting(cls, members: tuple[int, ...], branches: tuple[Branch, ...]) -> "Path":
-        if branches and branches[0].step == 0:
-            return cls(branches[0].members, branches[1:])
+        while branches and branches[0].step == 0:
+            members, branches = branches[0].members, branches[1:]
         return cls(members, branches)
 
 

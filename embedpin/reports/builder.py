@@ -24,6 +24,7 @@ from embedpin.reports.templating import render
 ASSETS = "report"  # per-page folder of plots, thumbnails and frames
 RUN_PLOTS = (  # (file, title, plotter, source)
     ("loss.png", "best / median / worst loss", plots.loss_plot, "history"),
+    ("validation.png", "search vs validation loss", plots.validation_plot, "validation"),
     ("sigma.png", "sigma and axis ratio", plots.sigma_plot, "history"),
     ("spectrum.png", "eigenvalue spectrum", plots.spectrum_plot, "history"),
     ("components.png", "ꟻLIP and CLIP components", plots.components_plot, "history"),
@@ -83,7 +84,8 @@ def write_frame(run: Run, generation: int, context: dict) -> bool:
 def write_run(run: Run) -> Path:
     """Write the run page ``index.html`` with its plots and the best-over-generations GIF."""
     assets = run.root / ASSETS
-    sources = {"history": run.history, "pareto": run.pareto}
+    sources = {"history": run.history, "pareto": run.pareto,
+               "validation": {"history": run.history, "plain": run.state.get("plain_validation")}}
     written = [dict(src=f"{ASSETS}/{name}", title=title)
                for name, title, plot, source in RUN_PLOTS if plot(sources[source], assets / name)]
     frames = [run.generation_dir(g) / ASSETS / "frame.png" for g in run.generations]

@@ -141,10 +141,11 @@ def commands(run: Run) -> list[str]:
 def targets_context(run: Run) -> tuple[list[dict], dict | None]:
     """Target and guide thumbnails (thumbnails live under ``report/thumbs/targets/``)."""
     folder = run.root / "targets"
-    files = sorted(p for p in folder.glob("target_*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    shown = (".png", ".jpg", ".jpeg", ".webp")
+    files = sorted(p for p in folder.glob("target_*") if p.suffix.lower() in shown)
     targets = [dict(_target(run, p), name=p.stem) for p in files]
-    guide = folder / "guide.png"
-    return targets, (_target(run, guide) if guide.exists() else None)
+    guides = sorted(p for p in folder.glob("guide*") if p.suffix.lower() in shown)
+    return targets, [dict(_target(run, p), name=p.stem) for p in guides]
 
 
 def _target(run: Run, path: Path) -> dict:
@@ -161,7 +162,11 @@ def best_context(run: Run) -> dict | None:
     g = int(best["generation"])
     prefix = f"generations/{generation_dirname(g)}/"
     images = []
-    if g in run.generations:
+    if best.get("images"):  # a validated result: its plain renders on the validation seeds
+        losses = list(best.get("image_losses") or [])
+        images = [image_entry(run.root, rel, "", loss=losses[j] if j < len(losses) else None)
+                  for j, rel in enumerate(best["images"])]
+    elif g in run.generations:
         record = run.generation(g)
         found = [c for c in record["candidates"] if c["index"] == best.get("candidate")]
         if found:
@@ -169,7 +174,19 @@ def best_context(run: Run) -> dict | None:
             images = [image_entry(run.generation_dir(g), rel, prefix, loss=losses[j] if j < len(losses) else None)
                       for j, rel in enumerate(found[0].get("images") or [])]
     return dict(generation=g, candidate=best.get("candidate"), loss=best.get("loss"),
-                params=params_rows(best.get("params")), images=images, page=prefix + "index.html")
+                params=params_rows(best.get("params")), images=images, page=prefix + "index.html",
+                validated=bool(best.get("validation")))
+
+
+def plain_validation_context(run: Run) -> dict | None:
+    """The plain prompt on the validation seeds: its loss and images (None without validation)."""
+    plain = run.state.get("plain_validation")
+    if not plain:
+        return None
+    losses = list(plain.get("image_losses") or [])
+    images = [image_entry(run.root, rel, "", loss=losses[j] if j < len(losses) else None)
+              for j, rel in enumerate(plain.get("images") or [])]
+    return dict(loss=plain.get("loss"), flip=plain.get("flip"), images=images)
 
 
 def generation_rows(run: Run) -> list[dict]:
@@ -187,6 +204,7 @@ def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
     targets, guide = targets_context(run)
     return dict(
         run=_run_summary(run), live=run.live, recipe=recipe(run.config), config_rows=config_rows(run.config),
-        targets=targets, guide=guide, best=best_context(run), plots=plots, gif=gif,
+        targets=targets, guides=guide, best=best_context(run), plain=plain_validation_context(run),
+        plots=plots, gif=gif,
         generations=generation_rows(run), commands=commands(run),
     )

@@ -64,6 +64,28 @@ def loss_plot(history: list[dict], dst: Path) -> bool:
     return _save(fig, ax, dst)
 
 
+def validation_plot(run: dict, dst: Path) -> bool:
+    """Search loss vs validation loss per generation, and the plain prompt's validation loss.
+
+    ``run``: {"history": [...], "plain": the plain prompt's validation record or None}. The
+    search loss is measured on the search's own seeds, the validation loss on seeds the
+    search never uses, rendered as plain batches: what a user will see."""
+    history, plain = run["history"], run.get("plain")
+    validation = [r.get("validation") or {} for r in history]
+    if not any(validation):
+        return False
+    g = series(history, "generation")
+    fig, ax = _axes("search vs validation loss", ylabel="loss")
+    ax.plot(g, series(history, "best"), color="tab:blue", lw=1, marker=".", label="search: generation's best")
+    for kind, colour in (("best", "tab:green"), ("mean", "tab:purple")):
+        v = np.array([np.nan if x.get(kind) is None else x[kind] for x in validation], dtype=np.float64)
+        if not np.isnan(v).all():
+            ax.plot(g, v, color=colour, lw=1.5, marker="o", ms=3, label=f"validation: {kind}")
+    if plain:
+        ax.axhline(plain["loss"], color="black", lw=1, ls="--", label="validation: plain prompt")
+    return _save(fig, ax, dst)
+
+
 def sigma_plot(history: list[dict], dst: Path) -> bool:
     """CMA-ES step size sigma and the covariance axis ratio (log scales)."""
     sigma, ratio = series(history, "sigma"), series(history, "axis_ratio")

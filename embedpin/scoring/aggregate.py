@@ -1,7 +1,12 @@
 """Per-image losses [λ, B] -> one loss per candidate [λ].
 
 The basic summary is ``mean + w·std`` over a candidate's B images (std: consistency
-across seeds; population std as numpy's). With a hyperbatch lineage, sd-prompt-pinning's
+across seeds; population std as numpy's). Given each image's root (``roots`` [B]: images
+of different roots have independent noise), std is estimated from independent pairs only,
+std² = mean over pairs i, j of different roots of (x_i - x_j)² / 2, which is unbiased for
+the variance across seeds: hyperbatch siblings share noise, so the plain std of a
+hyperbatch underestimates the spread a user sees over seeds. For a plain batch (every
+image its own root) this is the sample std (ddof = 1). With a hyperbatch lineage, sd-prompt-pinning's
 (seed 003) hyperbatch weightings apply over lineage depth K:
 
 * the lineage [B, depth] gives, per column k, the branch of image b at branch point k
@@ -71,15 +76,29 @@ def weigh_levels(summaries: torch.Tensor, weighting: str, scale: float) -> torch
     return w.mean(-1)
 
 
+def independent_std(x: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """Std [λ] of x [λ, B] across seeds from the pairs of images with different roots [B]
+    (module doc); the population std where all images share one root."""
+    apart = roots.to(x.device)[:, None] != roots.to(x.device)[None, :]
+    if not bool(apart.any()):
+        return x.std(-1, correction=0)
+    d2 = (x[:, :, None] - x[:, None, :]) ** 2
+    return ((d2 * apart).sum((-1, -2)) / (2 * apart.sum())).sqrt()
+
+
 def aggregate(per_image: torch.Tensor, lineage: torch.Tensor | None = None, std_weight: float = 1.0,
-              weighting: str = "none", scale: float = 1.0) -> torch.Tensor:
-    """Candidate losses [λ] from per-image losses [λ, B] (and the batch's lineage [B, depth]).
+              weighting: str = "none", scale: float = 1.0, roots: torch.Tensor | None = None) -> torch.Tensor:
+    """Candidate losses [λ] from per-image losses [λ, B] (and the batch's lineage [B, depth],
+    each image's root [B]: see the module doc).
 
     Never raises on bad values: a candidate with a NaN/inf image loss gets ``WORST_LOSS``."""
     x = per_image.double()
     broken = ~torch.isfinite(x).all(-1)
     x = torch.where(torch.isfinite(x), x, 0.0)
     levels = lineage_levels(lineage if weighting != "none" else None, x.shape[-1])
-    loss = weigh_levels(level_summaries(x, levels, std_weight), weighting, scale)
+    summaries = level_summaries(x, levels, std_weight)
+    if roots is not None:
+        summaries[:, 0] = x.mean(-1) + std_weight * independent_std(x, torch.as_tensor(roots))
+    loss = weigh_levels(summaries, weighting, scale)
     loss = torch.where(broken | ~torch.isfinite(loss), WORST_LOSS, loss.clamp(max=WORST_LOSS))
     return loss.to(torch.float64 if per_image.dtype == torch.float64 else torch.float32)

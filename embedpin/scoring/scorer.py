@@ -114,13 +114,15 @@ class Scorer:
         terms = [cosine_distance(embeds, t) for t in self.clip_targets]
         return torch.stack(terms).mean(0).view(images.shape[:2])
 
-    def __call__(self, images: torch.Tensor, lineage: torch.Tensor | None = None) -> ScoreResult:
-        """images [λ, B, 3, H, W] sRGB in [0, 1], lineage [B, depth] (or None) -> ScoreResult."""
+    def __call__(self, images: torch.Tensor, lineage: torch.Tensor | None = None,
+                 roots: torch.Tensor | None = None) -> ScoreResult:
+        """images [λ, B, 3, H, W] sRGB in [0, 1], lineage [B, depth] and roots [B] (or None;
+        ``RenderResult.roots``) -> ScoreResult."""
         self._check(images)
         flip = self.flip_per_image(images).float() if self.flip_weight > 0 else None
         clip = self.clip_per_image(images).float() if self.clip_weight > 0 else None
         per_image = sum(w * t for w, t in ((self.flip_weight, flip), (self.clip_weight, clip)) if t is not None)
-        loss = aggregate(per_image, lineage, self.std_weight, self.weighting, self.scale)
+        loss = aggregate(per_image, lineage, self.std_weight, self.weighting, self.scale, roots)
         return ScoreResult(loss=loss, flip=None if flip is None else _batch_mean(flip),
                            clip=None if clip is None else _batch_mean(clip), per_image=_finite(per_image))
 
