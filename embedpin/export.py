@@ -103,6 +103,9 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
         save_file(keep, str(out), metadata={"embedpin": json.dumps(recipe)})
         return out, []
     if fmt == "textual-inversion":
+        if recipe.get("candidate") == "plain":
+            raise ConfigError("no candidate of this run beat the plain prompt on the validation seeds, so there "
+                              "is no embedding to export: the prompt as written is the result")
         if "token_vectors" not in tensors:
             raise ConfigError("this run did not search token vectors, so it has no textual-inversion form; "
                               "use --format diffusers, or run with --blocks token_vectors")

@@ -49,27 +49,31 @@ def test_run_folder_is_complete(finished):
     assert len(gen["candidates"]) == 4 and len(gen["candidates"][0]["images"]) == 4
     for c in gen["candidates"]:
         assert all((finished / "generations" / "0002" / p).is_file() for p in c["images"])
-    assert [v["kind"] for v in gen["validation"]] == ["best", "mean"] and gen["validation"][0]["index"] == \
-        gen["best_candidate"]
+    kinds = [[v["kind"] for v in json.loads((finished / "generations" / f"{g:04d}" / "generation.json")
+                                            .read_text())["validation"]] for g in range(3)]
+    assert kinds == [["best", "mean"], ["best"], ["best", "mean"]]  # the mean: the start and the end
+    assert gen["validation"][0]["index"] == gen["best_candidate"]
     plain = state["plain_validation"]
     assert len(plain["images"]) == 4 and all((finished / p).is_file() for p in plain["images"])
     assert all((finished / p).is_file() for v in gen["validation"] for p in v["images"])
-    assert sum(h["renders"] for h in state["history"]) + 4 == 3 * (4 * 4 + 2 * 4)
+    assert sum(h["renders"] for h in state["history"]) + 4 == 3 * 4 * 4 + 5 * 4 + 4
     assert (finished / "index.html").is_file() and (finished / "generations" / "0000" / "index.html").is_file()
     assert (finished / "pinned.safetensors").is_file() and (finished / "targets" / "target_00.png").is_file()
     assert "refresh" not in (finished / "index.html").read_text().split("<body")[0].lower()
 
 
 def test_pinned_result_is_the_validation_best(finished):
-    """Pinned = the lowest validation loss over every validated candidate, and the pinned file
-    re-rendered on the validation seeds gives exactly that loss."""
+    """Pinned = the lowest validation loss over every validated candidate and the plain prompt
+    (never worse than the prompt as written), and the pinned file re-rendered on the validation
+    seeds gives exactly that loss."""
     from embedpin.config import RunConfig
     from embedpin.export import load_pinned
     from embedpin.optimizer.session import Session
     from embedpin.render.sampler import render
 
     state = json.loads((finished / "state.json").read_text())
-    assert state["best"]["validation"] and state["best"]["loss"] == min(v["loss"] for v in _validated(finished))
+    losses = [v["loss"] for v in _validated(finished)] + [state["plain_validation"]["loss"]]
+    assert state["best"]["validation"] and state["best"]["loss"] == min(losses)
     tensors, recipe = load_pinned(finished)
     assert recipe["loss_on"] == "validation seeds" and recipe["loss"] == state["best"]["loss"]
     s = Session.prepare(RunConfig.from_toml(finished / "config.toml"))
@@ -181,6 +185,11 @@ def test_report_command_rebuilds(finished):
     (["--guide", "/no/such/guide.png", "--blocks", "guidance"], "guide.png"),
     (["--size", "30"], "multiple"),
     (["--renoise", "-1"], "--renoise"),
+    (["--guide-target"], "--guide-target needs --target"),
+    (["--init-word", "auto"], "--init-word auto needs --target"),
+    (["--roots", "3"], "--roots must be a power of two"),
+    (["--validation-seeds", "-1"], "--validation-seeds"),
+    (["--search-seeds", "sometimes"], "--search-seeds"),
 ])
 def test_bad_input_leaves_no_run(tmp_path, capsys, extra, words):
     argv = ["optimize", "--prompt", PROMPT, "--out", str(tmp_path / "runs"), *SMALL, *extra]
@@ -188,6 +197,28 @@ def test_bad_input_leaves_no_run(tmp_path, capsys, extra, words):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
     assert _runs(tmp_path / "runs") == []
+
+
+def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target(tmp_path):
+    """--init-word auto starts each placeholder at a vocabulary word CLIP ranks high for the target
+    (never one of the prompt's words); --guide-target makes the target the guide image."""
+    from embedpin.config import RunConfig
+    from embedpin.guidance.interrogate import rank_words
+    from embedpin.optimizer.session import Session
+
+    c = RunConfig()
+    c.prompt.prompt, c.score.targets = "a star", [str(ROOT / "examples" / "star.png")]
+    c.search.init_word, c.prompt.guide_target = "auto", True
+    c.search.blocks = ["token_vectors", "token_weights", "guidance"]
+    s = Session.prepare(c.validate())
+    ranked = rank_words(s.components, s.targets, exclude=["a", "star"], n=2)
+    assert len(ranked) == 2 and not {"a", "star"} & {w for w, _ in ranked}
+    assert ranked[0][1] >= ranked[1][1]
+    emb = s.components.text_encoder.embeddings.token_embedding
+    words = [s.components.tokenizer(w, add_special_tokens=False).input_ids for w, _ in ranked]
+    assert torch.allclose(s.ctx.vector_init, torch.stack([emb(torch.tensor(i)).mean(0) for i in words]))
+    assert len(s.guide) == 1 and torch.equal(s.guide[0], s.targets[0]) and s.ctx.mapping is not None
+    assert {"max_image", "linear_start"} <= set(s.space.names)
 
 
 def _spawn(argv):
@@ -259,7 +290,7 @@ def test_max_distance_pins_the_best_loss_within_the_distance(tmp_path):
     assert within and state["best"]["distance"] <= limit
     validated = [v for v in _validated(run) if v["distance"] <= limit]
     assert [v["kind"] for v in _validated(run)] == ["best"] * 3  # MO-CMA-ES has no single mean
-    assert state["best"]["loss"] == min(v["loss"] for v in validated)
+    assert state["best"]["loss"] == min([v["loss"] for v in validated] + [state["plain_validation"]["loss"]])
     front = [(p["loss"], p["distance"]) for p in state["pareto"]]
     assert front and [d for _, d in front] == sorted(d for _, d in front)
     assert all(not (l2 <= l1 and d2 <= d1 and (l2, d2) != (l1, d1)) for l1, d1 in front for l2, d2 in front)

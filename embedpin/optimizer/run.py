@@ -8,12 +8,14 @@ the same noise); across generations the seeds rotate (``--search-seeds``,
 ``optimizer.seeds``), and are a function of (run seed, generation), so nothing but the
 optimizer state needs saving to continue exactly.
 
-Validation: every generation, its best candidate and the distribution's mean (the
-point the candidates were drawn around) are rendered as plain batches on the run's
-validation seeds, which the search never renders with, and the pinned result is the
-validated candidate with the lowest validation loss: what a user rendering it on new
-seeds is most likely to see, rather than the luckiest fit to the search's own noise.
-The plain prompt is validated once, on the same seeds, as the run's reference.
+Validation: every generation's best candidate, and the distribution's mean (the point
+the candidates were drawn around) in the first generation (the search's starting point)
+and the last, are rendered as plain batches on the run's validation seeds, which the
+search never renders with; the pinned result is the validated candidate with the lowest
+validation loss: what a user rendering it on new seeds is most likely to see, rather
+than the luckiest fit to the search's own noise. The plain prompt is validated once, on
+the same seeds, as the run's reference, and is the pinned result until a candidate beats
+it there: a run never hands back something that does worse than the prompt it was given.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
     store.write_state(state)
     _report(store, None)
     if session.validation is not None and state.get("plain_validation") is None:
-        state["plain_validation"] = _validate_plain(session, store)
+        _validate_plain(session, store, state)
         store.write_state(state)
     bar = tqdm(total=total, initial=state["generation"], disable=quiet, unit="gen", dynamic_ncols=True)
     reason, interrupted = "generations", False
@@ -150,7 +152,7 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
                 g = state["generation"]
                 t0 = time.time()
                 X = opt.ask()                                    # 1. ask: X [λ, n]
-                center = _center(opt)                            # what X was drawn around
+                center = _center(opt) if g in (0, total - 1) else None  # validated: the start and the end
                 ev = session.evaluate(X, g)                      # 2-5. decode, build, render, score
                 losses = _finite(ev.score.loss)
                 if hasattr(opt, "front"):                        # 6. tell
@@ -298,17 +300,24 @@ def _pin_validated(session: Session, store: RunStore, state: dict, g: int, recor
         _write_pinned(session, store, ev.cond, k, state["best"])
 
 
-def _validate_plain(session: Session, store: RunStore) -> dict:
-    """The plain prompt on the validation seeds: its record, images under ``validation/``."""
-    out, score = session.validate_plain()
+def _validate_plain(session: Session, store: RunStore, state: dict) -> None:
+    """The plain prompt on the validation seeds: its record (images under ``validation/``),
+    and the pinned result until a candidate beats it."""
+    cond, out, score = session.validate_plain()
     (store.root / "validation").mkdir(exist_ok=True)
     names = [f"validation/plain_i{b:02d}.png" for b in range(out.images.shape[1])]
     for name, img in zip(names, out.images[0].float().cpu()):
         save_png(store.root / name, img)
-    return {"loss": float(score.loss[0]), "flip": None if score.flip is None else _num(score.flip[0]),
-            "clip": None if score.clip is None else _num(score.clip[0]),
-            "image_losses": [_num(x) for x in score.per_image[0]], "images": names,
-            "seed": session.validation.seed, "renders": int(out.images.shape[1])}
+    plain = {"loss": float(score.loss[0]), "flip": None if score.flip is None else _num(score.flip[0]),
+             "clip": None if score.clip is None else _num(score.clip[0]),
+             "image_losses": [_num(x) for x in score.per_image[0]], "images": names,
+             "seed": session.validation.seed, "renders": int(out.images.shape[1])}
+    state["plain_validation"] = plain
+    if state["best"] is None:
+        state["best"] = {"generation": None, "candidate": "plain", "kind": "plain", "loss": plain["loss"],
+                         "flip": plain["flip"], "clip": plain["clip"], "distance": 0.0, "params": {},
+                         "images": names, "image_losses": plain["image_losses"], "validation": True}
+        _write_pinned(session, store, cond, 0, state["best"])
 
 
 def _eligible(session: Session, distance: torch.Tensor, losses: np.ndarray) -> np.ndarray:

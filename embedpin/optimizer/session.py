@@ -163,16 +163,18 @@ class Session:
     @torch.no_grad()
     def validate_plain(self):
         """The plain prompt (no placeholders, no block applied) on the validation seeds:
-        (RenderResult, ScoreResult)."""
+        (its Conditioning, RenderResult, ScoreResult)."""
+        from embedpin.guidance.build import Conditioning
         from embedpin.guidance.encode import encode_prompt
         from embedpin.render.sampler import render
 
         c = self.config
-        plain = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip).hidden
-        strength = c.render.strength if self.ctx.init_image is not None else None
-        out = render(self.components, plain, self.ctx.negative.hidden, c.render.cfg, self.validation,
+        hidden = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip).hidden
+        strength = torch.tensor([c.render.strength]) if self.ctx.init_image is not None else None
+        cond = Conditioning(hidden, self.ctx.negative.hidden, hidden.new_tensor([c.render.cfg]), strength)
+        out = render(self.components, hidden, cond.negative_embeds, cond.cfg, self.validation,
                      init_image=self.ctx.init_image, strength=strength)
-        return out, self.scorer(out.images, out.lineage, out.roots)
+        return cond, out, self.scorer(out.images, out.lineage, out.roots)
 
 
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -159,6 +159,9 @@ def best_context(run: Run) -> dict | None:
     best = run.best
     if not best or "generation" not in best:
         return None
+    if best.get("kind") == "plain":  # nothing has beaten the plain prompt on the validation seeds yet
+        return dict(generation=None, candidate="plain", loss=best.get("loss"), params=[], images=[], page=None,
+                    validated=True)
     g = int(best["generation"])
     prefix = f"generations/{generation_dirname(g)}/"
     images = []
