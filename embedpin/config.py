@@ -136,8 +136,8 @@ class RunConfig:
         _check(bool(p.prompt.strip()) or bool(p.guide), "give a --prompt, a --guide image, or both")
         _check(p.concepts is None or bool(p.guide), "--concepts needs a --guide image to take concepts from")
         _check("strength" not in s.blocks or p.init_image, "the 'strength' block needs --init-image")
-        guided = {"guidance", "linear_start", "linear_end", "clustered", "threshold", "threshold_floor",
-                  "max_image", "header_cap", "concept"}
+        guided = {"linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image",
+                  "header_cap", "concept"}  # ("guidance" stands for those the run's guide images allow)
         guides = bool(p.guide) or (p.guide_target and bool(sc.targets))
         _check(not (guided & set(s.blocks)) or guides, "the guidance blocks need a --guide image (or --guide-target)")
         _check(not p.guide_target or bool(sc.targets), "--guide-target needs --target images")

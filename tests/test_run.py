@@ -186,7 +186,6 @@ def test_report_command_rebuilds(finished):
     (["--size", "30"], "multiple"),
     (["--renoise", "-1"], "--renoise"),
     (["--guide-target"], "--guide-target needs --target"),
-    (["--init-word", "auto"], "--init-word auto needs --target"),
     (["--roots", "3"], "--roots must be a power of two"),
     (["--validation-seeds", "-1"], "--validation-seeds"),
     (["--search-seeds", "sometimes"], "--search-seeds"),
@@ -203,6 +202,7 @@ def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target
     """--init-word auto starts each placeholder at a vocabulary word CLIP ranks high for the target
     (never one of the prompt's words); --guide-target makes the target the guide image."""
     from embedpin.config import RunConfig
+    from embedpin.guidance.encode import encode_prompt
     from embedpin.guidance.interrogate import rank_words
     from embedpin.optimizer.session import Session
 
@@ -219,6 +219,10 @@ def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target
     assert torch.allclose(s.ctx.vector_init, torch.stack([emb(torch.tensor(i)).mean(0) for i in words]))
     assert len(s.guide) == 1 and torch.equal(s.guide[0], s.targets[0]) and s.ctx.mapping is not None
     assert {"max_image", "linear_start"} <= set(s.space.names)
+    c.score.targets, c.prompt.guide_target = [], False  # self mode: no target to rank words for
+    s = Session.prepare(c.validate())
+    assert torch.equal(s.ctx.plain.hidden, encode_prompt(s.components, "a star").hidden)  # starts at the prompt
+    assert not {"max_image", "linear_start"} & set(s.space.names)  # "guidance": what a guide allows, none
 
 
 def _spawn(argv):

@@ -46,13 +46,13 @@ def guidance_options(config: RunConfig, init_word: str | None = None):
 
 def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None) -> str:
     """``--init-word auto``: the vocabulary words CLIP ranks highest for the targets, one per
-    placeholder, leaving out the prompt's own words (``guidance.interrogate``)."""
+    placeholder, leaving out the prompt's own words (``guidance.interrogate``). Without target
+    images or an image CLIP: the end-of-text token, the prompt's own padding, so the search
+    starts exactly at the plain prompt."""
     from embedpin.guidance.interrogate import rank_words
 
-    if targets is None:
-        raise ConfigError("--init-word auto needs --target images to rank words for")
-    if components.clip is None:
-        raise ConfigError("--init-word auto needs an image CLIP model: pass --clip")
+    if targets is None or components.clip is None:
+        return components.tokenizer.eos_token
     prompt_words = config.prompt.prompt.replace(",", " ").split()
     ranked = rank_words(components, targets, exclude=prompt_words, n=config.search.n_vectors)
     if not ranked:
@@ -132,6 +132,8 @@ class Session:
                            concepts=p.concepts, init_image=init[None] if init is not None else None,
                            options=guidance_options(config, words))
         space = SearchSpace(ctx.blocks(config.search.blocks))
+        if space.n == 0:
+            raise ConfigError("nothing to search: the guidance blocks need a --guide image (or --guide-target)")
         if (sc.clip_weight > 0 or sc.text_target) and comp.clip is None:
             raise ConfigError("the CLIP loss needs an image CLIP model: pass --clip")
         scorer = Scorer(comp, targets, flip_weight=sc.flip_weight, clip_weight=sc.clip_weight,
