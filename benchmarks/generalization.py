@@ -23,7 +23,8 @@ starting point:
 - generalization_gap: median of (pinned / plain, unseen seeds) / (pinned / plain, the run's
   own validation figures), goal <= 1.15;
 - renders_per_run: images a run renders, validation included, and its largest ratio to the
-  budget (16 generations of the default run without validation, λ·B each), goal <= 1.
+  budget (16 generations of the default run before validation: token vectors and weights,
+  λ·B each), goal <= 1.
 
 ``--set section.key=value`` overrides the run config (repeatable; lists comma-separated),
 so one script measures every lever; ``--json FILE`` keeps the per-pair figures.
@@ -180,14 +181,16 @@ def _number(value: str):
 
 
 def budget(config) -> tuple[int, int]:
-    """(renders of 16 generations of the default run without validation, its λ) for this prompt."""
+    """(renders of 16 generations of the default run before validation existed, its λ) for
+    this prompt: token vectors (at "shape") and token weights, no validation, fixed seeds."""
     from embedpin.config import RunConfig
     from embedpin.optimizer.cmaes import default_population
     from embedpin.optimizer.session import Session
 
     d = RunConfig()
     d.prompt.prompt, d.score.targets = config.prompt.prompt, config.score.targets
-    d.optim.validation_seeds = 0
+    d.search.blocks, d.search.init_word, d.prompt.guide_target = ["token_vectors", "token_weights"], "shape", False
+    d.optim.validation_seeds, d.optim.search_seeds = 0, "fixed"
     s = Session.prepare(d.validate())
     lam = default_population(s.space.n)
     return 16 * lam * d.render.batch, lam
@@ -259,7 +262,7 @@ def evaluate_pair(pair: Pair, index: int, args, pipe, base, tmp: Path) -> dict:
     elif recipe["candidate"] == "plain":  # nothing beat the plain prompt: the user keeps the prompt
         flips["ti"] = flips["plain"]
     means = {k: float(v.mean()) for k, v in flips.items()}
-    plain_v = state.get("plain_validation") or {}
+    plain_v = state.get("plain_validation") or {"flip": search_seed_plain_flip(config)}
     first = json.loads((result.run_dir / "generations" / "0000" / "generation.json").read_text())
     start_v = next((v for v in first.get("validation", []) if v["kind"] == "mean"), None)
     row = {"pair": pair.name, "prompt": pair.prompt, "caption": pair.caption, "unseen": means,
@@ -270,6 +273,19 @@ def evaluate_pair(pair: Pair, index: int, args, pipe, base, tmp: Path) -> dict:
            "seconds": seconds, "pinned_kind": state["best"].get("kind"), "pinned_generation": state["best"]["generation"],
            "run_dir": str(result.run_dir)}
     return row
+
+
+def search_seed_plain_flip(config) -> float:
+    """Without validation the run's own figure is its search loss: the plain prompt's mean ꟻLIP
+    on generation 0's search seeds, for the in-run ratio."""
+    from embedpin.guidance.encode import encode_prompt
+    from embedpin.optimizer.session import Session
+    from embedpin.render.sampler import render
+
+    s = Session.prepare(config)
+    out = render(s.components, encode_prompt(s.components, config.prompt.prompt).hidden, s.ctx.negative.hidden,
+                 config.render.cfg, s.search_plan(0))
+    return float(s.scorer(out.images, out.lineage, out.roots).flip[0])
 
 
 def replace_cfg(config, cfg: float):

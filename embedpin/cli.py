@@ -46,9 +46,9 @@ def _optimize_parser(sub):
     g.add_argument("--concepts", default=None, help="second prompt selecting which guide-image features map in")
     g.add_argument("--init-image", default=None, help="img2img init image")
     g.add_argument("--text-target", default=None, help="target text for a CLIP text loss")
-    g.add_argument("--guide-target", action="store_true", default=None,
-                   help="without --guide: use the target image(s) as the guide images (image guidance and "
-                        "the delta's image basis)")
+    g.add_argument("--guide-target", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"without --guide: the target image(s) are the guide images of image guidance and "
+                        f"the delta's image basis (default: {d.prompt.guide_target})")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | cached hub id | "
                                                  f".safetensors checkpoint (default: {d.model.name})")

@@ -42,16 +42,16 @@ class PromptConfig:
     concepts: str | None = None                       # second prompt selecting image features
     init_image: str | None = None                     # img2img init image
     clip_skip: int = 0
-    guide_target: bool = False                        # no --guide: the targets are the guide images
+    guide_target: bool = True                         # no --guide: the targets are the guide images
 
 
 @dataclass
 class SearchConfig:
-    blocks: list[str] = field(default_factory=lambda: ["token_vectors", "token_weights"])
+    blocks: list[str] = field(default_factory=lambda: ["token_vectors", "token_weights", "guidance"])
     basis: str = "pca"           # basis of the delta / token vectors: image | pca | random
     rank: int = 16               # K: basis size of the delta / token-vector blocks
     n_vectors: int = 2           # textual-inversion placeholder tokens
-    init_word: str = "shape"     # token vectors start here: a word, words "a,b" (one per vector), or "auto"
+    init_word: str = "auto"      # token vectors start here: a word, words "a,b" (one per vector), or "auto"
 
 
 @dataclass
@@ -139,8 +139,7 @@ class RunConfig:
         guided = {"linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image",
                   "header_cap", "concept"}  # ("guidance" stands for those the run's guide images allow)
         guides = bool(p.guide) or (p.guide_target and bool(sc.targets))
-        _check(not (guided & set(s.blocks)) or guides, "the guidance blocks need a --guide image (or --guide-target)")
-        _check(not p.guide_target or bool(sc.targets), "--guide-target needs --target images")
+        _check(not (guided & set(s.blocks)) or guides, "the guidance blocks need a --guide image (or --target with --guide-target)")
         _check(not sc.targets or sc.flip_weight > 0 or sc.clip_weight > 0, "targets need a loss weight")
         return self
 

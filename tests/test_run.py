@@ -185,7 +185,6 @@ def test_report_command_rebuilds(finished):
     (["--guide", "/no/such/guide.png", "--blocks", "guidance"], "guide.png"),
     (["--size", "30"], "multiple"),
     (["--renoise", "-1"], "--renoise"),
-    (["--guide-target"], "--guide-target needs --target"),
     (["--roots", "3"], "--roots must be a power of two"),
     (["--validation-seeds", "-1"], "--validation-seeds"),
     (["--search-seeds", "sometimes"], "--search-seeds"),
@@ -208,8 +207,8 @@ def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target
 
     c = RunConfig()
     c.prompt.prompt, c.score.targets = "a star", [str(ROOT / "examples" / "star.png")]
-    c.search.init_word, c.prompt.guide_target = "auto", True
-    c.search.blocks = ["token_vectors", "token_weights", "guidance"]
+    assert (c.search.init_word, c.prompt.guide_target) == ("auto", True)  # the defaults
+    assert c.search.blocks == ["token_vectors", "token_weights", "guidance"]
     s = Session.prepare(c.validate())
     ranked = rank_words(s.components, s.targets, exclude=["a", "star"], n=2)
     assert len(ranked) == 2 and not {"a", "star"} & {w for w, _ in ranked}

@@ -243,8 +243,8 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
     if validated:
         _pin_validated(session, store, state, g, *validated)
     elif eligible[best_i] and (state["best"] is None or best["loss"] < state["best"]["loss"]):
-        state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "distance": best["distance"],
-                         "params": best["params"]}
+        state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "flip": best["flip"],
+                         "clip": best["clip"], "distance": best["distance"], "params": best["params"]}
         _write_pinned(session, store, ev.cond, best_i, state["best"])
     sorted_l = np.sort(losses)
     v_renders = len(validated[0]) * session.validation.batch if validated else 0
