@@ -15,7 +15,7 @@ import torch
 from embedpin.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a large yellow star in the center on a blue striped background"
+PROMPT = "a large star in the center"  # no colour, no background: the run must add what star.png has
 SMALL = ["--generations", "3", "--population", "4", "--batch", "4", "--steps", "6", "--validation-seeds", "4",
          "--quiet"]
 
@@ -127,14 +127,16 @@ def test_same_seed_same_result(finished, tmp_path):
 
 
 def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path, capsys):
+    """The TI file in diffusers re-encodes "<prompt> <pinned>" to embedpin's encoding of the pinned
+    vectors; with the other blocks' values from its metadata it rebuilds the pinned conditioning."""
     from diffusers import StableDiffusionPipeline
-
-    from embedpin.export import load_pinned
-    from embedpin.models.loader import MICRO_DIR
-
     from safetensors import safe_open
 
-    from embedpin.guidance.deltas import emphasis
+    from embedpin.config import RunConfig
+    from embedpin.export import load_pinned
+    from embedpin.guidance.build import build
+    from embedpin.models.loader import MICRO_DIR
+    from embedpin.optimizer.session import Session
 
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(finished), "--format", "textual-inversion", "-o", str(ti)]) == 0
@@ -142,16 +144,38 @@ def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path, capsys)
     with safe_open(str(ti), "pt") as f:
         meta = json.loads(f.metadata()["embedpin"])
     assert meta["usage"] == f"{PROMPT} <pinned>"
-    weights = torch.tensor([meta["params"]["token_weights"]])  # the default run also weights prompt tokens
-    assert meta["not_carried"] == (["token_weights"] if bool((weights != 1).any()) else [])
+    params = meta["params"]
+    moved = [n for n, v in params.items() if n != "token_vectors" and (n != "token_weights" or any(
+        abs(x - 1) > 1e-6 for x in v))]
+    assert meta["not_carried"] == moved and "token_weights" in moved  # the default run also weights tokens
     assert ("note: the embedding alone" in capsys.readouterr().err) == bool(meta["not_carried"])
     pipe = StableDiffusionPipeline.from_pretrained(str(MICRO_DIR), local_files_only=True)
     pipe.load_textual_inversion(str(ti), token="<pinned>")
     emb, _ = pipe.encode_prompt(f"{PROMPT} <pinned>", "cpu", 1, False)
-    # the vector in diffusers + the weights from the metadata = the pinned conditioning
-    assert torch.allclose(emphasis(emb, weights, first=1), tensors["prompt_embeds"], atol=1e-4)
+    s = Session.prepare(RunConfig.from_toml(finished / "config.toml"))
+    like = s.ctx.plain.hidden
+    only_vectors = build(s.ctx, {"token_vectors": torch.tensor([params["token_vectors"]]).to(like)}).prompt_embeds
+    assert torch.allclose(emb, only_vectors, atol=1e-4)
+    whole = build(s.ctx, {n: torch.tensor([v]).to(like) for n, v in params.items()}).prompt_embeds
+    assert torch.allclose(whole, tensors["prompt_embeds"], atol=1e-5)
     img = pipe(f"{PROMPT} <pinned>", num_inference_steps=4, height=64, width=64, output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_a_run_whose_pinned_result_is_the_plain_prompt_exports_no_embedding(finished, tmp_path, capsys):
+    import shutil
+
+    from embedpin.export import _to_bytes, load_pinned
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    tensors, recipe = load_pinned(run)
+    (run / "pinned.safetensors").write_bytes(_to_bytes({"prompt_embeds": tensors["prompt_embeds"],
+        "negative_prompt_embeds": tensors["negative_prompt_embeds"]}, {**recipe, "candidate": "plain", "params": {}}))
+    assert main(["export", str(run), "--format", "textual-inversion", "-o", str(tmp_path / "ti.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "beat the plain prompt" in err[0] and not (tmp_path / "ti.safetensors").exists()
+    assert main(["export", str(run), "--format", "diffusers", "-o", str(tmp_path / "d.safetensors")]) == 0
 
 
 def test_export_diffusers_embeds_drive_a_pipeline(finished, tmp_path):
