@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--roots", type=int, default=None, help="hyperbatch roots (default: the run's)")
     ap.add_argument("--renoise", type=float, default=None, help="branch re-noise eta (default: the run's)")
     ap.add_argument("--pinned", default=None, help="a run folder to take the pinned result from")
-    ap.add_argument("--generations", type=int, default=6, help="generations of the pinning run")
+    ap.add_argument("--generations", type=int, default=12, help="generations of the pinning run")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="embedpin-estimator-")
     comp = load_components("micro")

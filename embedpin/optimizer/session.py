@@ -124,7 +124,7 @@ class Session:
         targets = load_targets(sc.targets, (size, size)).to(comp.device) if sc.targets else None
         if init is not None:
             init = _resize(init, size).to(comp.device)
-        if p.guide_target and not guide:
+        if p.guide_target and not guide and targets is not None:
             guide = list(targets)
         # 2. per-run precomputation: guidance context, search space, scorer
         words = auto_init_words(config, comp, targets) if config.search.init_word.strip() == "auto" else None
