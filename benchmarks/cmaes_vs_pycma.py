@@ -33,7 +33,10 @@ import numpy as np  # noqa: E402
 from deap import cma as deap_cma  # noqa: E402
 
 from embedpin.optimizer.cmaes import (  # noqa: E402
-    CMAES, FitnessMin, as_individual, default_population,
+    CMAES,
+    FitnessMin,
+    as_individual,
+    default_population,
 )
 from embedpin.optimizer.rng import deap_rng, make_rng  # noqa: E402
 

@@ -49,7 +49,7 @@ def target_image(comp, folder: str) -> str:
 
 def pinned_run(target: str, folder: str, generations: int) -> str:
     from embedpin.config import RunConfig
-    from embedpin.optimizer.run import run
+    from embedpin.runner import run
 
     cfg = RunConfig()
     cfg.prompt.prompt, cfg.score.targets, cfg.out = PROMPT, [target], folder
@@ -72,10 +72,10 @@ def losses(session, conds, neg, cfg, plan, seeds: int):
 
 def main() -> None:
     from embedpin.config import RunConfig
-    from embedpin.export import load_pinned
     from embedpin.guidance.encode import encode_prompt
     from embedpin.models.loader import load_components
     from embedpin.optimizer.session import Session
+    from embedpin.pinned import load_pinned
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=32, help="batches of B per mode (x B = images per figure)")
@@ -112,7 +112,7 @@ def main() -> None:
             rows.append((name, what, h.mean() / p.mean(), se))
             print(f"{name:14s} {what}: hyperbatch {h.mean():.4f}  plain {p.mean():.4f}  ratio {h.mean() / p.mean():.3f}"
                   f" (se {se:.3f})")
-    for name, what, ratio, se in rows:
+    for name, what, ratio, _se in rows:
         if name != "caption":
             print(f"{name.replace(' ', '_')}_{what}_hyperbatch_over_plain: {ratio:.3f}")
     print(f"max_abs_deviation: {max(abs(r - 1) for n, _, r, _ in rows if n != 'caption'):.3f}")

@@ -222,8 +222,8 @@ def start_conditioning(config) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate_pair(pair: Pair, index: int, args, pipe, base, tmp: Path) -> dict:
     from PIL import Image
 
-    from embedpin.export import export_run, load_pinned
-    from embedpin.optimizer.run import run
+    from embedpin.pinned import export_run, load_pinned
+    from embedpin.runner import run
 
     folder = tmp / f"{index:02d}-{pair.name}"
     targets = make_targets(pair, index, pipe, base, folder / "targets")

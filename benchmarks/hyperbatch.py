@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from embedpin.guidance.encode import encode_prompt
-from embedpin.models.micro.dataset import colour_right as scene_colour_right, random_scene
+from embedpin.models.micro.dataset import colour_right as scene_colour_right
+from embedpin.models.micro.dataset import random_scene
 from embedpin.render.latents import decode
 from embedpin.render.sampler import RenderPlan, plain, render
 

@@ -20,15 +20,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from micro_model import (embed, held_out_pipeline, held_out_scenes, render_captions, silhouette_right, true_images,
-                         zero_shot_shape)
+from micro_model import (
+    embed,
+    held_out_pipeline,
+    held_out_scenes,
+    render_captions,
+    silhouette_right,
+    true_images,
+    zero_shot_shape,
+)
 
 
 def main() -> None:
     from transformers import CLIPTokenizer
 
     from embedpin.models.loader import MICRO_DIR, load_clip
-    from embedpin.models.micro.train import vae_round_trip
+    from embedpin.train_micro import vae_round_trip
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(MICRO_DIR))

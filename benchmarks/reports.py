@@ -25,7 +25,7 @@ class Timer:
     """Wall-clock and process CPU seconds of a ``with`` block (CPU time is robust to a loaded
     machine; wall time is what a user waits)."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
@@ -100,9 +100,10 @@ def store_with_history(root: Path, history: int) -> Path:
 
 def add_generation(root: Path, rendered: dict) -> int:
     """Write the rendered generation after the history, as the run loop would; returns its number."""
+    from PIL import Image
+
     from embedpin.reports.atomic import save_image, write_text
     from embedpin.reports.sample import write_state
-    from PIL import Image
 
     state = json.loads((root / "state.json").read_text())
     g = state["generation"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from embedpin.errors import ConfigError, EmbedpinError
 
@@ -30,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _optimize_parser(sub):
     from embedpin.config import BASES, BLOCKS, WEIGHTINGS, RunConfig
-    from embedpin.models.components import SCHEDULERS
+    from embedpin.models.schedulers import SCHEDULERS
 
     d = RunConfig()
     p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)",
@@ -154,12 +153,10 @@ def config_from_args(a):
 
 
 def cmd_optimize(a) -> int:
-    from embedpin.optimizer.run import resume, run
+    config = None if a.resume else config_from_args(a)  # argument errors answer before torch is imported
+    from embedpin.runner import resume, run
 
-    if a.resume:
-        result = resume(a.resume, quiet=a.quiet)
-    else:
-        result = run(config_from_args(a), quiet=a.quiet)
+    result = resume(a.resume, quiet=a.quiet) if a.resume else run(config, quiet=a.quiet)
     if a.json:
         print(json.dumps(result.summary()))
     elif not a.quiet:
@@ -168,7 +165,7 @@ def cmd_optimize(a) -> int:
 
 
 def cmd_render(a) -> int:
-    from embedpin.export import render_pinned
+    from embedpin.pinned import render_pinned
 
     paths = render_pinned(a.source, seed=a.seed, n=a.n, out=a.out, steps=a.steps, device=a.device)
     print(f"wrote {len(paths)} image(s) to {a.out}")
@@ -176,7 +173,7 @@ def cmd_render(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from embedpin.export import export_run
+    from embedpin.pinned import export_run
 
     path, lost = export_run(a.run, a.format, a.output, token=a.token)
     print(f"wrote {path}")
@@ -212,7 +209,7 @@ def cmd_models(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from embedpin import __version__
+    from embedpin.version import __version__
 
     p = _Parser(prog="embedpin", description="Pin a diffusion model's prompt conditioning to a visual target "
                 "(CMA-ES over image guidance and embedding deltas, scored by ꟻLIP and CLIP).",

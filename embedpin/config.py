@@ -103,7 +103,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     out: str = "runs"
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Check every range a user can get wrong; raise ConfigError with one line."""
         r, s, o, sc, p = self.render, self.search, self.optim, self.score, self.prompt
         _check(r.batch >= 1, f"--batch must be >= 1 (got {r.batch})")
@@ -147,14 +147,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         return _build(cls, d, "")
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "RunConfig":
+    def from_toml(cls, path: str | Path) -> RunConfig:
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:

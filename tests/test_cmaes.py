@@ -110,15 +110,15 @@ def test_resume_from_json_state_is_bitwise_identical(params: dict) -> None:
     straight = CMAES(np.full(7, 0.8), 0.7, seed=11, lambda_=9, **params)
     for _ in range(5):
         step(straight)
-    resumed = CMAES.from_state(_json_roundtrip(straight.state_dict()))
+    resumed = CMAES.from_state(_json_roundtrip(straight.to_state()))
     for _ in range(12):
         assert np.array_equal(step(straight), step(resumed))
-    assert resumed.state_dict() == straight.state_dict()
+    assert resumed.to_state() == straight.to_state()
     assert resumed.sigma == straight.sigma and resumed.generation == 17
 
 
 def test_state_holds_only_dynamic_attributes() -> None:
-    state = CMAES(np.zeros(3), 1.0, seed=0).state_dict()
+    state = CMAES(np.zeros(3), 1.0, seed=0).to_state()
     assert {"mean", "sigma", "C", "pc", "ps", "generation", "rng"} <= set(state)
     assert not {"B", "diagD", "BD", "weights"} & set(state)
 
@@ -132,7 +132,7 @@ def test_bad_input_raises_our_errors() -> None:
         CMAES(np.zeros(3), 1.0, seed=-1)
     with pytest.raises(ConfigError):
         CMAES(np.zeros(3), 1.0, seed=0, ccov=0.1)
-    state = CMAES(np.zeros(3), 1.0, seed=0).state_dict()
+    state = CMAES(np.zeros(3), 1.0, seed=0).to_state()
     with pytest.raises(InputError):
         CMAES.from_state({**state, "version": 99})
     with pytest.raises(InputError):
@@ -171,7 +171,7 @@ def test_mo_front_trades_loss_for_distance_and_respects_the_limit() -> None:
 
 def test_mo_nan_candidates_do_not_break_the_run() -> None:
     mo = MOCMAES(np.zeros(2), 0.3, seed=0, max_distance=1.0)
-    for g in range(6):
+    for _ in range(6):
         X = mo.ask()
         loss, dist = _mo_problem(X)
         loss[0] = np.nan
@@ -189,10 +189,10 @@ def test_mo_resume_from_json_state_is_bitwise_identical() -> None:
     straight = MOCMAES(np.zeros(4), 0.4, seed=8, max_distance=1.0, lambda_=3)
     for _ in range(4):
         step(straight)
-    resumed = MOCMAES.from_state(_json_roundtrip(straight.state_dict()))
+    resumed = MOCMAES.from_state(_json_roundtrip(straight.to_state()))
     for _ in range(8):
         assert np.array_equal(step(straight), step(resumed))
-    assert resumed.state_dict() == straight.state_dict()
+    assert resumed.to_state() == straight.to_state()
 
 
 def test_mo_global_rng_untouched_and_tell_checks_x() -> None:

@@ -10,8 +10,17 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from embedpin.errors import ConfigError, InputError, ModelError
-from embedpin.guidance import (GuidanceOptions, build, candidate_vectors, distance, encode_image, encode_prompt,
-                               encode_text_from_embeds, make_context, map_image_tokens)
+from embedpin.guidance import (
+    GuidanceOptions,
+    build,
+    candidate_vectors,
+    distance,
+    encode_image,
+    encode_prompt,
+    encode_text_from_embeds,
+    make_context,
+    map_image_tokens,
+)
 from embedpin.guidance.deltas import emphasis
 from embedpin.guidance.tween import cluster_profile, threshold_gate, tween_weights
 from embedpin.models.micro.arch import random_components
@@ -35,7 +44,7 @@ def images():
 @pytest.fixture(scope="module")
 def ctx(comps, images):
     """Everything on: guide image, concept, img2img, 2 token vectors."""
-    opts = GuidanceOptions(n_vectors=2, vector_k=4, delta_k=4)
+    opts = GuidanceOptions(n_vectors=2, vector_k=4, delta_k=4, init_word="picture")
     return make_context(comps, PROMPT, guide=images[:1], concepts="blue circle", init_image=images[1:2], options=opts)
 
 

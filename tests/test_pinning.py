@@ -2,14 +2,13 @@
 the full measurement): the pinned result beats the plain prompt on the run's validation seeds,
 which the search never rendered with, and the in-run figures say so honestly."""
 
-import torch
 
 from embedpin.config import RunConfig
 from embedpin.guidance.encode import encode_prompt
-from embedpin.optimizer.run import run
 from embedpin.optimizer.session import Session
 from embedpin.optimizer.store import save_png
 from embedpin.render.sampler import RenderPlan, render
+from embedpin.runner import run
 
 PROMPT = "a star"
 CAPTION = "a large red star at the top left on a plain blue background"

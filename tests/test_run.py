@@ -67,8 +67,8 @@ def test_pinned_result_is_the_validation_best(finished):
     (never worse than the prompt as written), and the pinned file re-rendered on the validation
     seeds gives exactly that loss."""
     from embedpin.config import RunConfig
-    from embedpin.export import load_pinned
     from embedpin.optimizer.session import Session
+    from embedpin.pinned import load_pinned
     from embedpin.render.sampler import render
 
     state = json.loads((finished / "state.json").read_text())
@@ -133,10 +133,10 @@ def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path, capsys)
     from safetensors import safe_open
 
     from embedpin.config import RunConfig
-    from embedpin.export import load_pinned
     from embedpin.guidance.build import build
     from embedpin.models.loader import MICRO_DIR
     from embedpin.optimizer.session import Session
+    from embedpin.pinned import load_pinned
 
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(finished), "--format", "textual-inversion", "-o", str(ti)]) == 0
@@ -165,7 +165,7 @@ def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path, capsys)
 def test_a_run_whose_pinned_result_is_the_plain_prompt_exports_no_embedding(finished, tmp_path, capsys):
     import shutil
 
-    from embedpin.export import _to_bytes, load_pinned
+    from embedpin.pinned import _to_bytes, load_pinned
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

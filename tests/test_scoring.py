@@ -15,12 +15,16 @@ from PIL import Image
 from skimage.transform import resize
 
 from embedpin.errors import ConfigError
+from embedpin.models.clip import clip_image_embeds, clip_text_embeds
 from embedpin.scoring.aggregate import WORST_LOSS, aggregate, lineage_levels
-from embedpin.scoring.clip_loss import (
-    clip_image_embeds, clip_image_loss, clip_text_embeds, cosine_distance,
-)
+from embedpin.scoring.clip_loss import clip_image_loss, cosine_distance
 from embedpin.scoring.flip import (
-    DEFAULT_PPD, flip_cross, flip_features, flip_loss, pairwise_flip, prepare_reference,
+    DEFAULT_PPD,
+    flip_cross,
+    flip_features,
+    flip_loss,
+    pairwise_flip,
+    prepare_reference,
 )
 from embedpin.scoring.scorer import Scorer
 
@@ -257,7 +261,7 @@ def test_scorer_with_targets_matches_flip_and_handles_nan(natural_pairs):
     refs = _t(natural_pairs[0][[0, 5]])
     tests = torch.cat((_t(natural_pairs[1]), refs.flip(0)))  # 8 renders, two equal to a target
     images = tests.view(2, 4, 3, *SIZE)
-    scorer = Scorer(None, refs, std_weight=0.5)
+    scorer = Scorer(None, refs, std_weight=0.5, ppd=DEFAULT_PPD)
     result = scorer(images, LINEAGE)
     expected = flip_cross(tests, refs).mean(-1).view(2, 4)
     assert torch.allclose(result.per_image, expected)
@@ -273,7 +277,7 @@ def test_scorer_with_targets_matches_flip_and_handles_nan(natural_pairs):
 
 def test_scorer_self_mode_compares_each_batch_with_itself(natural_pairs):
     images = _t(natural_pairs[1][:6]).view(2, 3, 3, *SIZE)
-    result = Scorer(None, None)(images)
+    result = Scorer(None, None, ppd=DEFAULT_PPD)(images)
     assert torch.allclose(result.per_image, pairwise_flip(images).sum(-1) / 2)
     same = images[:, :1].expand(2, 3, 3, *SIZE)
     assert torch.equal(Scorer(None, None)(same).loss, torch.zeros(2))

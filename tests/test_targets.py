@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from embedpin.errors import InputError
-from embedpin.scoring.targets import MAX_PIXELS, load_image, load_targets, resize_crop
+from embedpin.images import MAX_PIXELS, load_image, resize_crop
+from embedpin.scoring.targets import load_targets
 
 
 def _px(x: torch.Tensor, y: int, xx: int) -> list[float]:

@@ -10,11 +10,11 @@ block's default the conditioning is exactly the plain prompt's. ``"guidance"`` i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from embedpin.errors import ConfigError
 from embedpin.guidance.flex import FLEX_PARAMS
-from embedpin.optimizer.space import Block
+from embedpin.space import Block
 
 # name -> (lower, upper, default, scale); None default = taken from the run's options
 SCALARS: dict[str, tuple[float, float, float | None, float]] = {

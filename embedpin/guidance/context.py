@@ -7,16 +7,22 @@ the concept mapping and the delta / token-vector bases (the last two on first us
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import torch
 
+from embedpin.config import OptimConfig, RenderConfig, SearchConfig
 from embedpin.errors import ConfigError
 from embedpin.guidance.concepts import ConceptMapping, map_concepts
-from embedpin.guidance.deltas import (image_basis, pca_directions, random_orthonormal, random_sequence_basis,
-                                      sequence_basis)
+from embedpin.guidance.deltas import (
+    image_basis,
+    pca_directions,
+    random_orthonormal,
+    random_sequence_basis,
+    sequence_basis,
+)
 from embedpin.guidance.encode import PromptEncoding, encode_image, encode_prompt, encode_text_from_embeds
 from embedpin.guidance.images import ImageLike, as_image_batch
 from embedpin.guidance.mapping import MODES, Mapping, map_image_tokens
@@ -49,14 +55,14 @@ class GuidanceOptions:
     softness: float = 0.02
     concept_threshold: float = 0.75
     delta_basis: str | None = None
-    delta_k: int = 8
+    delta_k: int = SearchConfig.rank  # (defaults: the run config's, held once in embedpin.config)
     n_vectors: int = 0
-    vector_k: int = 8
-    vector_basis: str = "pca"
-    init_word: str = "picture"
-    seed: int = 0
-    cfg: float = 7.5
-    strength: float = 0.6
+    vector_k: int = SearchConfig.rank
+    vector_basis: str = SearchConfig.basis
+    init_word: str = "<|endoftext|>"  # the CLIP tokenizers' padding: placeholders start at the plain prompt
+    seed: int = OptimConfig.seed
+    cfg: float = RenderConfig.cfg
+    strength: float = RenderConfig.strength
 
 
 @dataclass

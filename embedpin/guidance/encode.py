@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from embedpin.errors import ConfigError, InputError, ModelError
-from embedpin.scoring.clip_loss import clip_pixels
+from embedpin.models.clip import clip_pixels
 
 
 @dataclass

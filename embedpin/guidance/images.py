@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from embedpin.errors import InputError
-from embedpin.scoring.targets import load_image
+from embedpin.images import load_image
 
 ImageLike = str | Path | torch.Tensor
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from embedpin.scoring.clip_loss import clip_image_embeds, require_clip
+from embedpin.models.clip import clip_image_embeds, require_clip
 
 WORD_END = "</w>"
 CHUNK = 512  # words per CLIP text forward pass

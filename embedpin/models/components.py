@@ -8,23 +8,7 @@ from typing import Any
 import torch
 
 from embedpin.errors import ConfigError
-
-# Scheduler names a user can pass to --scheduler -> diffusers class name (+ config overrides).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "dpm++sde": ("DPMSolverSDEScheduler", {}),
-    "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-}
-STOCHASTIC_SCHEDULERS = {"euler-a", "ddpm", "dpm++sde", "dpm++sde-karras"}
+from embedpin.models.schedulers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: F401 (re-exported)
 
 
 def make_scheduler(name: str, config: dict):
@@ -97,7 +81,7 @@ class Components:
     def scheduler(self, name: str):
         return make_scheduler(name, self.scheduler_config)
 
-    def to(self, device, dtype=None) -> "Components":
+    def to(self, device, dtype=None) -> Components:
         for m in (self.text_encoder, self.unet, self.vae, self.clip, self.text_encoder_2):
             if m is not None:
                 m.to(device=device, dtype=dtype)

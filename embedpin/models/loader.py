@@ -42,7 +42,7 @@ def resolve(spec: str) -> tuple[str, Path]:
     if spec == "micro":
         if not (MICRO_DIR / "model_index.json").is_file():
             raise ModelError("the built-in micro model is missing from this install; "
-                             "rebuild it with: python -m embedpin.models.micro.train")
+                             "rebuild it with: python -m embedpin.train_micro")
         return "micro", MICRO_DIR
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -80,7 +80,7 @@ def _load(what: str, fn, *args, **kw):
         return fn(*args, **kw)
     except ModelError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load the {what}: {first}") from None
 

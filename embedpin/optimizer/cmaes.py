@@ -167,10 +167,11 @@ class CMAES:
             rows = self._es.generate(np.array)  # DEAP draws from the swapped-in RNG
         return np.stack(rows)
 
-    def tell(self, X: np.ndarray, losses: np.ndarray) -> None:
-        """Update from candidates ``X`` [λ, n] and their ``losses`` [λ] (NaN/inf = worst).
+    def tell(self, X: np.ndarray, losses: np.ndarray, distances: np.ndarray | None = None) -> None:
+        """Update from candidates ``X`` [λ, n] and their ``losses`` [λ] (NaN/inf = worst);
+        ``distances`` is the multi-objective strategy's second objective, unused here.
 
-        ``X`` is normally the last :meth:`ask`; checkpoint (:meth:`state_dict`) after tell.
+        ``X`` is normally the last :meth:`ask`; checkpoint (:meth:`to_state`) after tell.
         """
         X = np.array(X, dtype=float)  # a copy: nothing of the caller's is touched or sorted
         losses = np.array(losses, dtype=float).reshape(-1)
@@ -251,7 +252,13 @@ class CMAES:
         """Number of completed ``tell`` calls."""
         return int(self._es.update_count)
 
-    def state_dict(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
+        """What a run records per generation: sigma, axis_ratio, eigenvalues [n], the mean
+        [n] (the distribution's centre, decodable as a candidate) and front (None: one objective)."""
+        return {"sigma": self.sigma, "axis_ratio": self.axis_ratio, "eigenvalues": self.eigenvalues.tolist(),
+                "mean": self.mean, "front": None}
+
+    def to_state(self) -> dict[str, Any]:
         """The dynamic state as JSON types; B, D and learning rates are rebuilt on load."""
         es = self._es
         return {
@@ -265,7 +272,7 @@ class CMAES:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CMAES:
-        """Rebuild from :meth:`state_dict`; continuing is bitwise identical."""
+        """Rebuild from :meth:`to_state`; continuing is bitwise identical."""
         check_format(state, STATE_FORMAT, STATE_VERSION)
         try:
             self = cls(np.array(state["mean"], dtype=float), float(state["sigma"]), 0,

@@ -21,7 +21,12 @@ from deap import base, cma
 
 from embedpin.errors import ConfigError, InputError
 from embedpin.optimizer.cmaes import (
-    Individual, is_real, as_individual, as_vector, check_format, default_population,
+    Individual,
+    as_individual,
+    as_vector,
+    check_format,
+    default_population,
+    is_real,
 )
 from embedpin.optimizer.rng import deap_rng, make_rng, rng_from_json, rng_to_json
 
@@ -96,8 +101,10 @@ class MOCMAES:
         self._last_X = X.copy()
         return X
 
-    def tell(self, X: np.ndarray, losses: np.ndarray, distances: np.ndarray) -> None:
+    def tell(self, X: np.ndarray, losses: np.ndarray, distances: np.ndarray | None = None) -> None:
         """Update from the last asked ``X`` and its ``losses``/``distances`` (NaN = worst)."""
+        if distances is None:
+            raise ValueError("MOCMAES.tell needs the distances, its second objective")
         X = np.array(X, dtype=float)
         F = np.stack([np.asarray(losses, float).reshape(-1),
                       np.asarray(distances, float).reshape(-1)], axis=1)
@@ -195,7 +202,18 @@ class MOCMAES:
         """Completed offspring generations (the initial evaluation is not counted)."""
         return self._generation
 
-    def state_dict(self) -> dict[str, Any]:
+    def should_stop(self, tol_fun: float = 0.0, tol_x: float = 0.0) -> str | None:
+        """Never: the front keeps improving until the generation budget is spent."""
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        """What a run records per generation: sigma (the parents' mean), the Pareto front as
+        [{loss, distance}] by distance; no single distribution, so no axis ratio or mean."""
+        _, F = self.front()
+        return {"sigma": self.sigma, "axis_ratio": None, "eigenvalues": [], "mean": None,
+                "front": [{"loss": float(f[0]), "distance": float(f[1])} for f in F]}
+
+    def to_state(self) -> dict[str, Any]:
         """The dynamic state (parents with objectives, per-parent σ, A, A⁻¹, p_c, p_succ)."""
         es = self._es
         return {
@@ -210,7 +228,7 @@ class MOCMAES:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MOCMAES:
-        """Rebuild from :meth:`state_dict`; continuing is bitwise identical."""
+        """Rebuild from :meth:`to_state`; continuing is bitwise identical."""
         check_format(state, STATE_FORMAT, STATE_VERSION)
         try:
             X = np.array(state["parents"], dtype=float)

@@ -11,6 +11,7 @@ would (plain batches) on the run's validation seeds, which no search render uses
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,14 @@ import torch
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
 from embedpin.optimizer.seeds import search_seed, validation_seed
+
+if TYPE_CHECKING:  # types only: the stages themselves are imported where they are used
+    from embedpin.guidance.build import Conditioning
+    from embedpin.guidance.context import GuidanceContext
+    from embedpin.models.components import Components
+    from embedpin.render.sampler import RenderPlan, RenderResult
+    from embedpin.scoring.scorer import Scorer, ScoreResult
+    from embedpin.space import SearchSpace
 
 
 def pick_device(name: str) -> str:
@@ -80,23 +89,23 @@ class Evaluation:
     """One generation's candidates, rendered and scored (tensors stay on the device)."""
 
     params: dict[str, np.ndarray]
-    cond: object             # guidance.build.Conditioning
-    render: object           # render.sampler.RenderResult
-    score: object            # scoring.scorer.ScoreResult
+    cond: Conditioning
+    render: RenderResult
+    score: ScoreResult
     distance: torch.Tensor   # [λ]
 
 
 @dataclass
 class Session:
     config: RunConfig
-    components: object
-    ctx: object              # guidance.context.GuidanceContext
-    space: object            # optimizer.space.SearchSpace
-    scorer: object           # scoring.scorer.Scorer
-    plan: object             # render.sampler.RenderPlan (generation 0's search renders)
+    components: Components
+    ctx: GuidanceContext
+    space: SearchSpace
+    scorer: Scorer
+    plan: RenderPlan         # generation 0's search renders
     targets: torch.Tensor | None
     guide: list[torch.Tensor]
-    validation: object = None  # render.sampler.RenderPlan of the validation renders, or None
+    validation: RenderPlan | None = None  # the validation renders' plan; None: validation off
 
     def search_plan(self, generation: int):
         """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
@@ -104,12 +113,13 @@ class Session:
         return replace(self.plan, seed=search_seed(o.seed, generation, o.search_seeds))
 
     @classmethod
-    def prepare(cls, config: RunConfig) -> "Session":
+    def prepare(cls, config: RunConfig) -> Session:
         from embedpin.guidance.context import make_context
+        from embedpin.images import load_image, resize_crop
         from embedpin.models.loader import load_components
-        from embedpin.optimizer.space import SearchSpace
         from embedpin.scoring.scorer import Scorer
-        from embedpin.scoring.targets import load_image, load_targets
+        from embedpin.scoring.targets import load_targets
+        from embedpin.space import SearchSpace
 
         config.validate()
         p, sc = config.prompt, config.score
@@ -123,7 +133,7 @@ class Session:
         plan = render_plan(config, size).validate(comp.vae_scale_factor)
         targets = load_targets(sc.targets, (size, size)).to(comp.device) if sc.targets else None
         if init is not None:
-            init = _resize(init, size).to(comp.device)
+            init = resize_crop(init, (size, size)).to(comp.device)
         if p.guide_target and not guide and targets is not None:
             guide = list(targets)
         # 2. per-run precomputation: guidance context, search space, scorer
@@ -177,15 +187,3 @@ class Session:
         out = render(self.components, hidden, cond.negative_embeds, cond.cfg, self.validation,
                      init_image=self.ctx.init_image, strength=strength)
         return cond, out, self.scorer(out.images, out.lineage, out.roots)
-
-
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size``, centre crop: [3, H, W] -> [3, size, size]."""
-    import torch.nn.functional as F
-
-    _, h, w = image.shape
-    s = size / min(h, w)
-    x = F.interpolate(image[None], size=(max(size, round(h * s)), max(size, round(w * s))), mode="bilinear",
-                      antialias=True, align_corners=False)[0]
-    top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2
-    return x[:, top:top + size, left:left + size].clamp(0, 1)

@@ -79,7 +79,7 @@ class RunStore:
 
     # -- creation / opening ----------------------------------------------------------
     @classmethod
-    def create(cls, config: RunConfig, files: dict[str, object] | None = None) -> "RunStore":
+    def create(cls, config: RunConfig, files: dict[str, object] | None = None) -> RunStore:
         """Make ``<out>/NNNN-<slug>/`` with config.toml and an initial state, all or nothing.
 
         ``files`` maps relative paths to images [3, H, W] (targets, guide) written with it.
@@ -112,7 +112,7 @@ class RunStore:
         return cls(final)
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunStore":
+    def open(cls, path: str | Path) -> RunStore:
         root = Path(path)
         if not (root / "state.json").is_file() or not (root / "config.toml").is_file():
             raise InputError(f"{path}: not an embedpin run folder (no state.json / config.toml)")

@@ -43,6 +43,7 @@ from functools import partial
 
 import torch
 
+from embedpin.config import OptimConfig, RenderConfig
 from embedpin.errors import ConfigError
 from embedpin.models.components import SCHEDULERS, make_scheduler
 from embedpin.render.denoiser import GuidedDenoiser
@@ -69,19 +70,19 @@ class RenderPlan:
     whose own step noise separates siblings. ``eta`` is DDIM's (0: deterministic).
     """
 
-    batch: int = 8
-    steps: int = 20
-    scheduler: str = "dpm++2m"
+    batch: int = RenderConfig.batch  # (defaults: the run config's, held once in embedpin.config)
+    steps: int = RenderConfig.steps
+    scheduler: str = RenderConfig.scheduler
     height: int = 64
     width: int = 64
-    seed: int = 0
-    hyperbatch: bool = True
-    max_batch: int = 256
-    renoise: float | None = None
+    seed: int = OptimConfig.seed
+    hyperbatch: bool = RenderConfig.hyperbatch
+    max_batch: int = RenderConfig.max_batch
+    renoise: float | None = RenderConfig.renoise
     eta: float = 0.0
-    roots: int = 2
+    roots: int = RenderConfig.roots
 
-    def validate(self, vae_scale_factor: int | None = None) -> "RenderPlan":
+    def validate(self, vae_scale_factor: int | None = None) -> RenderPlan:
         """Raise ConfigError on a value a user could have mistyped; return self."""
         for name in ("batch", "steps", "height", "width"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:

@@ -123,7 +123,7 @@ class Path:
     branches: tuple[Branch, ...]
 
     @classmethod
-    def starting(cls, members: tuple[int, ...], branches: tuple[Branch, ...]) -> "Path":
+    def starting(cls, members: tuple[int, ...], branches: tuple[Branch, ...]) -> Path:
         while branches and branches[0].step == 0:
             members, branches = branches[0].members, branches[1:]
         return cls(members, branches)

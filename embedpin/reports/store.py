@@ -8,11 +8,12 @@ and ``generations/NNNN/generation.json`` and turns a malformed or missing file i
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from embedpin.errors import InputError
 

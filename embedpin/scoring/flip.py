@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from embedpin.scoring.color import (
-    hyab, linear_to_hunt_lab, linear_to_ycxcz, max_hunt_hyab, srgb_to_linear, ycxcz_to_linear,
+    hyab,
+    linear_to_hunt_lab,
+    linear_to_ycxcz,
+    max_hunt_hyab,
+    srgb_to_linear,
+    ycxcz_to_linear,
 )
 
 DEFAULT_PPD = 0.7 * (3840 / 0.7) * math.pi / 180  # 67.02: 0.7 m wide 4K monitor seen from 0.7 m
@@ -42,14 +47,14 @@ class FlipReference:
     ppd: float
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, ppd: float = DEFAULT_PPD) -> "FlipReference":
+    def from_images(cls, images: torch.Tensor, ppd: float = DEFAULT_PPD) -> FlipReference:
         """images [N, 3, H, W] sRGB in [0, 1]."""
         return flip_features(images, ppd)
 
     def __len__(self) -> int:
         return self.lab.shape[0]
 
-    def __getitem__(self, idx) -> "FlipReference":
+    def __getitem__(self, idx) -> FlipReference:
         return FlipReference(self.lab[idx], self.edge[idx], self.point[idx], self.ppd)
 
 

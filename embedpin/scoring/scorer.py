@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from embedpin.config import ScoreConfig
 from embedpin.errors import ConfigError
+from embedpin.models.clip import clip_image_embeds, clip_text_embeds, require_clip
 from embedpin.models.components import Components
 from embedpin.scoring.aggregate import WEIGHTINGS, WORST_LOSS, aggregate
-from embedpin.scoring.clip_loss import (
-    clip_image_embeds, clip_text_embeds, cosine_distance, pairwise_cosine_distance, require_clip,
-)
-from embedpin.scoring.flip import DEFAULT_PPD, FlipReference, flip_cross, flip_features, flip_pairs, pairwise_flip
+from embedpin.scoring.clip_loss import cosine_distance, pairwise_cosine_distance
+from embedpin.scoring.flip import FlipReference, flip_cross, flip_features, flip_pairs, pairwise_flip
 
 
 @dataclass
@@ -54,9 +54,10 @@ class Scorer:
     """Scores generations against fixed targets (images and/or a text) or in self mode."""
 
     def __init__(self, components: Components | None, targets: torch.Tensor | None = None,
-                 flip_weight: float = 1.0, clip_weight: float = 0.0, text_target: str | None = None,
-                 std_weight: float = 1.0, hyperbatch_weighting: str = "none",
-                 hyperbatch_scale: float = 1.0, ppd: float = DEFAULT_PPD):
+                 flip_weight: float = ScoreConfig.flip_weight, clip_weight: float = ScoreConfig.clip_weight,
+                 text_target: str | None = None, std_weight: float = ScoreConfig.std_weight,
+                 hyperbatch_weighting: str = ScoreConfig.weighting,
+                 hyperbatch_scale: float = ScoreConfig.weighting_scale, ppd: float = ScoreConfig.ppd):
         if flip_weight < 0 or clip_weight < 0 or flip_weight + clip_weight <= 0:
             raise ConfigError("loss weights must be >= 0 with at least one of flip/clip weight > 0")
         if hyperbatch_weighting not in WEIGHTINGS:

@@ -1,6 +1,6 @@
 """Train the micro model from a seed: tokenizer -> VAE -> CLIP -> UNet.
 
-    python -m embedpin.models.micro.train [--out DIR] [--seed 0] [--smoke] [--stages vae,clip,unet]
+    python -m embedpin.train_micro [--out DIR] [--seed 0] [--smoke] [--stages vae,clip,unet]
 
 Every stage writes its part of a diffusers-format folder (loads with plain
 ``StableDiffusionPipeline.from_pretrained``) plus ``clip/``: the CLIPModel's config, image
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from embedpin.models.micro import arch, dataset
 
-DEFAULT_OUT = Path(__file__).parent / "weights"
+DEFAULT_OUT = Path(arch.__file__).parent / "weights"  # the shipped weights, beside the architecture
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Budget:
     unet_image_steps: int = 900      # phase 4: 40% of the samples are image variation
 
     @classmethod
-    def smoke(cls) -> "Budget":
+    def smoke(cls) -> Budget:
         return cls(3, 8, 3, 4, 64, 3, 8, 0, 0, 2)
 
     def unet_phases(self) -> list[tuple[int, float, float]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.optimizer.session import Evaluation, Session
-from embedpin.optimizer.store import RunStore, atomic_write_json, save_png
+from embedpin.optimizer.store import RunStore, save_png
 
 
 @dataclass
@@ -50,6 +50,7 @@ class RunResult:
     stop_reason: str = ""
     validation_loss: float | None = None
     plain_validation_loss: float | None = None
+    pinned: dict | None = field(default=None, repr=False)  # the pinned tensors (filled in by embedpin.api)
 
     def describe(self) -> str:
         """What a person reads at the end: where the run is and how the result did."""
@@ -152,13 +153,10 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
                 g = state["generation"]
                 t0 = time.time()
                 X = opt.ask()                                    # 1. ask: X [λ, n]
-                center = _center(opt) if g in (0, total - 1) else None  # validated: the start and the end
+                center = opt.stats()["mean"] if g in (0, total - 1) else None  # validated: the start and the end
                 ev = session.evaluate(X, g)                      # 2-5. decode, build, render, score
                 losses = _finite(ev.score.loss)
-                if hasattr(opt, "front"):                        # 6. tell
-                    opt.tell(X, losses, ev.distance.double().cpu().numpy())
-                else:
-                    opt.tell(X, losses)
+                opt.tell(X, losses, ev.distance.double().cpu().numpy())  # 6. tell
                 _commit(session, store, state, opt, g, ev, losses, X, center, t0)  # 7-8. validate, commit
                 _report(store, g)                                # 8. report
                 _progress(bar, state, quiet)
@@ -185,12 +183,6 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
                      best if validated and state["best"] else None, plain["loss"] if validated else None)
 
 
-def _center(opt) -> np.ndarray | None:
-    """The search distribution's mean before this generation's update (CMA-ES), else None."""
-    mean = getattr(opt, "mean", None)
-    return None if mean is None else np.array(mean, dtype=np.float64)
-
-
 def _finite(loss: torch.Tensor) -> np.ndarray:
     out = loss.double().cpu().numpy()
     worst = np.nanmax(np.where(np.isfinite(out), out, np.nan)) if np.isfinite(out).any() else 1e9
@@ -199,9 +191,7 @@ def _finite(loss: torch.Tensor) -> np.ndarray:
 
 def _converged(session: Session, opt, state: dict) -> bool:
     o = session.config.optim
-    if hasattr(opt, "should_stop"):
-        return bool(opt.should_stop(tol_fun=o.tol_fun, tol_x=o.tol_x))
-    return False
+    return bool(opt.should_stop(tol_fun=o.tol_fun, tol_x=o.tol_x))
 
 
 def _candidate_record(ev: Evaluation, i: int, losses: np.ndarray, g_dir_images: list[str]) -> dict:
@@ -246,21 +236,20 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
         state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "flip": best["flip"],
                          "clip": best["clip"], "distance": best["distance"], "params": best["params"]}
         _write_pinned(session, store, ev.cond, best_i, state["best"])
-    sorted_l = np.sort(losses)
+    sorted_l, stats = np.sort(losses), opt.stats()
     v_renders = len(validated[0]) * session.validation.batch if validated else 0
     state["history"].append({
         "generation": g, "best": float(losses[best_i]), "median": float(np.median(sorted_l)),
-        "worst": float(sorted_l[-1]), "sigma": float(opt.sigma),
-        "axis_ratio": float(getattr(opt, "axis_ratio", float("nan"))) if hasattr(opt, "axis_ratio") else None,
-        "eigenvalues": [float(x) for x in getattr(opt, "eigenvalues", [])] if hasattr(opt, "eigenvalues") else [],
+        "worst": float(sorted_l[-1]), "sigma": stats["sigma"], "axis_ratio": stats["axis_ratio"],
+        "eigenvalues": stats["eigenvalues"],
         "flip": best["flip"], "clip": best["clip"], "best_candidate": best_i, "best_params": best["params"],
         "validation": {v["kind"]: v["loss"] for v in validated[0]} if validated else None,
         "seconds": time.time() - t0, "renders": int(lam * B) + v_renders, "validation_renders": v_renders,
         "unet_evals": int(ev.render.unet_evals)})
-    if hasattr(opt, "front"):
-        state["pareto"] = _pareto(opt)
+    if stats["front"] is not None:
+        state["pareto"] = stats["front"]
     state["generation"] = g + 1
-    state["optimizer"] = opt.state_dict()
+    state["optimizer"] = opt.to_state()
     store.write_state(state)
 
 
@@ -330,13 +319,8 @@ def _eligible(session: Session, distance: torch.Tensor, losses: np.ndarray) -> n
     return distance.double().cpu().numpy() <= limit
 
 
-def _pareto(opt) -> list[dict]:
-    _, F = opt.front()
-    return [{"loss": float(f[0]), "distance": float(f[1])} for f in F]
-
-
 def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> list[str]:
-    if session.targets is None or not hasattr(session.scorer, "error_maps"):
+    if session.targets is None:
         return []
     import matplotlib
 
@@ -351,7 +335,7 @@ def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> 
 
 
 def _write_pinned(session: Session, store: RunStore, cond, i: int, best: dict) -> None:
-    from embedpin.export import save_pinned
+    from embedpin.pinned import save_pinned
 
     save_pinned(store.root / "pinned.safetensors", session, cond, i, best)
 
