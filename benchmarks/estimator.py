@@ -35,8 +35,8 @@ def target_image(comp, folder: str) -> str:
     from embedpin.config import RunConfig
     from embedpin.guidance.encode import encode_prompt
     from embedpin.optimizer.session import render_plan
-    from embedpin.optimizer.store import save_png
     from embedpin.render.sampler import render
+    from embedpin.store import save_png
 
     cfg = RunConfig()
     plan = replace(render_plan(cfg, comp.default_size), batch=1, hyperbatch=False, seed=4242)

@@ -89,7 +89,7 @@ def store_with_history(root: Path, history: int) -> Path:
     needs (animation frames, the last generation's page) are already written."""
     from embedpin.reports.builder import write_generation, write_run
     from embedpin.reports.sample import write_sample_run
-    from embedpin.reports.store import load_run
+    from embedpin.store import load_run
 
     write_sample_run(root, generations=history, population=2, batch=2, depth=1, status="running")
     run = load_run(root)
@@ -102,8 +102,8 @@ def add_generation(root: Path, rendered: dict) -> int:
     """Write the rendered generation after the history, as the run loop would; returns its number."""
     from PIL import Image
 
-    from embedpin.reports.atomic import save_image, write_text
     from embedpin.reports.sample import write_state
+    from embedpin.store import save_image, write_text
 
     state = json.loads((root / "state.json").read_text())
     g = state["generation"]

@@ -185,8 +185,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from embedpin.optimizer.store import RunStore
     from embedpin.reports.builder import rebuild
+    from embedpin.store import RunStore
 
     store = RunStore.open(a.run)
     rebuild(store.root)

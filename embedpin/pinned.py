@@ -36,13 +36,13 @@ def _recipe(session, best: dict, cfg_value: float) -> dict:
 
 def save_pinned(path: Path, session, cond, i: int, best: dict) -> None:
     """Write candidate ``i`` of a generation's Conditioning as the run's pinned result (atomic)."""
-    from embedpin.optimizer.store import atomic_write_bytes
+    from embedpin.store import write_bytes
 
     tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
     if cond.token_vectors is not None:
         tensors["token_vectors"] = cond.token_vectors[i]
     recipe = _recipe(session, best, float(cond.cfg[i]))
-    atomic_write_bytes(path, _to_bytes(tensors, recipe))
+    write_bytes(path, _to_bytes(tensors, recipe))
 
 
 def _to_bytes(tensors: dict, recipe: dict) -> bytes:
@@ -122,8 +122,8 @@ def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path
     """Render ``n`` images (seeds seed..seed+n-1, plain batch) of a pinned result."""
     from embedpin.models.loader import load_components
     from embedpin.optimizer.session import pick_device
-    from embedpin.optimizer.store import save_png
     from embedpin.render.sampler import RenderPlan, render
+    from embedpin.store import save_png
 
     if n < 1:
         raise ConfigError(f"-n must be >= 1 (got {n})")

@@ -31,7 +31,7 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.optimizer.session import Evaluation, Session
-from embedpin.optimizer.store import RunStore, save_png
+from embedpin.store import RunStore, save_png
 
 
 @dataclass

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from embedpin.cli import main
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
-from embedpin.optimizer.store import RunStore, atomic_write_json
+from embedpin.store import RunStore, write_json
 
 
 def _cfg(tmp_path, **render):
@@ -90,9 +90,9 @@ def test_uncommitted_generation_is_dropped_on_open(tmp_path):
 
 def test_atomic_json_refuses_nan_and_leaves_no_temp(tmp_path):
     p = tmp_path / "state.json"
-    atomic_write_json(p, {"a": 1})
+    write_json(p, {"a": 1})
     with pytest.raises(ValueError):
-        atomic_write_json(p, {"a": float("nan")})
+        write_json(p, {"a": float("nan")})
     assert json.loads(p.read_text()) == {"a": 1}
     assert [q.name for q in tmp_path.iterdir()] == ["state.json"]
 

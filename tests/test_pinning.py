@@ -6,9 +6,9 @@ which the search never rendered with, and the in-run figures say so honestly."""
 from embedpin.config import RunConfig
 from embedpin.guidance.encode import encode_prompt
 from embedpin.optimizer.session import Session
-from embedpin.optimizer.store import save_png
 from embedpin.render.sampler import RenderPlan, render
 from embedpin.runner import run
+from embedpin.store import save_png
 
 PROMPT = "a star"
 CAPTION = "a large red star at the top left on a plain blue background"

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from embedpin import store as atomic
 from embedpin.errors import InputError
-from embedpin.reports import atomic, sample
+from embedpin.reports import sample
 from embedpin.reports.builder import rebuild, update
 from embedpin.reports.images import THUMB_SIZE, thumbnail
 from embedpin.reports.lineage import trunk_groups

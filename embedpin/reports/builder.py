@@ -15,11 +15,10 @@ import numpy as np
 
 from embedpin.errors import InputError
 from embedpin.reports import plots
-from embedpin.reports.atomic import write_text
 from embedpin.reports.images import animation, frame
 from embedpin.reports.pages import generation_context, run_context
-from embedpin.reports.store import Run, load_run
 from embedpin.reports.templating import render
+from embedpin.store import Run, load_run, write_text
 
 ASSETS = "report"  # per-page folder of plots, thumbnails and frames
 RUN_PLOTS = (  # (file, title, plotter, source)

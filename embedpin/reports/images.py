@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from embedpin.reports.atomic import save_image
+from embedpin.store import save_image
 
 THUMB_SIZE = 128  # longest side of a page thumbnail, pixels
 OWN_THUMB_BYTES = 8192  # an image that fits THUMB_SIZE and is no bigger than this is its own thumbnail

@@ -15,8 +15,8 @@ import numpy as np
 from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
-from embedpin.reports.store import Run, find_key, generation_dirname
 from embedpin.reports.templating import num
+from embedpin.store import Run, find_key, generation_dirname
 
 RECIPE_PATHS = {  # headline field -> where RunConfig's TOML keeps it (a flat key as fallback)
     "prompt": ("prompt", "prompt"), "negative": ("prompt", "negative"), "model": ("model", "name"),

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from embedpin.reports.atomic import save_figure
+from embedpin.store import save_figure
 
 DPI = 96
 

@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from embedpin.models.micro.dataset import batch as shapes_batch
-from embedpin.reports.atomic import save_image, write_text
-from embedpin.reports.store import generation_dirname
+from embedpin.store import generation_dirname, save_png, write_text
 
 BLOCKS = {"guidance": 3, "token_weights": 4}
 
@@ -44,7 +42,7 @@ def toml_text(tree: dict) -> str:
 
 
 def _png(path: Path, image: np.ndarray) -> str:
-    save_image(path, Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)))
+    save_png(path, image)
     return path.name
 
 
