@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,7 +89,9 @@ def store_with_history(root: Path, history: int) -> Path:
     """A run store with ``history`` small old generations whose report assets the run page
     needs (animation frames, the last generation's page) are already written."""
     from embedpin.reports.builder import write_generation, write_run
-    from embedpin.reports.sample import write_sample_run
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from sample_run import write_sample_run
+
     from embedpin.store import load_run
 
     write_sample_run(root, generations=history, population=2, batch=2, depth=1, status="running")
@@ -100,9 +103,9 @@ def store_with_history(root: Path, history: int) -> Path:
 
 def add_generation(root: Path, rendered: dict) -> int:
     """Write the rendered generation after the history, as the run loop would; returns its number."""
+    from embedpin.reports.sample import write_state
     from PIL import Image
 
-    from embedpin.reports.sample import write_state
     from embedpin.store import save_image, write_text
 
     state = json.loads((root / "state.json").read_text())

@@ -1,4 +1,6 @@
-"""HTML reports built from a fake, format-exact run store (``embedpin.reports.sample``)."""
+"""HTML reports: what the pages of a real (short) micro run show, and edge cases (hostile
+text, incremental updates, bad folders) on a synthetic, format-exact run store
+(``tests/sample_run.py``)."""
 
 from __future__ import annotations
 
@@ -11,19 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sample_run as sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from embedpin import store as atomic
+from embedpin.cli import main
 from embedpin.errors import InputError
-from embedpin.reports import sample
 from embedpin.reports.builder import rebuild, update
 from embedpin.reports.images import THUMB_SIZE, thumbnail
 from embedpin.reports.lineage import trunk_groups
 from embedpin.reports.pages import recipe
 from embedpin.reports.templating import num
 
+STAR = Path(__file__).resolve().parents[1] / "examples" / "star.png"
 HOSTILE = "<script>alert(1)</script> & <b>bold</b>"
 REFRESH = '<meta http-equiv="refresh" content="5">'
 
@@ -74,6 +78,40 @@ def run(built, tmp_path) -> Path:
     return Path(shutil.copytree(built, tmp_path / "runs" / built.name))
 
 
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> Path:
+    """A real 2-generation micro run (targets, guide, validation), written by the run loop."""
+    out = tmp_path_factory.mktemp("real")
+    assert main(["optimize", "--target", str(STAR), "--prompt", "a star", "--generations", "2", "--population", "4",
+                 "--batch", "2", "--steps", "4", "--validation-seeds", "2", "--out", str(out), "--quiet"]) == 0
+    (root,) = [p for p in out.iterdir() if not p.name.startswith(".")]
+    return root
+
+
+def test_a_real_runs_pages_show_its_targets_guide_pinned_images_and_plots(real):
+    state = json.loads((real / "state.json").read_text())
+    run_page = page(real / "index.html")
+    refs = set(run_page.refs)
+    assert {"targets/target_00.png", "targets/guide_00.png"} <= refs  # the guide image is shown (it was not)
+    assert {"validation/plain_i00.png", "validation/plain_i01.png"} <= refs  # the plain prompt, validation seeds
+    best = state["best"]
+    if best["kind"] != "plain":  # the pinned result's own validation images
+        assert {f"generations/{best['generation']:04d}/validation/best_i0{b}.png" for b in range(2)} <= refs
+    assert {f"report/{plot}.png" for plot in ("loss", "validation", "sigma", "params")} <= refs
+    for g in range(2):
+        record = json.loads((real / "generations" / f"{g:04d}" / "generation.json").read_text())
+        gen_refs = set(page(real / "generations" / f"{g:04d}" / "index.html").refs)
+        assert {i for c in record["candidates"] for i in c["images"]} <= gen_refs  # every candidate's images
+        assert set(record["errmaps"]) <= gen_refs and record["errmaps"]
+    for p in pages(real):
+        for ref in page(p).refs:
+            if not ref.startswith(("#", "data:")):
+                target = p.parent / ref
+                assert target.is_file() and target.stat().st_size > 0, (p, ref)
+                if target.suffix == ".png":
+                    assert Image.open(target).size[0] > 0
+
+
 def set_status(root: Path, status: str) -> None:
     state = json.loads((root / "state.json").read_text())
     atomic.write_text(root / "state.json", json.dumps(dict(state, status=status)))
@@ -102,7 +140,7 @@ def test_run_page_shows_recipe_plots_animation_and_export_commands(built):
     assert "report/best.gif" in index.refs
     with Image.open(built / "report" / "best.gif") as gif:
         assert gif.n_frames == 3
-    assert "targets/target_00.png" in index.refs and "targets/guide.png" in index.refs
+    assert "targets/target_00.png" in index.refs and "targets/guide_00.png" in index.refs
     assert "embedpin export runs/0001-test --format textual-inversion -o pinned.safetensors" in text
     assert "embedpin render runs/0001-test --seed 7 -n 8 -o out/" in text
     assert "micro" in index.text_of["l"] and "guidance, token_weights" in index.text_of["l"]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from sample_run import write_sample_run
 
 from embedpin.reports.builder import rebuild
-from embedpin.reports.sample import write_sample_run
 
 pytestmark = pytest.mark.browser
 

@@ -1,7 +1,9 @@
 """A synthetic run store in the exact on-disk format the run loop writes.
 
-For the report's tests and benchmark, and for previewing templates without a model:
-``python -m embedpin.reports.sample runs/demo`` writes a small fake run and its report.
+For the report's edge-case tests (hostile prompts, long runs, bad files) and benchmark, and
+for previewing templates without a model: ``python tests/sample_run.py runs/demo`` writes a
+small fake run and its report. What a real run's pages show is tested on a real run
+(``test_reports.py``); this module is not part of the installed package.
 Images are procedural shapes from the micro model's dataset; losses and CMA-ES
 statistics are smooth made-up curves with seeded noise.
 """
@@ -111,14 +113,14 @@ def write_sample_run(root: str | Path, generations: int = 3, population: int = 4
     root = Path(root)
     rng = np.random.default_rng(seed)
     config = dict(out=str(root.parent), model=dict(name="micro", device="cpu"),
-                  prompt=dict(prompt=prompt, negative="blurry", guide=["guide.png"] if targets else []),
+                  prompt=dict(prompt=prompt, negative="blurry", guide=["guide_00.png"] if targets else []),
                   search=dict(blocks=list(BLOCKS), rank=8), render=dict(batch=batch, steps=20, size=size),
                   optim=dict(population=population, sigma0=0.5, seed=seed))
     write_text(root / "config.toml", toml_text(config))
     if targets:
         pictures = shapes_batch(rng, 2)[0]
         _png(root / "targets" / "target_00.png", pictures[0])
-        _png(root / "targets" / "guide.png", pictures[1])
+        _png(root / "targets" / "guide_00.png", pictures[1])
     history = [write_generation(root, g, rng, population, batch, depth, size, errmaps) for g in range(generations)]
     write_state(root, status, history, pareto, rng)
     return root
