@@ -103,7 +103,7 @@ def store_with_history(root: Path, history: int) -> Path:
 
 def add_generation(root: Path, rendered: dict) -> int:
     """Write the rendered generation after the history, as the run loop would; returns its number."""
-    from embedpin.reports.sample import write_state
+    from sample_run import write_state
     from PIL import Image
 
     from embedpin.store import save_image, write_text
