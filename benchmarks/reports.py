@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic run store (sample_run)
+
 
 class Timer:
     """Wall-clock and process CPU seconds of a ``with`` block (CPU time is robust to a loaded
@@ -88,10 +90,9 @@ def unet_only(components, cond, negative, batch: int, steps: int) -> tuple[dict,
 def store_with_history(root: Path, history: int) -> Path:
     """A run store with ``history`` small old generations whose report assets the run page
     needs (animation frames, the last generation's page) are already written."""
-    from embedpin.reports.builder import write_generation, write_run
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from sample_run import write_sample_run
 
+    from embedpin.reports.builder import write_generation, write_run
     from embedpin.store import load_run
 
     write_sample_run(root, generations=history, population=2, batch=2, depth=1, status="running")
@@ -103,8 +104,8 @@ def store_with_history(root: Path, history: int) -> Path:
 
 def add_generation(root: Path, rendered: dict) -> int:
     """Write the rendered generation after the history, as the run loop would; returns its number."""
-    from sample_run import write_state
     from PIL import Image
+    from sample_run import write_state
 
     from embedpin.store import save_image, write_text
 
