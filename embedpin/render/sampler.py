@@ -6,7 +6,7 @@ step's UNet calls. Siblings diverge after a branch with every sampler:
 
 - the copy born at step 0 (half of all image pairs split there) is a second root: fresh
   initial noise and its own row in the step-0 evaluation (one more per candidate, 1/160 of
-  a plain B=8 render; ``schedule.Path.starting``). Re-noising it fully from the parent's
+  a plain B=8 render; ``schedule.BranchPath.starting``). Re-noising it fully from the parent's
   evaluation instead biases it (the parent's CFG-amplified prediction paired with foreign
   noise: ꟻLIP diversity above that of independent seeds and 5 % more wrong colours on the
   micro model); re-noising it partly leaves the pair's noise correlated (0.75 of
@@ -50,8 +50,8 @@ from embedpin.render.denoiser import GuidedDenoiser
 from embedpin.render.grid import Grid, make_grid
 from embedpin.render.latents import decode, encode
 from embedpin.render.noise import NoiseStreams, member_seeds
-from embedpin.render.samplers import GRID_SOURCE, Sampler, ancestral_sigmas, make_sampler
-from embedpin.render.schedule import Branch, Path, batch_path, branch_schedule, check_lineage_row, image_path, lineage
+from embedpin.render.schedule import Branch, BranchPath, batch_path, branch_schedule, check_lineage_row, image_path, lineage
+from embedpin.render.solvers import GRID_SOURCE, Sampler, ancestral_sigmas, make_sampler
 
 
 def _is_int(v) -> bool:
@@ -189,7 +189,7 @@ def _init_latent(components, plan: RenderPlan, init_image, shape) -> torch.Tenso
 
 def _branch(br: Branch, x, D, state, birth, streams: NoiseStreams, eta: float, grid: Grid, keep):
     """Double the rows: gather every per-row tensor by parent, start and re-noise the copies
-    (of active candidates: ``keep``). (Copies born at step 0 are roots: ``Path.starting``.)"""
+    (of active candidates: ``keep``). (Copies born at step 0 are roots: ``BranchPath.starting``.)"""
     p = br.parent.to(x.device)
     x, D, birth = x[:, p], D[:, p], birth[p]
     state = {k: v[:, p] for k, v in state.items()}
@@ -221,7 +221,7 @@ def _activity(starts: list[int], steps: int, dev) -> list[tuple]:
     return out
 
 
-def _sample(components, cond, negative, cfg, plan: RenderPlan, path: Path, init, starts: list[int]):
+def _sample(components, cond, negative, cfg, plan: RenderPlan, path: BranchPath, init, starts: list[int]):
     """Run the rows of ``path`` for every candidate: latents [λ, n, C, h, w] and UNet evals."""
     grid, sampler = plan_grid(components, plan), make_sampler(plan.scheduler, plan.eta)
     eta, lam, dev = plan.branch_eta(sampler), len(cond), components.device

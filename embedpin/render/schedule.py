@@ -39,7 +39,7 @@ def branch_schedule(batch: int, steps: int, roots: int = 2) -> list[int]:
 
     ``roots`` independent starting latents per candidate (a power of two): the first
     ``log2(roots)`` doublings happen at step 0, and their copies are roots (fresh initial
-    noise, their own step-0 evaluations: ``Path.starting``). Half of all image pairs split
+    noise, their own step-0 evaluations: ``BranchPath.starting``). Half of all image pairs split
     at the first doubling, a quarter at the second, ..., so the roots set most of the
     diversity and, since images of different roots are independent, how many noise
     samples a candidate's loss averages over. The other doublings are spread evenly up to
@@ -112,7 +112,7 @@ class Branch:
 
 
 @dataclass(frozen=True)
-class Path:
+class BranchPath:
     """How a candidate's rows evolve: the members they start as and the branches after.
 
     Branches at step 0 are taken before the first evaluation: their copies are roots
@@ -123,30 +123,30 @@ class Path:
     branches: tuple[Branch, ...]
 
     @classmethod
-    def starting(cls, members: tuple[int, ...], branches: tuple[Branch, ...]) -> Path:
+    def starting(cls, members: tuple[int, ...], branches: tuple[Branch, ...]) -> BranchPath:
         while branches and branches[0].step == 0:
             members, branches = branches[0].members, branches[1:]
         return cls(members, branches)
 
 
-def batch_path(batch: int, schedule: list[int]) -> Path:
+def batch_path(batch: int, schedule: list[int]) -> BranchPath:
     """Rows of a whole hyperbatch (or a plain batch when ``schedule`` is empty)."""
     sizes = batch_sizes(batch, schedule)
     branches = tuple(
         Branch(s, torch.arange(m) % n, tuple(range(m)), torch.arange(m) >= n)
         for s, n, m in zip(schedule, sizes, sizes[1:])
     )
-    return Path.starting(tuple(range(sizes[0])), branches)
+    return BranchPath.starting(tuple(range(sizes[0])), branches)
 
 
-def image_path(row: torch.Tensor, schedule: list[int]) -> Path:
+def image_path(row: torch.Tensor, schedule: list[int]) -> BranchPath:
     """The single row that replays one image with lineage ``row`` [len(schedule) + 1]."""
     r = [int(v) for v in row]
     branches = tuple(
         Branch(s, torch.zeros(1, dtype=torch.long), (b,), torch.tensor([b != a]))
         for s, a, b in zip(schedule, r, r[1:])
     )
-    return Path.starting((r[0],), branches)
+    return BranchPath.starting((r[0],), branches)
 
 
 def check_lineage_row(row: torch.Tensor, batch: int, schedule: list[int]) -> None:
