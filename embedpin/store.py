@@ -31,13 +31,12 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tomllib
 
 from embedpin.config import RunConfig
-from embedpin.errors import InputError
+from embedpin.errors import ConfigError, InputError
 
 STATE_VERSION = 1
 STATUSES = ("running", "finished", "interrupted")
@@ -222,13 +221,13 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def read_config(path: Path) -> dict:
-    """The recipe from ``config.toml`` (empty when the file is absent)."""
+def read_config(path: Path) -> RunConfig | None:
+    """The run's :class:`RunConfig` from ``config.toml`` (None when the file is absent)."""
     if not Path(path).exists():
-        return {}
+        return None
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        return RunConfig.from_dict(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError) as e:
         raise InputError(f"unreadable run config {path}: {e}") from None
 
 
@@ -237,7 +236,7 @@ class Run:
     """One run folder: its recipe, its state and lazily its generations' records."""
 
     root: Path
-    config: dict
+    config: RunConfig | None
     state: dict
 
     @property
@@ -308,16 +307,3 @@ def load_run(run_dir: str | Path) -> Run:
     if not isinstance(state.get("history", []), list):
         raise InputError(f"malformed {root / 'state.json'}: 'history' must be a list")
     return Run(root=root, config=read_config(root / "config.toml"), state=state)
-
-
-def find_key(tree: Any, key: str) -> Any:
-    """The first non-table value named ``key`` in a nested config (top level first, then sections)."""
-    if not isinstance(tree, dict):
-        return None
-    if key in tree and not isinstance(tree[key], dict):
-        return tree[key]
-    for value in tree.values():
-        found = find_key(value, key)
-        if found is not None:
-            return found
-    return None

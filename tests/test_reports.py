@@ -280,16 +280,16 @@ def test_bad_run_folders_raise_input_errors(run, tmp_path):
         update(run, 1)
 
 
-def test_recipe_reads_the_run_config_layout_and_a_flat_one():
-    config = pytest.importorskip("embedpin.config")
-    import tomllib
+def test_recipe_and_settings_come_from_the_typed_run_config():
+    from embedpin.config import RunConfig
+    from embedpin.reports.pages import config_rows
 
-    run_config = config.RunConfig()
+    run_config = RunConfig()
     run_config.prompt.prompt, run_config.search.blocks, run_config.optim.seed = "a cat", ["delta", "tokens"], 7
-    assert recipe(tomllib.loads(run_config.to_toml())) == dict(
-        prompt="a cat", negative="", model="micro", blocks="delta, tokens", seed=7)
-    assert recipe({"prompt": "x", "model": "m", "blocks": ["a"], "seed": 3}) == dict(
-        prompt="x", negative=None, model="m", blocks="a", seed=3)
+    assert recipe(run_config) == dict(prompt="a cat", negative="", model="micro", blocks="delta, tokens", seed=7)
+    rows = dict(config_rows(run_config))
+    assert rows["optim.seed"] == "7" and rows["render.steps"] == str(run_config.render.steps) and "model.clip" not in rows
+    assert recipe(None) == dict.fromkeys(("prompt", "negative", "model", "blocks", "seed")) and config_rows(None) == []
 
 
 def test_trunk_groups_fixed_example():

@@ -12,16 +12,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from embedpin.config import RunConfig
 from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
 from embedpin.reports.templating import num
-from embedpin.store import Run, find_key, generation_dirname
-
-RECIPE_PATHS = {  # headline field -> where RunConfig's TOML keeps it (a flat key as fallback)
-    "prompt": ("prompt", "prompt"), "negative": ("prompt", "negative"), "model": ("model", "name"),
-    "blocks": ("search", "blocks"), "seed": ("optim", "seed"),
-}
+from embedpin.store import Run, generation_dirname
 
 
 def relpath(rel: str) -> str:
@@ -104,27 +100,22 @@ def _run_summary(run: Run) -> dict:
     return dict(id=run.id, status=run.status, count=run.count)
 
 
-def recipe(config: dict) -> dict:
-    """The headline recipe fields (``[prompt] prompt``, ``[model] name``, …; None when absent)."""
-    found = {}
-    for field, (section, key) in RECIPE_PATHS.items():
-        table = config.get(section)
-        value = table.get(key) if isinstance(table, dict) else None
-        found[field] = value if value is not None else find_key(config, field)
-    if isinstance(found["blocks"], (list, dict)):
-        found["blocks"] = ", ".join(map(str, found["blocks"]))
-    return found
+def recipe(config: RunConfig | None) -> dict:
+    """The headline recipe fields (None each without a config)."""
+    if config is None:
+        return dict.fromkeys(("prompt", "negative", "model", "blocks", "seed"))
+    return dict(prompt=config.prompt.prompt, negative=config.prompt.negative, model=config.model.name,
+                blocks=", ".join(config.search.blocks), seed=config.optim.seed)
 
 
-def config_rows(tree: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """A nested config as ``[("section.key", "value")]`` rows."""
-    rows = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            rows += config_rows(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", str(value)))
-    return rows
+def config_rows(config: RunConfig | None) -> list[tuple[str, str]]:
+    """Every setting as ``[("section.key", "value")]`` rows."""
+    if config is None:
+        return []
+    tree = config.to_dict()
+    return [(f"{section}.{key}" if isinstance(table, dict) else section, str(value))
+            for section, table in tree.items()
+            for key, value in (table.items() if isinstance(table, dict) else [(None, table)]) if value is not None]
 
 
 def commands(run: Run) -> list[str]:
