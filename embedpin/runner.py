@@ -73,12 +73,12 @@ def make_optimizer(session: Session):
     from embedpin.optimizer.cmaes import CMAES
     from embedpin.optimizer.mo import MOCMAES
 
-    o = session.config.optim
+    optim = session.config.optim
     x0 = session.space.x0()
-    if o.max_distance is not None:
-        return MOCMAES(x0, o.sigma0, seed=o.seed, max_distance=o.max_distance,
-                       **({"lambda_": o.population} if o.population else {}))
-    return CMAES(x0, o.sigma0, seed=o.seed, lambda_=o.population)
+    if optim.max_distance is not None:
+        return MOCMAES(x0, optim.sigma0, seed=optim.seed, max_distance=optim.max_distance,
+                       **({"lambda_": optim.population} if optim.population else {}))
+    return CMAES(x0, optim.sigma0, seed=optim.seed, lambda_=optim.population)
 
 
 def load_optimizer(state: dict):
@@ -190,8 +190,8 @@ def _finite(loss: torch.Tensor) -> np.ndarray:
 
 
 def _converged(session: Session, opt, state: dict) -> bool:
-    o = session.config.optim
-    return bool(opt.should_stop(tol_fun=o.tol_fun, tol_x=o.tol_x))
+    optim = session.config.optim
+    return bool(opt.should_stop(tol_fun=optim.tol_fun, tol_x=optim.tol_x))
 
 
 def _candidate_record(ev: Evaluation, i: int, losses: np.ndarray, g_dir_images: list[str]) -> dict:

@@ -45,11 +45,11 @@ def guidance_options(config: RunConfig, init_word: str | None = None):
     """The run's guidance options; ``init_word`` replaces the config's (``auto`` resolved)."""
     from embedpin.guidance.context import GuidanceOptions
 
-    s = config.search
+    search = config.search
     return GuidanceOptions(
-        clip_skip=config.prompt.clip_skip, delta_basis=s.basis, delta_k=s.rank,
-        n_vectors=s.n_vectors if "token_vectors" in s.blocks else 0, vector_k=s.rank,
-        vector_basis="random" if s.basis == "random" else "pca", init_word=init_word or s.init_word,
+        clip_skip=config.prompt.clip_skip, delta_basis=search.basis, delta_k=search.rank,
+        n_vectors=search.n_vectors if "token_vectors" in search.blocks else 0, vector_k=search.rank,
+        vector_basis="random" if search.basis == "random" else "pca", init_word=init_word or search.init_word,
         seed=config.optim.seed, cfg=config.render.cfg, strength=config.render.strength)
 
 
@@ -72,10 +72,10 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
 def render_plan(config: RunConfig, size: int):
     from embedpin.render.sampler import RenderPlan
 
-    r = config.render
-    return RenderPlan(batch=r.batch, steps=r.steps, scheduler=r.scheduler, height=size, width=size,
-                      seed=config.optim.seed, hyperbatch=r.hyperbatch, max_batch=r.max_batch,
-                      renoise=r.renoise, roots=r.roots)
+    settings = config.render
+    return RenderPlan(batch=settings.batch, steps=settings.steps, scheduler=settings.scheduler, height=size, width=size,
+                      seed=config.optim.seed, hyperbatch=settings.hyperbatch, max_batch=settings.max_batch,
+                      renoise=settings.renoise, roots=settings.roots)
 
 
 def validation_plan(config: RunConfig, plan):
@@ -109,8 +109,8 @@ class Session:
 
     def search_plan(self, generation: int):
         """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
-        o = self.config.optim
-        return replace(self.plan, seed=search_seed(o.seed, generation, o.search_seeds))
+        optim = self.config.optim
+        return replace(self.plan, seed=search_seed(optim.seed, generation, optim.search_seeds))
 
     @classmethod
     def prepare(cls, config: RunConfig) -> Session:
@@ -122,33 +122,33 @@ class Session:
         from embedpin.space import SearchSpace
 
         config.validate()
-        p, sc = config.prompt, config.score
+        prompt, score = config.prompt, config.score
         # 1. inputs a user can get wrong, before anything heavy
-        guide = [load_image(g) for g in p.guide]  # (the targets, resized, with --guide-target)
-        init = load_image(p.init_image) if p.init_image else None
+        guide = [load_image(g) for g in prompt.guide]  # (the targets, resized, with --guide-target)
+        init = load_image(prompt.init_image) if prompt.init_image else None
         dtype = getattr(torch, config.model.dtype)
         comp = load_components(config.model.name, device=pick_device(config.model.device), dtype=dtype,
                                clip=config.model.clip, model_config=config.model.model_config)
         size = config.render.size or comp.default_size
         plan = render_plan(config, size).validate(comp.vae_scale_factor)
-        targets = load_targets(sc.targets, (size, size)).to(comp.device) if sc.targets else None
+        targets = load_targets(score.targets, (size, size)).to(comp.device) if score.targets else None
         if init is not None:
             init = resize_crop(init, (size, size)).to(comp.device)
-        if p.guide_target and not guide and targets is not None:
+        if prompt.guide_target and not guide and targets is not None:
             guide = list(targets)
         # 2. per-run precomputation: guidance context, search space, scorer
         words = auto_init_words(config, comp, targets) if config.search.init_word.strip() == "auto" else None
-        ctx = make_context(comp, p.prompt, p.negative, guide=[g[None].to(comp.device) for g in guide] or None,
-                           concepts=p.concepts, init_image=init[None] if init is not None else None,
+        ctx = make_context(comp, prompt.prompt, prompt.negative, guide=[g[None].to(comp.device) for g in guide] or None,
+                           concepts=prompt.concepts, init_image=init[None] if init is not None else None,
                            options=guidance_options(config, words))
         space = SearchSpace(ctx.blocks(config.search.blocks))
         if space.n == 0:
             raise ConfigError("nothing to search: the guidance blocks need a --guide image (or --guide-target)")
-        if (sc.clip_weight > 0 or sc.text_target) and comp.clip is None:
+        if (score.clip_weight > 0 or score.text_target) and comp.clip is None:
             raise ConfigError("the CLIP loss needs an image CLIP model: pass --clip")
-        scorer = Scorer(comp, targets, flip_weight=sc.flip_weight, clip_weight=sc.clip_weight,
-                        text_target=sc.text_target, std_weight=sc.std_weight,
-                        hyperbatch_weighting=sc.weighting, hyperbatch_scale=sc.weighting_scale, ppd=sc.ppd)
+        scorer = Scorer(comp, targets, flip_weight=score.flip_weight, clip_weight=score.clip_weight,
+                        text_target=score.text_target, std_weight=score.std_weight,
+                        hyperbatch_weighting=score.weighting, hyperbatch_scale=score.weighting_scale, ppd=score.ppd)
         return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan))
 
     @torch.no_grad()

@@ -8,9 +8,8 @@ step's UNet calls. Siblings diverge after a branch with every sampler:
   initial noise and its own row in the step-0 evaluation (one more per candidate, 1/160 of
   a plain B=8 render; ``schedule.BranchPath.starting``). Re-noising it fully from the parent's
   evaluation instead biases it (the parent's CFG-amplified prediction paired with foreign
-  noise: ꟻLIP diversity above that of independent seeds and 5 % more wrong colours on the
-  micro model); re-noising it partly leaves the pair's noise correlated (0.75 of
-  independent seeds' diversity);
+  noise), and re-noising it partly leaves the pair's noise correlated
+  (``benchmarks/hyperbatch.py`` compares siblings' diversity with independent seeds');
 - stochastic samplers (euler-a, ddpm, dpm++sde, ddim with eta > 0) draw each member's
   step noise from its own stream (``noise.NoiseStreams``);
 - at later branches, deterministic samplers (euler, heun, lms, pndm, dpm++2m, unipc, ddim
