@@ -211,46 +211,69 @@ def _num(x) -> float | None:
 
 def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Evaluation, losses: np.ndarray,
             X: np.ndarray, center: np.ndarray | None, t0: float) -> None:
-    """Validate generation g, write it as a whole, then the state that names it."""
+    """Generation g in four steps: build its folder and record (validation included), store
+    it as a whole, pin the result it may improve, then write the state that names it."""
     tmp = store.begin_generation(g)
+    eligible = _eligible(session, ev.distance, losses)
+    best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
+    record, validated = _generation_record(session, tmp, opt, g, ev, losses, X, best_i, center)
+    store.finish_generation(g, tmp, record)
+    _pin(session, store, state, g, ev, record, eligible[best_i], validated)
+    state["history"].append(_history_entry(session, opt, g, ev, losses, record, validated, t0))
+    if (front := opt.stats()["front"]) is not None:
+        state["pareto"] = front
+    state["generation"] = g + 1
+    state["optimizer"] = opt.to_state()
+    store.write_state(state)
+
+
+def _generation_record(session: Session, folder: Path, opt, g: int, ev: Evaluation, losses: np.ndarray,
+                       X: np.ndarray, best_i: int, center: np.ndarray | None):
+    """Write the generation's images, error maps and validation renders into ``folder``;
+    returns (its record, the validation (records, evaluation) or None)."""
     images = ev.render.images.float().cpu()
     lam, B = images.shape[:2]
     for i in range(lam):
         for b in range(B):
-            save_png(tmp / "images" / f"c{i:02d}_i{b:02d}.png", images[i, b])
-    eligible = _eligible(session, ev.distance, losses)
-    best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
-    errmaps = _error_maps(session, ev, best_i, tmp)
-    record = {"generation": g, "sigma": float(opt.sigma), "best_candidate": best_i, "errmaps": errmaps,
-              "seed": session.search_plan(g).seed,
+            save_png(folder / "images" / f"c{i:02d}_i{b:02d}.png", images[i, b])
+    record = {"generation": g, "sigma": float(opt.sigma), "best_candidate": best_i,
+              "errmaps": _error_maps(session, ev, best_i, folder), "seed": session.search_plan(g).seed,
               "candidates": [_candidate_record(ev, i, losses, [f"images/c{i:02d}_i{b:02d}.png" for b in range(B)])
                              for i in range(lam)]}
-    validated = _validate(session, tmp, g, X[best_i], best_i, center) if session.validation is not None else None
+    validated = _validate(session, folder, g, X[best_i], best_i, center) if session.validation is not None else None
     if validated:
         record["validation"] = validated[0]
-    store.finish_generation(g, tmp, record)
+    return record, validated
+
+
+def _pin(session: Session, store: RunStore, state: dict, g: int, ev: Evaluation, record: dict, eligible: bool,
+         validated) -> None:
+    """The pinned result: the validation best (with validation), else the search's best."""
+    best_i = record["best_candidate"]
     best = record["candidates"][best_i]
     if validated:
         _pin_validated(session, store, state, g, *validated)
-    elif eligible[best_i] and (state["best"] is None or best["loss"] < state["best"]["loss"]):
+    elif eligible and (state["best"] is None or best["loss"] < state["best"]["loss"]):
         state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "flip": best["flip"],
                          "clip": best["clip"], "distance": best["distance"], "params": best["params"]}
         _write_pinned(session, store, ev.cond, best_i, state["best"])
+
+
+def _history_entry(session: Session, opt, g: int, ev: Evaluation, losses: np.ndarray, record: dict, validated,
+                   t0: float) -> dict:
+    best_i = record["best_candidate"]
+    best = record["candidates"][best_i]
     sorted_l, stats = np.sort(losses), opt.stats()
+    lam, B = ev.render.images.shape[:2]
     v_renders = len(validated[0]) * session.validation.batch if validated else 0
-    state["history"].append({
+    return {
         "generation": g, "best": float(losses[best_i]), "median": float(np.median(sorted_l)),
         "worst": float(sorted_l[-1]), "sigma": stats["sigma"], "axis_ratio": stats["axis_ratio"],
         "eigenvalues": stats["eigenvalues"],
         "flip": best["flip"], "clip": best["clip"], "best_candidate": best_i, "best_params": best["params"],
         "validation": {v["kind"]: v["loss"] for v in validated[0]} if validated else None,
         "seconds": time.time() - t0, "renders": int(lam * B) + v_renders, "validation_renders": v_renders,
-        "unet_evals": int(ev.render.unet_evals)})
-    if stats["front"] is not None:
-        state["pareto"] = stats["front"]
-    state["generation"] = g + 1
-    state["optimizer"] = opt.to_state()
-    store.write_state(state)
+        "unet_evals": int(ev.render.unet_evals)}
 
 
 def _validate(session: Session, folder: Path, g: int, best_x: np.ndarray, best_i: int,
