@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from embedpin.errors import ConfigError
+from embedpin.store import PINNED
 
 _NOT_SETTINGS = {"help", "resume", "json", "quiet"}  # CLI flags that are not run settings
 
@@ -77,7 +78,7 @@ def run_config(**settings):
 def _with_pinned(result):
     from embedpin.pinned import load_pinned
 
-    path = Path(result.run_dir) / "pinned.safetensors"
+    path = Path(result.run_dir) / PINNED
     return dataclasses.replace(result, pinned=load_pinned(path)[0] if path.is_file() else None)
 
 

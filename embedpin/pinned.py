@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from embedpin.errors import ConfigError, InputError
+from embedpin.store import PINNED
 
 FORMAT = "embedpin-pinned"
 
@@ -56,7 +57,7 @@ def load_pinned(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, recipe) from a pinned.safetensors or a run folder."""
     p = Path(path)
     if p.is_dir():
-        p = p / "pinned.safetensors"
+        p = p / PINNED
     if not p.is_file():
         raise InputError(f"{path}: no pinned result here (a run folder with pinned.safetensors, or the file)")
     try:

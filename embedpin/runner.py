@@ -31,7 +31,7 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.optimizer.session import Evaluation, Session
-from embedpin.store import RunStore, save_png
+from embedpin.store import PINNED, RunStore, save_png
 
 
 @dataclass
@@ -219,9 +219,10 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
     record, validated = _generation_record(session, tmp, opt, g, ev, losses, X, best_i, center)
     store.finish_generation(g, tmp, record)
     _pin(session, store, state, g, ev, record, eligible[best_i], validated)
-    state["history"].append(_history_entry(session, opt, g, ev, losses, record, validated, t0))
-    if (front := opt.stats()["front"]) is not None:
-        state["pareto"] = front
+    stats = opt.stats()
+    state["history"].append(_history_entry(session, stats, g, ev, losses, record, validated, t0))
+    if stats["front"] is not None:
+        state["pareto"] = stats["front"]
     state["generation"] = g + 1
     state["optimizer"] = opt.to_state()
     store.write_state(state)
@@ -259,11 +260,11 @@ def _pin(session: Session, store: RunStore, state: dict, g: int, ev: Evaluation,
         _write_pinned(session, store, ev.cond, best_i, state["best"])
 
 
-def _history_entry(session: Session, opt, g: int, ev: Evaluation, losses: np.ndarray, record: dict, validated,
+def _history_entry(session: Session, stats: dict, g: int, ev: Evaluation, losses: np.ndarray, record: dict, validated,
                    t0: float) -> dict:
     best_i = record["best_candidate"]
     best = record["candidates"][best_i]
-    sorted_l, stats = np.sort(losses), opt.stats()
+    sorted_l = np.sort(losses)
     lam, B = ev.render.images.shape[:2]
     v_renders = len(validated[0]) * session.validation.batch if validated else 0
     return {
@@ -360,7 +361,7 @@ def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> 
 def _write_pinned(session: Session, store: RunStore, cond, i: int, best: dict) -> None:
     from embedpin.pinned import save_pinned
 
-    save_pinned(store.root / "pinned.safetensors", session, cond, i, best)
+    save_pinned(store.root / PINNED, session, cond, i, best)
 
 
 def _report(store: RunStore, g: int | None) -> None:

@@ -132,11 +132,11 @@ class RunStore:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".new-"))
         try:
             (tmp / "generations").mkdir()
-            write_text(tmp / "config.toml", config.to_toml())
+            write_text(tmp / CONFIG, config.to_toml())
             for rel, img in (files or {}).items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_png(tmp / rel, img)
-            write_json(tmp / "state.json", {"version": STATE_VERSION, "status": "running", "generation": 0,
+            write_json(tmp / STATE, {"version": STATE_VERSION, "status": "running", "generation": 0,
                                                    "best": None, "history": [], "pareto": [], "optimizer": None,
                                                    "plain_validation": None})
             slug = _slug(config.prompt.prompt or "image guided")
@@ -157,7 +157,7 @@ class RunStore:
     @classmethod
     def open(cls, path: str | Path) -> RunStore:
         root = Path(path)
-        if not (root / "state.json").is_file() or not (root / "config.toml").is_file():
+        if not (root / STATE).is_file() or not (root / CONFIG).is_file():
             raise InputError(f"{path}: not an embedpin run folder (no state.json / config.toml)")
         store = cls(root)
         store.clean()
@@ -174,7 +174,7 @@ class RunStore:
             p.unlink(missing_ok=True)
 
     def config(self) -> RunConfig:
-        return RunConfig.from_toml(self.root / "config.toml")
+        return RunConfig.from_toml(self.root / CONFIG)
 
     def read_state(self) -> dict:
         try:
@@ -299,11 +299,11 @@ def load_run(run_dir: str | Path) -> Run:
     root = Path(run_dir)
     if not root.is_dir():
         raise InputError(f"no run folder at {root}")
-    if not (root / "state.json").exists():
+    if not (root / STATE).exists():
         raise InputError(f"{root} is not a run folder (no state.json)")
-    state = read_json(root / "state.json")
+    state = read_json(root / STATE)
     if state.get("status", "running") not in STATUSES:
         raise InputError(f"malformed {root / 'state.json'}: unknown status {state.get('status')!r}")
     if not isinstance(state.get("history", []), list):
         raise InputError(f"malformed {root / 'state.json'}: 'history' must be a list")
-    return Run(root=root, config=read_config(root / "config.toml"), state=state)
+    return Run(root=root, config=read_config(root / CONFIG), state=state)
