@@ -10,6 +10,7 @@
 line and parsed by the CLI's own parser, so the same inputs give the same ``config.toml``,
 the same defaults and the same validation messages through either door. Errors are
 :class:`embedpin.errors.EmbedpinError` subclasses (the CLI prints them as ``error: ...``).
+The stages are imported inside the functions, so ``import embedpin`` stays light.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedpin.errors import ConfigError
+from embedpin.errors import ConfigError, InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -142,7 +142,18 @@ class RunConfig:
         _check(not (guided & set(search.blocks)) or guides,
                "the guidance blocks need a --guide image (or --target with --guide-target)")
         _check(not score.targets or score.flip_weight > 0 or score.clip_weight > 0, "targets need a loss weight")
+        self._check_files()
         return self
+
+    def _check_files(self) -> None:
+        """Input files exist, checked before torch is imported (the loaders check again, with
+        the same messages, for library callers that skip the config)."""
+        for t in self.score.targets:
+            if not Path(t).exists():
+                raise InputError(f"target not found: {t}")
+        for image in [*self.prompt.guide, *([self.prompt.init_image] if self.prompt.init_image else [])]:
+            if not Path(image).is_file():
+                raise InputError(f"image not found: {image}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,39 +16,39 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save, save_file
 
+from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
-from embedpin.store import PINNED
+from embedpin.models.loader import load_components
+from embedpin.optimizer.session import pick_device
+from embedpin.render.sampler import RenderPlan, render
+from embedpin.store import PINNED, PinnedRecord, save_png, write_bytes
 
 FORMAT = "embedpin-pinned"
 
 
-def _recipe(session, best: dict, cfg_value: float) -> dict:
-    c = session.config
+def _recipe(config: RunConfig, size: int, best: PinnedRecord, cfg_value: float) -> dict:
+    c = config
     return {"format": FORMAT, "version": 1, "model": c.model.name, "prompt": c.prompt.prompt,
             "negative": c.prompt.negative, "scheduler": c.render.scheduler, "steps": c.render.steps,
-            "size": session.plan.height, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
-            "hyperbatch": c.render.hyperbatch, "loss": best["loss"], "generation": best["generation"],
-            "candidate": best["candidate"], "params": best["params"], "init_word": c.search.init_word,
-            "clip_skip": c.prompt.clip_skip, "loss_on": "validation seeds" if best.get("validation") else "search seeds",
+            "size": size, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
+            "hyperbatch": c.render.hyperbatch, "loss": best.loss, "generation": best.generation,
+            "candidate": best.candidate, "params": best.params, "init_word": c.search.init_word,
+            "clip_skip": c.prompt.clip_skip, "loss_on": "validation seeds" if best.validation else "search seeds",
             "validation_seeds": c.optim.validation_seeds}
 
 
-def save_pinned(path: Path, session, cond, i: int, best: dict) -> None:
-    """Write candidate ``i`` of a generation's Conditioning as the run's pinned result (atomic)."""
-    from embedpin.store import write_bytes
-
+def save_pinned(path: Path, config: RunConfig, size: int, cond, i: int, best: PinnedRecord) -> None:
+    """Write candidate ``i`` of a generation's Conditioning (rendered at ``size``) as the
+    run's pinned result (atomic), its recipe from the run's config and ``best``."""
     tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
     if cond.token_vectors is not None:
         tensors["token_vectors"] = cond.token_vectors[i]
-    recipe = _recipe(session, best, float(cond.cfg[i]))
-    write_bytes(path, _to_bytes(tensors, recipe))
+    write_bytes(path, _to_bytes(tensors, _recipe(config, size, best, float(cond.cfg[i]))))
 
 
 def _to_bytes(tensors: dict, recipe: dict) -> bytes:
-    from safetensors.torch import save
-
     return save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
                 metadata={"embedpin": json.dumps(recipe)})
 
@@ -121,11 +121,6 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
 def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path = "out", steps: int | None = None,
                   device: str = "auto") -> list[Path]:
     """Render ``n`` images (seeds seed..seed+n-1, plain batch) of a pinned result."""
-    from embedpin.models.loader import load_components
-    from embedpin.optimizer.session import pick_device
-    from embedpin.render.sampler import RenderPlan, render
-    from embedpin.store import save_png
-
     if n < 1:
         raise ConfigError(f"-n must be >= 1 (got {n})")
     tensors, recipe = load_pinned(source)

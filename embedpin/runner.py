@@ -26,12 +26,33 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from embedpin.config import RunConfig
+from embedpin.optimizer.cmaes import CMAES, default_generations
+from embedpin.optimizer.mo import MOCMAES
 from embedpin.optimizer.session import Evaluation, Session
-from embedpin.store import PINNED, RunStore, save_png
+from embedpin.pinned import save_pinned
+from embedpin.reports.builder import update
+from embedpin.store import (
+    PINNED,
+    CandidateRecord,
+    GenerationRecord,
+    HistoryEntry,
+    PinnedRecord,
+    PlainValidation,
+    RunState,
+    RunStore,
+    candidate_image,
+    errmap_image,
+    generation_dirname,
+    save_png,
+    target_file,
+    validation_image,
+)
 
 
 @dataclass
@@ -70,9 +91,6 @@ class RunResult:
 
 
 def make_optimizer(session: Session):
-    from embedpin.optimizer.cmaes import CMAES
-    from embedpin.optimizer.mo import MOCMAES
-
     optim = session.config.optim
     x0 = session.space.x0()
     if optim.max_distance is not None:
@@ -82,15 +100,10 @@ def make_optimizer(session: Session):
 
 
 def load_optimizer(state: dict):
-    from embedpin.optimizer.cmaes import CMAES
-    from embedpin.optimizer.mo import MOCMAES
-
     return (MOCMAES if "mocmaes" in str(state.get("format", "")) or "parents" in state else CMAES).from_state(state)
 
 
 def total_generations(session: Session, opt) -> int:
-    from embedpin.optimizer.cmaes import default_generations
-
     return session.config.optim.generations or default_generations(opt.n)
 
 
@@ -118,11 +131,11 @@ class _Interrupt:
 def run(config: RunConfig, quiet: bool = False) -> RunResult:
     """Start a new run: validate and load everything, then create the run folder and loop."""
     session = Session.prepare(config)
-    files = {f"targets/target_{i:02d}.png": t for i, t in enumerate(session.targets if session.targets is not None else [])}
-    files.update({f"targets/guide_{i:02d}.png": g for i, g in enumerate(session.guide)})
+    files = {target_file(i): t for i, t in enumerate(session.targets if session.targets is not None else [])}
+    files.update({target_file(i, "guide"): g for i, g in enumerate(session.guide)})
     store = RunStore.create(config, files)
     state = store.read_state()
-    state["space"] = session.space.to_dict()
+    state.space = session.space.to_dict()
     return _loop(session, store, make_optimizer(session), state, quiet)
 
 
@@ -131,26 +144,24 @@ def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
     store = RunStore.open(run_dir)
     state = store.read_state()
     session = Session.prepare(store.config())
-    opt = load_optimizer(state["optimizer"]) if state["optimizer"] else make_optimizer(session)
+    opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(session)
     return _loop(session, store, opt, state, quiet)
 
 
-def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> RunResult:
-    from tqdm import tqdm
-
+def _loop(session: Session, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
     total = total_generations(session, opt)
-    state["status"] = "running"
+    state.status = "running"
     store.write_state(state)
     _report(store, None)
-    if session.validation is not None and state.get("plain_validation") is None:
+    if session.validation is not None and state.plain_validation is None:
         _validate_plain(session, store, state)
         store.write_state(state)
-    bar = tqdm(total=total, initial=state["generation"], disable=quiet, unit="gen", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.generation, disable=quiet, unit="gen", dynamic_ncols=True)
     reason, interrupted = "generations", False
     try:
         with _Interrupt() as stop:
-            while state["generation"] < total:
-                g = state["generation"]
+            while state.generation < total:
+                g = state.generation
                 t0 = time.time()
                 X = opt.ask()                                    # 1. ask: X [λ, n]
                 center = opt.stats()["mean"] if g in (0, total - 1) else None  # validated: the start and the end
@@ -171,16 +182,16 @@ def _loop(session: Session, store: RunStore, opt, state: dict, quiet: bool) -> R
     finally:
         bar.close()
     state = store.read_state()
-    state["status"] = "interrupted" if interrupted else "finished"
-    state["stop_reason"] = reason
+    state.status = "interrupted" if interrupted else "finished"
+    state.stop_reason = reason
     store.write_state(state)
     _report(store, None)
-    hist, plain = state["history"], state.get("plain_validation")
-    best = state["best"]["loss"] if state["best"] else math.nan
+    hist, plain = state.history, state.plain_validation
+    best = state.best.loss if state.best else math.nan
     validated = plain is not None
-    return RunResult(store.root, best, hist[0]["best"] if hist else math.nan, state["generation"],
-                     sum(h["renders"] for h in hist) + (plain["renders"] if validated else 0), interrupted, reason,
-                     best if validated and state["best"] else None, plain["loss"] if validated else None)
+    return RunResult(store.root, best, hist[0].best if hist else math.nan, state.generation,
+                     sum(h.renders for h in hist) + (plain.renders if validated else 0), interrupted, reason,
+                     best if validated and state.best else None, plain.loss if validated else None)
 
 
 def _finite(loss: torch.Tensor) -> np.ndarray:
@@ -189,19 +200,19 @@ def _finite(loss: torch.Tensor) -> np.ndarray:
     return np.where(np.isfinite(out), out, max(worst * 2, 1e9) if worst > 0 else 1e9)
 
 
-def _converged(session: Session, opt, state: dict) -> bool:
+def _converged(session: Session, opt, state: RunState) -> bool:
     optim = session.config.optim
     return bool(opt.should_stop(tol_fun=optim.tol_fun, tol_x=optim.tol_x))
 
 
-def _candidate_record(ev: Evaluation, i: int, losses: np.ndarray, g_dir_images: list[str]) -> dict:
+def _candidate_record(ev: Evaluation, i: int, losses: np.ndarray, images: list[str]) -> CandidateRecord:
     s = ev.score
-    return {"index": i, "loss": float(losses[i]),
-            "flip": None if s.flip is None else _num(s.flip[i]), "clip": None if s.clip is None else _num(s.clip[i]),
-            "distance": _num(ev.distance[i]),
-            "params": {k: [float(x) for x in np.atleast_1d(v[i])] for k, v in ev.params.items()},
-            "image_losses": [_num(x) for x in s.per_image[i]], "images": g_dir_images,
-            "lineage": ev.render.lineage.tolist(), "seeds": ev.render.seeds.tolist()}
+    return CandidateRecord(
+        index=i, loss=float(losses[i]), flip=None if s.flip is None else _num(s.flip[i]),
+        clip=None if s.clip is None else _num(s.clip[i]), distance=_num(ev.distance[i]),
+        params={k: [float(x) for x in np.atleast_1d(v[i])] for k, v in ev.params.items()},
+        image_losses=[_num(x) for x in s.per_image[i]], images=images,
+        lineage=ev.render.lineage.tolist(), seeds=ev.render.seeds.tolist())
 
 
 def _num(x) -> float | None:
@@ -209,7 +220,7 @@ def _num(x) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Evaluation, losses: np.ndarray,
+def _commit(session: Session, store: RunStore, state: RunState, opt, g: int, ev: Evaluation, losses: np.ndarray,
             X: np.ndarray, center: np.ndarray | None, t0: float) -> None:
     """Generation g in four steps: build its folder and record (validation included), store
     it as a whole, pin the result it may improve, then write the state that names it."""
@@ -220,11 +231,11 @@ def _commit(session: Session, store: RunStore, state: dict, opt, g: int, ev: Eva
     store.finish_generation(g, tmp, record)
     _pin(session, store, state, g, ev, record, eligible[best_i], validated)
     stats = opt.stats()
-    state["history"].append(_history_entry(session, stats, g, ev, losses, record, validated, t0))
+    state.history.append(_history_entry(session, stats, g, ev, losses, record, validated, t0))
     if stats["front"] is not None:
-        state["pareto"] = stats["front"]
-    state["generation"] = g + 1
-    state["optimizer"] = opt.to_state()
+        state.pareto = stats["front"]
+    state.generation = g + 1
+    state.optimizer = opt.to_state()
     store.write_state(state)
 
 
@@ -236,101 +247,97 @@ def _generation_record(session: Session, folder: Path, opt, g: int, ev: Evaluati
     lam, B = images.shape[:2]
     for i in range(lam):
         for b in range(B):
-            save_png(folder / "images" / f"c{i:02d}_i{b:02d}.png", images[i, b])
-    record = {"generation": g, "sigma": float(opt.sigma), "best_candidate": best_i,
-              "errmaps": _error_maps(session, ev, best_i, folder), "seed": session.search_plan(g).seed,
-              "candidates": [_candidate_record(ev, i, losses, [f"images/c{i:02d}_i{b:02d}.png" for b in range(B)])
-                             for i in range(lam)]}
+            save_png(folder / candidate_image(i, b), images[i, b])
+    record = GenerationRecord(
+        generation=g, sigma=float(opt.sigma), best_candidate=best_i, errmaps=_error_maps(session, ev, best_i, folder),
+        seed=session.search_plan(g).seed,
+        candidates=[_candidate_record(ev, i, losses, [candidate_image(i, b) for b in range(B)]) for i in range(lam)])
     validated = _validate(session, folder, g, X[best_i], best_i, center) if session.validation is not None else None
     if validated:
-        record["validation"] = validated[0]
+        record.validation = validated[0]
     return record, validated
 
 
-def _pin(session: Session, store: RunStore, state: dict, g: int, ev: Evaluation, record: dict, eligible: bool,
-         validated) -> None:
+def _pin(session: Session, store: RunStore, state: RunState, g: int, ev: Evaluation, record: GenerationRecord,
+         eligible: bool, validated) -> None:
     """The pinned result: the validation best (with validation), else the search's best."""
-    best_i = record["best_candidate"]
-    best = record["candidates"][best_i]
+    best_i = record.best_candidate
+    best = record.candidates[best_i]
     if validated:
         _pin_validated(session, store, state, g, *validated)
-    elif eligible and (state["best"] is None or best["loss"] < state["best"]["loss"]):
-        state["best"] = {"generation": g, "candidate": best_i, "loss": best["loss"], "flip": best["flip"],
-                         "clip": best["clip"], "distance": best["distance"], "params": best["params"]}
-        _write_pinned(session, store, ev.cond, best_i, state["best"])
+    elif eligible and (state.best is None or best.loss < state.best.loss):
+        state.best = PinnedRecord(generation=g, candidate=best_i, loss=best.loss, flip=best.flip, clip=best.clip,
+                                  distance=best.distance, params=best.params)
+        _write_pinned(session, store, ev.cond, best_i, state.best)
 
 
-def _history_entry(session: Session, stats: dict, g: int, ev: Evaluation, losses: np.ndarray, record: dict, validated,
-                   t0: float) -> dict:
-    best_i = record["best_candidate"]
-    best = record["candidates"][best_i]
+def _history_entry(session: Session, stats: dict, g: int, ev: Evaluation, losses: np.ndarray,
+                   record: GenerationRecord, validated, t0: float) -> HistoryEntry:
+    best_i = record.best_candidate
+    best = record.candidates[best_i]
     sorted_l = np.sort(losses)
     lam, B = ev.render.images.shape[:2]
     v_renders = len(validated[0]) * session.validation.batch if validated else 0
-    return {
-        "generation": g, "best": float(losses[best_i]), "median": float(np.median(sorted_l)),
-        "worst": float(sorted_l[-1]), "sigma": stats["sigma"], "axis_ratio": stats["axis_ratio"],
-        "eigenvalues": stats["eigenvalues"],
-        "flip": best["flip"], "clip": best["clip"], "best_candidate": best_i, "best_params": best["params"],
-        "validation": {v["kind"]: v["loss"] for v in validated[0]} if validated else None,
-        "seconds": time.time() - t0, "renders": int(lam * B) + v_renders, "validation_renders": v_renders,
-        "unet_evals": int(ev.render.unet_evals)}
+    return HistoryEntry(
+        generation=g, best=float(losses[best_i]), median=float(np.median(sorted_l)), worst=float(sorted_l[-1]),
+        sigma=stats["sigma"], axis_ratio=stats["axis_ratio"], eigenvalues=stats["eigenvalues"],
+        flip=best.flip, clip=best.clip, best_candidate=best_i, best_params=best.params,
+        validation={v.kind: v.loss for v in validated[0]} if validated else None,
+        seconds=time.time() - t0, renders=int(lam * B) + v_renders, validation_renders=v_renders,
+        unet_evals=int(ev.render.unet_evals))
 
 
 def _validate(session: Session, folder: Path, g: int, best_x: np.ndarray, best_i: int,
-              center: np.ndarray | None) -> tuple[list[dict], Evaluation]:
+              center: np.ndarray | None) -> tuple[list[CandidateRecord], Evaluation]:
     """Render the generation's best candidate (and the distribution's mean) on the validation
     seeds; their images go to ``folder/validation/``. Returns (records, the evaluation)."""
     kinds = [("best", best_i, best_x)] + ([("mean", None, center)] if center is not None else [])
     ev = session.validate(np.stack([x for _, _, x in kinds]))
     losses = _finite(ev.score.loss)
     eligible = _eligible(session, ev.distance, losses)
-    (folder / "validation").mkdir(exist_ok=True)
     records = []
     for k, (kind, index, _) in enumerate(kinds):
-        names = [f"validation/{kind}_i{b:02d}.png" for b in range(ev.render.images.shape[1])]
+        names = [validation_image(kind, b) for b in range(ev.render.images.shape[1])]
         for name, img in zip(names, ev.render.images[k].float().cpu()):
             save_png(folder / name, img)
-        records.append({**_candidate_record(ev, k, losses, [f"generations/{g:04d}/{n}" for n in names]),
-                        "kind": kind, "index": index, "eligible": bool(eligible[k])})
+        record = _candidate_record(ev, k, losses, [f"generations/{generation_dirname(g)}/{n}" for n in names])
+        record.index, record.kind, record.eligible = index, kind, bool(eligible[k])
+        records.append(record)
     return records, ev
 
 
-def _pin_validated(session: Session, store: RunStore, state: dict, g: int, records: list[dict],
+def _pin_validated(session: Session, store: RunStore, state: RunState, g: int, records: list[CandidateRecord],
                    ev: Evaluation) -> None:
     """Pin the lowest validation loss among this generation's validated candidates if it
     beats the pinned result so far (within ``--max-distance`` with the size limiter)."""
-    ok = [r for r in records if r["eligible"]]
-    if not ok:
+    if not any(r.eligible for r in records):
         return
-    k = min(range(len(records)), key=lambda j: records[j]["loss"] if records[j]["eligible"] else math.inf)
+    k = min(range(len(records)), key=lambda j: records[j].loss if records[j].eligible else math.inf)
     r = records[k]
-    if state["best"] is None or r["loss"] < state["best"]["loss"]:
-        state["best"] = {"generation": g, "candidate": r["index"] if r["kind"] == "best" else "mean",
-                         "kind": r["kind"], "loss": r["loss"], "flip": r["flip"], "clip": r["clip"],
-                         "distance": r["distance"], "params": r["params"], "images": r["images"],
-                         "image_losses": r["image_losses"], "validation": True}
-        _write_pinned(session, store, ev.cond, k, state["best"])
+    if state.best is None or r.loss < state.best.loss:
+        state.best = PinnedRecord(generation=g, candidate=r.index if r.kind == "best" else "mean", kind=r.kind,
+                                  loss=r.loss, flip=r.flip, clip=r.clip, distance=r.distance, params=r.params,
+                                  images=r.images, image_losses=r.image_losses, validation=True)
+        _write_pinned(session, store, ev.cond, k, state.best)
 
 
-def _validate_plain(session: Session, store: RunStore, state: dict) -> None:
+def _validate_plain(session: Session, store: RunStore, state: RunState) -> None:
     """The plain prompt on the validation seeds: its record (images under ``validation/``),
     and the pinned result until a candidate beats it."""
     cond, out, score = session.validate_plain()
-    (store.root / "validation").mkdir(exist_ok=True)
-    names = [f"validation/plain_i{b:02d}.png" for b in range(out.images.shape[1])]
+    names = [validation_image("plain", b) for b in range(out.images.shape[1])]
     for name, img in zip(names, out.images[0].float().cpu()):
         save_png(store.root / name, img)
-    plain = {"loss": float(score.loss[0]), "flip": None if score.flip is None else _num(score.flip[0]),
-             "clip": None if score.clip is None else _num(score.clip[0]),
-             "image_losses": [_num(x) for x in score.per_image[0]], "images": names,
-             "seed": session.validation.seed, "renders": int(out.images.shape[1])}
-    state["plain_validation"] = plain
-    if state["best"] is None:
-        state["best"] = {"generation": None, "candidate": "plain", "kind": "plain", "loss": plain["loss"],
-                         "flip": plain["flip"], "clip": plain["clip"], "distance": 0.0, "params": {},
-                         "images": names, "image_losses": plain["image_losses"], "validation": True}
-        _write_pinned(session, store, cond, 0, state["best"])
+    plain = PlainValidation(
+        loss=float(score.loss[0]), flip=None if score.flip is None else _num(score.flip[0]),
+        clip=None if score.clip is None else _num(score.clip[0]), image_losses=[_num(x) for x in score.per_image[0]],
+        images=names, seed=session.validation.seed, renders=int(out.images.shape[1]))
+    state.plain_validation = plain
+    if state.best is None:
+        state.best = PinnedRecord(generation=None, candidate="plain", kind="plain", loss=plain.loss, flip=plain.flip,
+                                  clip=plain.clip, distance=0.0, params={}, images=names,
+                                  image_losses=plain.image_losses, validation=True)
+        _write_pinned(session, store, cond, 0, state.best)
 
 
 def _eligible(session: Session, distance: torch.Tensor, losses: np.ndarray) -> np.ndarray:
@@ -346,38 +353,30 @@ def _eligible(session: Session, distance: torch.Tensor, losses: np.ndarray) -> n
 def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> list[str]:
     if session.targets is None:
         return []
-    import matplotlib
 
     maps = session.scorer.error_maps(ev.render.images[best_i]).float().clamp(0, 1).cpu().numpy()
     cmap = matplotlib.colormaps["magma"]
-    (folder / "errmaps").mkdir(exist_ok=True)
-    names = []
-    for b, m in enumerate(maps):
-        save_png(folder / "errmaps" / f"i{b:02d}.png", cmap(m)[..., :3].transpose(2, 0, 1))
-        names.append(f"errmaps/i{b:02d}.png")
+    names = [errmap_image(b) for b in range(len(maps))]
+    for name, m in zip(names, maps):
+        save_png(folder / name, cmap(m)[..., :3].transpose(2, 0, 1))
     return names
 
 
-def _write_pinned(session: Session, store: RunStore, cond, i: int, best: dict) -> None:
-    from embedpin.pinned import save_pinned
-
-    save_pinned(store.root / PINNED, session, cond, i, best)
+def _write_pinned(session: Session, store: RunStore, cond, i: int, best: PinnedRecord) -> None:
+    save_pinned(store.root / PINNED, session.config, session.plan.height, cond, i, best)
 
 
 def _report(store: RunStore, g: int | None) -> None:
-    from embedpin.reports.builder import update
-
     update(store.root, g)
 
 
-def _progress(bar, state: dict, quiet: bool) -> None:
-    h, best = state["history"][-1], state["best"]
-    bar.set_postfix(pinned="-" if best is None else f"{best['loss']:.4f}", refresh=False)
+def _progress(bar, state: RunState, quiet: bool) -> None:
+    h, best = state.history[-1], state.best
+    bar.set_postfix(pinned="-" if best is None else f"{best.loss:.4f}", refresh=False)
     bar.update(1)
     if not quiet:
-        v = h.get("validation") or {}
-        val = "".join(f"  val {k} {x:.4f}" for k, x in v.items())
-        plain = state.get("plain_validation")
-        ref = f" (plain {plain['loss']:.4f})" if plain else ""
-        bar.write(f"gen {h['generation']:4d}  best {h['best']:.4f}  median {h['median']:.4f}{val}{ref}  "
-                  f"sigma {h['sigma']:.3g}  ({h['seconds']:.1f}s)")
+        val = "".join(f"  val {k} {x:.4f}" for k, x in (h.validation or {}).items())
+        plain = state.plain_validation
+        ref = f" (plain {plain.loss:.4f})" if plain else ""
+        bar.write(f"gen {h.generation:4d}  best {h.best:.4f}  median {h.median:.4f}{val}{ref}  "
+                  f"sigma {h.sigma:.3g}  ({h.seconds:.1f}s)")

@@ -28,24 +28,48 @@ import re
 import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import tomllib
+from PIL import Image
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
 
+if TYPE_CHECKING:
+    import torch
+
 STATE_VERSION = 1
 STATUSES = ("running", "finished", "interrupted")
-STATE, CONFIG, PINNED = "state.json", "config.toml", "pinned.safetensors"
+STATE, CONFIG, PINNED, GENERATION = "state.json", "config.toml", "pinned.safetensors", "generation.json"
 
 
 def generation_dirname(generation: int) -> str:
     """``3 -> "0003"``: the folder name of a generation inside ``generations/``."""
     return f"{generation:04d}"
+
+
+def target_file(i: int, kind: str = "target") -> str:
+    """``targets/target_TT.png`` (``kind`` "guide": ``targets/guide_GG.png``), relative to the run."""
+    return f"targets/{kind}_{i:02d}.png"
+
+
+def candidate_image(i: int, b: int) -> str:
+    """Image b of candidate i, relative to its generation folder."""
+    return f"images/c{i:02d}_i{b:02d}.png"
+
+
+def validation_image(kind: str, b: int) -> str:
+    """Validation render b of ``kind`` (best / mean / plain), relative to its folder."""
+    return f"validation/{kind}_i{b:02d}.png"
+
+
+def errmap_image(b: int) -> str:
+    """The best candidate's ꟻLIP error map of image b, relative to its generation folder."""
+    return f"errmaps/i{b:02d}.png"
 
 
 # -- atomic writes ---------------------------------------------------------------------
@@ -91,13 +115,191 @@ def save_figure(path: Path, figure, **params) -> Path:
 
 def save_png(path: str | Path, image) -> Path:
     """Write an image [3, H, W] (torch or numpy, float in [0, 1]) as PNG, atomically."""
-    from PIL import Image
-
     arr = image.detach().float().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     arr = (np.clip(np.nan_to_num(arr), 0, 1) * 255 + 0.5).astype(np.uint8)
     if arr.ndim == 3 and arr.shape[0] in (1, 3):
         arr = arr.transpose(1, 2, 0)
     return save_image(path, Image.fromarray(arr.squeeze()))
+
+
+# -- typed records -----------------------------------------------------------------------
+class Record:
+    """A JSON object of the run folder as a dataclass: fields in file order; ``OPTIONAL``
+    fields are left out of the file when None; ``NESTED`` names the record type of a field
+    (``[type]``: a list of them). Reading checks that every required field is there."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+    NESTED: ClassVar[dict[str, Any]] = {}
+
+    def to_json(self) -> dict:
+        return {f.name: _dump(getattr(self, f.name)) for f in fields(self)
+                if not (getattr(self, f.name) is None and f.name in self.OPTIONAL)}
+
+    @classmethod
+    def from_json(cls, data, where: str):
+        if not isinstance(data, dict):
+            raise InputError(f"malformed {where}: expected a JSON object, got {type(data).__name__}")
+        missing = [f.name for f in fields(cls)
+                   if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise InputError(f"malformed {where}: missing {', '.join(repr(m) for m in missing)}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            v, kind = data[f.name], cls.NESTED.get(f.name)
+            if isinstance(kind, list) and v is not None:
+                if not isinstance(v, list):
+                    raise InputError(f"malformed {where}: {f.name!r} must be a list")
+                v = [kind[0].from_json(x, where) for x in v]
+            elif kind is not None and v is not None:
+                v = kind.from_json(v, where)
+            values[f.name] = v
+        return cls(**values)
+
+
+def _dump(v):
+    if isinstance(v, Record):
+        return v.to_json()
+    if isinstance(v, list):
+        return [_dump(x) for x in v]
+    return v
+
+
+@dataclass
+class CandidateRecord(Record):
+    """One rendered candidate: its loss and parts, parameters, per-image losses and image
+    paths (relative to its generation folder), the render's lineage [B, depth] and seeds.
+    Validation renders add ``kind`` ("best" / "mean"; ``index`` None for the mean) and
+    ``eligible`` (within ``--max-distance``); their image paths are relative to the run."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("kind", "eligible")
+
+    index: int | None
+    loss: float
+    flip: float | None = None
+    clip: float | None = None
+    distance: float | None = None
+    params: dict[str, list[float]] = field(default_factory=dict)
+    image_losses: list[float | None] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    lineage: list[list[int]] | None = None
+    seeds: list[list[int]] | None = None
+    kind: str | None = None
+    eligible: bool | None = None
+
+
+@dataclass
+class GenerationRecord(Record):
+    """``generations/NNNN/generation.json``: the optimizer's step size, the search seed, the
+    best candidate's index and error maps, every candidate, and the validation renders."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("validation",)
+    NESTED: ClassVar[dict[str, Any]] = {"candidates": [CandidateRecord], "validation": [CandidateRecord]}
+
+    generation: int
+    sigma: float | None = None
+    best_candidate: int | None = None
+    errmaps: list[str] = field(default_factory=list)
+    seed: int | None = None
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    validation: list[CandidateRecord] | None = None
+
+    def candidate(self, index) -> CandidateRecord | None:
+        return next((c for c in self.candidates if c.index == index), None)
+
+
+@dataclass
+class HistoryEntry(Record):
+    """One committed generation in ``state.json``: loss quantiles, the optimizer's step size,
+    axis ratio and covariance spectrum, the best candidate's parts and parameters, the
+    validation losses by kind, time and render counts."""
+
+    generation: int
+    best: float
+    median: float | None = None
+    worst: float | None = None
+    sigma: float | None = None
+    axis_ratio: float | None = None
+    eigenvalues: list[float] | None = None
+    flip: float | None = None
+    clip: float | None = None
+    best_candidate: int | None = None
+    best_params: dict[str, list[float]] = field(default_factory=dict)
+    validation: dict[str, float] | None = None
+    seconds: float | None = None
+    renders: int = 0
+    validation_renders: int = 0
+    unet_evals: int = 0
+
+
+@dataclass
+class PinnedRecord(Record):
+    """The pinned result in ``state.json``: where it comes from (generation and candidate
+    index, "mean", or "plain" for the plain prompt) and its figures; a validated one keeps
+    its validation renders (``images`` relative to the run, ``image_losses``)."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("kind", "images", "image_losses", "validation")
+
+    generation: int | None
+    candidate: int | str | None
+    kind: str | None = None
+    loss: float | None = None
+    flip: float | None = None
+    clip: float | None = None
+    distance: float | None = None
+    params: dict[str, list[float]] = field(default_factory=dict)
+    images: list[str] | None = None
+    image_losses: list[float | None] | None = None
+    validation: bool | None = None
+
+
+@dataclass
+class PlainValidation(Record):
+    """The plain prompt on the validation seeds: the run's reference line."""
+
+    loss: float
+    flip: float | None = None
+    clip: float | None = None
+    image_losses: list[float | None] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    seed: int | None = None
+    renders: int = 0
+
+
+@dataclass
+class RunState(Record):
+    """``state.json``: status, committed generations, the pinned result, history, the
+    Pareto front (``--max-distance``), the optimizer's JSON state, the plain prompt's
+    validation, the search space's description and why the run stopped."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason")
+    NESTED: ClassVar[dict[str, Any]] = {"best": PinnedRecord, "history": [HistoryEntry],
+                                        "plain_validation": PlainValidation}
+
+    version: int = STATE_VERSION
+    status: str = "running"
+    generation: int = 0
+    best: PinnedRecord | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None
+    plain_validation: PlainValidation | None = None
+    space: dict[str, Any] | None = None
+    stop_reason: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> RunState:
+        """The state at ``path``, checked (version, status, field shapes), or an InputError."""
+        data = read_json(path)
+        if data.get("version") != STATE_VERSION:
+            raise InputError(f"{path}: unknown run-state version {data.get('version')!r}")
+        state = cls.from_json(data, str(path))
+        if state.status not in STATUSES:
+            raise InputError(f"malformed {path}: unknown status {state.status!r}")
+        if not isinstance(state.generation, int) or state.generation < 0:
+            raise InputError(f"malformed {path}: 'generation' must be an integer >= 0")
+        return state
 
 
 # -- the writer ------------------------------------------------------------------------
@@ -122,7 +324,7 @@ class RunStore:
 
     # -- creation / opening ----------------------------------------------------------
     @classmethod
-    def create(cls, config: RunConfig, files: dict[str, object] | None = None) -> RunStore:
+    def create(cls, config: RunConfig, files: dict[str, torch.Tensor] | None = None) -> RunStore:
         """Make ``<out>/NNNN-<slug>/`` with config.toml and an initial state, all or nothing.
 
         ``files`` maps relative paths to images [3, H, W] (targets, guide) written with it.
@@ -136,9 +338,7 @@ class RunStore:
             for rel, img in (files or {}).items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_png(tmp / rel, img)
-            write_json(tmp / STATE, {"version": STATE_VERSION, "status": "running", "generation": 0,
-                                                   "best": None, "history": [], "pareto": [], "optimizer": None,
-                                                   "plain_validation": None})
+            write_json(tmp / STATE, RunState().to_json())
             slug = _slug(config.prompt.prompt or "image guided")
             while True:
                 used = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^(\d{4,})-", p.name))]
@@ -165,7 +365,7 @@ class RunStore:
 
     def clean(self) -> None:
         """Drop leftovers of an interrupted write: temp files and uncommitted generations."""
-        done = self.read_state()["generation"]
+        done = self.read_state().generation
         gens = self.root / "generations"
         for p in list(gens.iterdir()) if gens.is_dir() else []:
             if p.name.startswith(".") or (p.name.isdigit() and int(p.name) >= done):
@@ -176,17 +376,11 @@ class RunStore:
     def config(self) -> RunConfig:
         return RunConfig.from_toml(self.root / CONFIG)
 
-    def read_state(self) -> dict:
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{self.state_path}: unreadable run state: {e}") from None
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise InputError(f"{self.state_path}: unknown run-state version")
-        return state
+    def read_state(self) -> RunState:
+        return RunState.read(self.state_path)
 
-    def write_state(self, state: dict) -> None:
-        write_json(self.state_path, state, allow_nan=True)  # optimizer state may hold Infinity
+    def write_state(self, state: RunState) -> None:
+        write_json(self.state_path, state.to_json(), allow_nan=True)  # optimizer state may hold Infinity
 
     # -- generations -----------------------------------------------------------------
     def begin_generation(self, g: int) -> Path:
@@ -196,16 +390,14 @@ class RunStore:
         (tmp / "images").mkdir(parents=True)
         return tmp
 
-    def finish_generation(self, g: int, tmp: Path, record: dict) -> Path:
+    def finish_generation(self, g: int, tmp: Path, record: GenerationRecord) -> Path:
         """Write generation.json, then move the folder into place (atomic rename)."""
-        write_json(tmp / "generation.json", record)
+        write_json(tmp / GENERATION, record.to_json())
         final = self.generation_dir(g)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         return final
 
-    def read_generation(self, g: int) -> dict:
-        return json.loads((self.generation_dir(g) / "generation.json").read_text())
 
 # -- the reader ------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
@@ -226,8 +418,8 @@ def read_config(path: Path) -> RunConfig | None:
     if not Path(path).exists():
         return None
     try:
-        return RunConfig.from_dict(tomllib.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError) as e:
+        return RunConfig.from_toml(path)
+    except (OSError, ConfigError) as e:
         raise InputError(f"unreadable run config {path}: {e}") from None
 
 
@@ -237,11 +429,11 @@ class Run:
 
     root: Path
     config: RunConfig | None
-    state: dict
+    state: RunState
 
     @property
     def status(self) -> str:
-        return self.state.get("status", "running")
+        return self.state.status
 
     @property
     def live(self) -> bool:
@@ -251,19 +443,19 @@ class Run:
     @property
     def count(self) -> int:
         """Number of completed generations (0 .. count-1 are on disk)."""
-        return int(self.state.get("generation", len(self.history)))
+        return self.state.generation
 
     @property
-    def history(self) -> list[dict]:
-        return list(self.state.get("history") or [])
+    def history(self) -> list[HistoryEntry]:
+        return self.state.history
 
     @property
-    def best(self) -> dict | None:
-        return self.state.get("best") or None
+    def best(self) -> PinnedRecord | None:
+        return self.state.best
 
     @property
     def pareto(self) -> list[dict]:
-        return list(self.state.get("pareto") or [])
+        return self.state.pareto
 
     @property
     def id(self) -> str:
@@ -272,26 +464,16 @@ class Run:
     def generation_dir(self, generation: int) -> Path:
         return self.root / "generations" / generation_dirname(generation)
 
-    def generation(self, generation: int) -> dict:
-        """The record ``generations/NNNN/generation.json`` (validated shape)."""
-        return _check_generation(read_json(self.generation_dir(generation) / "generation.json"), generation)
+    def generation(self, generation: int) -> GenerationRecord:
+        """The record ``generations/NNNN/generation.json``, checked."""
+        path = self.generation_dir(generation) / GENERATION
+        return GenerationRecord.from_json(read_json(path), f"record of generation {generation} ({path})")
 
     @cached_property
     def generations(self) -> list[int]:
         """Generations with a record on disk, in order."""
-        found = sorted(int(p.parent.name) for p in self.root.glob("generations/[0-9]*/generation.json")
-                       if p.parent.name.isdigit())
-        return found
-
-
-def _check_generation(record: dict, generation: int) -> dict:
-    candidates = record.get("candidates")
-    if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
-        raise InputError(f"malformed record of generation {generation}: 'candidates' must be a list of objects")
-    for c in candidates:
-        if "index" not in c or "loss" not in c:
-            raise InputError(f"malformed record of generation {generation}: a candidate lacks 'index' or 'loss'")
-    return record
+        return sorted(int(p.parent.name) for p in self.root.glob(f"generations/[0-9]*/{GENERATION}")
+                      if p.parent.name.isdigit())
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -301,9 +483,4 @@ def load_run(run_dir: str | Path) -> Run:
         raise InputError(f"no run folder at {root}")
     if not (root / STATE).exists():
         raise InputError(f"{root} is not a run folder (no state.json)")
-    state = read_json(root / STATE)
-    if state.get("status", "running") not in STATUSES:
-        raise InputError(f"malformed {root / 'state.json'}: unknown status {state.get('status')!r}")
-    if not isinstance(state.get("history", []), list):
-        raise InputError(f"malformed {root / 'state.json'}: 'history' must be a list")
-    return Run(root=root, config=read_config(root / CONFIG), state=state)
+    return Run(root=root, config=read_config(root / CONFIG), state=RunState.read(root / STATE))

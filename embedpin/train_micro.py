@@ -21,8 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTextModel
 
+from embedpin.guidance.blocks import SCALARS
+from embedpin.guidance.encode import image_tokens
+from embedpin.guidance.flex import FLEX_PARAMS, image_guidance
+from embedpin.guidance.mapping import map_image_tokens
+from embedpin.guidance.tween import cluster_profile
+from embedpin.models.loader import load_clip, save_clip_shared
 from embedpin.models.micro import arch, dataset
+from embedpin.models.micro.tokenizer import save_tokenizer
 
 DEFAULT_OUT = Path(arch.__file__).parent / "weights"  # the shipped weights, beside the architecture
 
@@ -138,8 +147,6 @@ def train_clip(tok, budget: Budget, rng: np.random.Generator, vae=None):
     projected image tokens) live in the text encoder's output space. Images are augmented to
     look like renders (:func:`_augment`, with ``vae``).
     """
-    from transformers import CLIPModel
-
     model = CLIPModel(arch.clip_config(tok))
     d = model.text_projection.weight.shape[0]
     with torch.no_grad():
@@ -171,8 +178,6 @@ def train_clip(tok, budget: Budget, rng: np.random.Generator, vae=None):
 
 def train_vae(budget: Budget, rng: np.random.Generator, gen: torch.Generator):
     """AutoencoderKL (Rombach et al. 2022) with L1 + MSE reconstruction and a small KL term."""
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL(**arch.vae_config()).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     t0 = time.time()
@@ -201,8 +206,6 @@ def train_vae(budget: Budget, rng: np.random.Generator, gen: torch.Generator):
 def _encode_dataset(vae, tok, n: int, rng: np.random.Generator, clip=None, chunk: int = 256):
     """n training images -> (scaled latents [n, 4, h, w], captions, CLIP image tokens in text
     space [n, P, D] (float16; :func:`embedpin.guidance.encode.image_tokens`) or None)."""
-    from embedpin.guidance.encode import image_tokens
-
     latents, caps, tokens = [], [], []
     for i in range(0, n, chunk):
         imgs, c, _ = dataset.batch(rng, min(chunk, n - i), p_two=0.15)
@@ -219,11 +222,6 @@ def image_conditioning(text: torch.Tensor, image_tokens: torch.Tensor, w: torch.
     default alignment-first mapping with reuse) toward each sample's own image, every parameter
     at its default but linear_start = linear_end = w: text [n, L, D], image_tokens [n, P, D],
     w [n] in [0, 1] -> [n, L, D]."""
-    from embedpin.guidance.blocks import SCALARS
-    from embedpin.guidance.flex import FLEX_PARAMS, image_guidance
-    from embedpin.guidance.mapping import map_image_tokens
-    from embedpin.guidance.tween import cluster_profile
-
     m = map_image_tokens(text, image_tokens.to(text.dtype))
     params = {n: w.new_full(w.shape, SCALARS[n][2]) for n in FLEX_PARAMS}
     params["linear_start"] = params["linear_end"] = w
@@ -257,8 +255,6 @@ def train_unet(vae, text_encoder, tok, sched_cfg: dict, budget: Budget, rng, gen
     With ``image_p`` > 0 (and ``clip``), that share of the captioned samples is image-variation
     training (:func:`_guide_toward_images`), so the UNet learns what FlexDiffuse-mapped image
     tokens mean and more image guidance gives renders closer to the guide."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
     unet = (UNet2DConditionModel.from_pretrained(init) if init else UNet2DConditionModel(**arch.unet_config())).train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     noise_sched = DDPMScheduler.from_config(sched_cfg)
@@ -323,12 +319,6 @@ STAGES = ("vae", "clip", "unet")
 
 
 def main(argv=None) -> int:
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextModel
-
-    from embedpin.models.loader import load_clip, save_clip_shared
-    from embedpin.models.micro.tokenizer import save_tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from embedpin.cli import main
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
-from embedpin.store import RunStore, write_json
+from embedpin.store import (
+    CandidateRecord,
+    GenerationRecord,
+    HistoryEntry,
+    PinnedRecord,
+    RunState,
+    RunStore,
+    write_json,
+)
 
 
 def _cfg(tmp_path, **render):
@@ -82,7 +90,7 @@ def test_uncommitted_generation_is_dropped_on_open(tmp_path):
     s = RunStore.create(_cfg(tmp_path))
     tmp = s.begin_generation(0)
     (tmp / "images" / "x.png").write_bytes(b"partial")
-    s.finish_generation(0, tmp, {"generation": 0})      # folder in place, but state not updated
+    s.finish_generation(0, tmp, GenerationRecord(generation=0))  # folder in place, but state not updated
     s.begin_generation(1)                                # a half-assembled one
     RunStore.open(s.root)
     assert list((s.root / "generations").iterdir()) == []
@@ -127,3 +135,40 @@ def test_cli_help_lists_commands_and_knobs():
                  "--sigma0", "--batch", "--steps", "--scheduler", "--size", "--cfg", "--seed", "--max-batch",
                  "--device", "--dtype", "--config", "--no-hyperbatch", "--resume", "--json", "--max-distance"):
         assert knob in r.stdout, knob
+
+
+def test_records_round_trip_through_json_in_file_order():
+    cand = CandidateRecord(index=None, loss=0.5, flip=0.4, params={"cfg": [5.0]}, image_losses=[0.5, None],
+                           images=["validation/mean_i00.png"], lineage=[[0, 0]], seeds=[[1, 2]], kind="mean",
+                           eligible=True)
+    record = GenerationRecord(generation=3, sigma=0.2, best_candidate=0, seed=7,
+                              candidates=[CandidateRecord(index=0, loss=0.6)], validation=[cand])
+    data = json.loads(json.dumps(record.to_json()))
+    assert list(data) == ["generation", "sigma", "best_candidate", "errmaps", "seed", "candidates", "validation"]
+    assert "kind" not in data["candidates"][0] and data["validation"][0]["kind"] == "mean"
+    assert GenerationRecord.from_json(data, "g") == record
+    state = RunState(generation=1, best=PinnedRecord(generation=0, candidate=2, loss=0.3),
+                     history=[HistoryEntry(generation=0, best=0.3, validation={"best": 0.4})])
+    assert RunState.from_json(json.loads(json.dumps(state.to_json())), "s") == state
+    assert list(PinnedRecord(generation=0, candidate=2, loss=0.3).to_json()) == [
+        "generation", "candidate", "loss", "flip", "clip", "distance", "params"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"candidates": []}, "missing 'generation'"),
+    ({"generation": 0, "candidates": {"index": 0}}, "'candidates' must be a list"),
+    ({"generation": 0, "candidates": [{"index": 0}]}, "missing 'loss'"),
+    ({"generation": 0, "candidates": [3]}, "expected a JSON object"),
+])
+def test_malformed_records_are_input_errors(data, message):
+    with pytest.raises(InputError, match=message):
+        GenerationRecord.from_json(data, "record")
+
+
+def test_a_state_with_an_unknown_status_or_version_is_refused(tmp_path):
+    s = RunStore.create(_cfg(tmp_path))
+    state = json.loads(s.state_path.read_text())
+    for bad, message in ((dict(state, status="lost"), "unknown status"), (dict(state, version=99), "version")):
+        s.state_path.write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=message):
+            s.read_state()

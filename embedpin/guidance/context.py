@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from embedpin.config import OptimConfig, RenderConfig, SearchConfig
 from embedpin.errors import ConfigError
+from embedpin.guidance.blocks import blocks
 from embedpin.guidance.concepts import ConceptMapping, map_concepts
 from embedpin.guidance.deltas import (
     image_basis,
@@ -27,6 +29,9 @@ from embedpin.guidance.encode import PromptEncoding, encode_image, encode_prompt
 from embedpin.guidance.images import ImageLike, as_image_batch
 from embedpin.guidance.mapping import MODES, Mapping, map_image_tokens
 from embedpin.guidance.tween import cluster_profile
+
+if TYPE_CHECKING:
+    from embedpin.models.components import Components
 
 DELTA_BASES = ("image", "pca", "random")
 VECTOR_BASES = ("pca", "random")
@@ -75,7 +80,7 @@ class GuidanceContext:
     vector_init [N, Din] and vector_start (first placeholder position) when n_vectors > 0.
     """
 
-    components: object
+    components: Components
     options: GuidanceOptions
     prompt: str
     plain: PromptEncoding
@@ -131,8 +136,6 @@ class GuidanceContext:
 
     def blocks(self, enabled: set[str] | Sequence[str]):
         """The search blocks for ``enabled`` names (see :mod:`embedpin.guidance.blocks`)."""
-        from embedpin.guidance.blocks import blocks
-
         return blocks(self, enabled)
 
 

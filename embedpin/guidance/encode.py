@@ -10,9 +10,11 @@ tower's post-layernorm and visual projection, i.e. in the space of CLIP text fea
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers.masking_utils import create_causal_mask
 
 from embedpin.errors import ConfigError, InputError, ModelError
 from embedpin.models.clip import clip_pixels
@@ -52,8 +54,6 @@ def encode_text_from_embeds(components, input_embeds: torch.Tensor, ids: torch.T
     final layer norm), which only accepts ids; ``ids`` [1 or λ, L], when given, is checked
     against the sequence length. ``clip_skip`` layers are left out at the end.
     """
-    from transformers.masking_utils import create_causal_mask
-
     te = components.text_encoder
     layers = te.encoder.layers
     if not 0 <= clip_skip < len(layers):
@@ -71,10 +71,6 @@ def encode_text_from_embeds(components, input_embeds: torch.Tensor, ids: torch.T
 def _cache_arg() -> str:
     """``create_causal_mask``'s cache argument: ``cache`` in recent transformers 5.x,
     ``past_key_values`` before (deprecated, warns)."""
-    import inspect
-
-    from transformers.masking_utils import create_causal_mask
-
     return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from embedpin.errors import ConfigError
-from embedpin.models.schedulers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: F401 (re-exported)
+from embedpin.models.schedulers import SCHEDULERS, check_scheduler
 
 
 def make_scheduler(name: str, config: dict):
     """A fresh diffusers scheduler of the named kind, built from a model's scheduler config."""
-    import diffusers
+    import diffusers  # here, not at the top: the loader imports diffusers first (models.loader)
 
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(sorted(SCHEDULERS))}")
-    cls_name, overrides = SCHEDULERS[name]
+    cls_name, overrides = SCHEDULERS[check_scheduler(name)]
     cls = getattr(diffusers, cls_name)
     try:
         return cls.from_config({**config, **overrides})
@@ -48,7 +46,6 @@ class Components:
     tokenizer_2: Any | None = None
     text_encoder_2: Any | None = None
     source: str = ""
-    extras: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -73,10 +70,6 @@ class Components:
     @property
     def text_dim(self) -> int:
         return int(self.text_encoder.config.hidden_size)
-
-    @property
-    def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
 
     def scheduler(self, name: str):
         return make_scheduler(name, self.scheduler_config)

@@ -3,6 +3,12 @@
 Accepted: ``micro`` (built in), a diffusers model folder, a Hugging Face hub id that is
 already in the local cache, or a single-file ``.safetensors`` checkpoint (A1111 style).
 Pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused: loading one runs code.
+
+Every load passes ``local_files_only=True``. diffusers, transformers and huggingface_hub
+are imported inside the loaders, after :func:`_offline` has set the hub's offline switches
+(huggingface_hub reads them when it is first imported), so importing this module stays
+cheap and, where the loader is the first to import them, the libraries' own lookups are
+offline too.
 """
 
 from __future__ import annotations

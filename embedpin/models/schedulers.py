@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from embedpin.errors import ConfigError
+
 # Scheduler names a user can pass to --scheduler -> diffusers class name (+ config overrides).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -20,4 +22,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
-STOCHASTIC_SCHEDULERS = {"euler-a", "ddpm", "dpm++sde", "dpm++sde-karras"}
+
+
+def check_scheduler(name: str) -> str:
+    """``name`` if it is one of :data:`SCHEDULERS`, else the one ConfigError every entry point gives."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(sorted(SCHEDULERS))}")
+    return name

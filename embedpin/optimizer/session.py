@@ -18,15 +18,20 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
+from embedpin.guidance.build import Conditioning, build, distance
+from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
+from embedpin.guidance.encode import encode_prompt
+from embedpin.guidance.interrogate import rank_words
+from embedpin.images import load_image, resize_crop
+from embedpin.models.loader import load_components
 from embedpin.optimizer.seeds import search_seed, validation_seed
+from embedpin.render.sampler import RenderPlan, RenderResult, render
+from embedpin.scoring.scorer import Scorer, ScoreResult
+from embedpin.scoring.targets import load_targets
+from embedpin.space import SearchSpace
 
-if TYPE_CHECKING:  # types only: the stages themselves are imported where they are used
-    from embedpin.guidance.build import Conditioning
-    from embedpin.guidance.context import GuidanceContext
+if TYPE_CHECKING:
     from embedpin.models.components import Components
-    from embedpin.render.sampler import RenderPlan, RenderResult
-    from embedpin.scoring.scorer import Scorer, ScoreResult
-    from embedpin.space import SearchSpace
 
 
 def pick_device(name: str) -> str:
@@ -41,10 +46,8 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
-def guidance_options(config: RunConfig, init_word: str | None = None):
+def guidance_options(config: RunConfig, init_word: str | None = None) -> GuidanceOptions:
     """The run's guidance options; ``init_word`` replaces the config's (``auto`` resolved)."""
-    from embedpin.guidance.context import GuidanceOptions
-
     search = config.search
     return GuidanceOptions(
         clip_skip=config.prompt.clip_skip, delta_basis=search.basis, delta_k=search.rank,
@@ -58,8 +61,6 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
     placeholder, leaving out the prompt's own words (``guidance.interrogate``). Without target
     images or an image CLIP: the end-of-text token, the prompt's own padding, so the search
     starts exactly at the plain prompt."""
-    from embedpin.guidance.interrogate import rank_words
-
     if targets is None or components.clip is None:
         return components.tokenizer.eos_token
     prompt_words = config.prompt.prompt.replace(",", " ").split()
@@ -69,9 +70,8 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
     return ",".join(w for w, _ in ranked)
 
 
-def render_plan(config: RunConfig, size: int):
-    from embedpin.render.sampler import RenderPlan
-
+def render_plan(config: RunConfig, size: int) -> RenderPlan:
+    """The search's render plan at ``size`` (square) from the run config."""
     settings = config.render
     return RenderPlan(batch=settings.batch, steps=settings.steps, scheduler=settings.scheduler, height=size, width=size,
                       seed=config.optim.seed, hyperbatch=settings.hyperbatch, max_batch=settings.max_batch,
@@ -87,7 +87,6 @@ def validation_plan(config: RunConfig, plan):
 @dataclass
 class Evaluation:
     """One generation's candidates, rendered and scored (tensors stay on the device)."""
-
     params: dict[str, np.ndarray]
     cond: Conditioning
     render: RenderResult
@@ -114,12 +113,6 @@ class Session:
 
     @classmethod
     def prepare(cls, config: RunConfig) -> Session:
-        from embedpin.guidance.context import make_context
-        from embedpin.images import load_image, resize_crop
-        from embedpin.models.loader import load_components
-        from embedpin.scoring.scorer import Scorer
-        from embedpin.scoring.targets import load_targets
-        from embedpin.space import SearchSpace
 
         config.validate()
         prompt, score = config.prompt, config.score
@@ -155,9 +148,6 @@ class Session:
     def evaluate(self, X: np.ndarray, generation: int = 0, plan=None) -> Evaluation:
         """Standardized candidates X [λ, n] -> conditionings, renders [λ, B, 3, H, W], losses [λ],
         rendered with generation ``generation``'s search plan (or ``plan``)."""
-        from embedpin.guidance.build import build, distance
-        from embedpin.render.sampler import render
-
         params = self.space.decode(X)
         like = self.ctx.plain.hidden
         cond = build(self.ctx, {k: torch.as_tensor(v).to(like) for k, v in params.items()})
@@ -176,10 +166,6 @@ class Session:
     def validate_plain(self):
         """The plain prompt (no placeholders, no block applied) on the validation seeds:
         (its Conditioning, RenderResult, ScoreResult)."""
-        from embedpin.guidance.build import Conditioning
-        from embedpin.guidance.encode import encode_prompt
-        from embedpin.render.sampler import render
-
         c = self.config
         hidden = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip).hidden
         strength = torch.tensor([c.render.strength]) if self.ctx.init_image is not None else None

@@ -44,7 +44,8 @@ import torch
 
 from embedpin.config import OptimConfig, RenderConfig
 from embedpin.errors import ConfigError
-from embedpin.models.components import SCHEDULERS, make_scheduler
+from embedpin.models.components import make_scheduler
+from embedpin.models.schedulers import check_scheduler
 from embedpin.render.denoiser import GuidedDenoiser
 from embedpin.render.grid import Grid, make_grid
 from embedpin.render.latents import decode, encode
@@ -90,8 +91,7 @@ class RenderPlan:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not _is_int(self.max_batch) or self.max_batch < 2:
             raise ConfigError(f"max batch must be an integer >= 2 (a latent's two CFG halves), got {self.max_batch!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(sorted(SCHEDULERS))}")
+        check_scheduler(self.scheduler)
         if self.renoise is not None and not self.renoise >= 0:
             raise ConfigError(f"renoise must be >= 0, got {self.renoise!r}")
         if not self.eta >= 0:

@@ -27,7 +27,7 @@ from functools import partial
 import torch
 from numpy.polynomial import Polynomial
 
-from embedpin.errors import ConfigError
+from embedpin.models.schedulers import check_scheduler
 from embedpin.render.grid import Grid
 
 State = dict[str, torch.Tensor]
@@ -189,7 +189,7 @@ _MULTISTEP = ("d1", "d2", "d3")
 
 
 def make_sampler(name: str, eta: float = 0.0) -> Sampler:
-    """The sampler for one of ``embedpin.models.components.SCHEDULERS``' names."""
+    """The sampler for one of ``embedpin.models.schedulers.SCHEDULERS``' names."""
     table = {
         "euler": Sampler(euler),
         "euler-a": Sampler(partial(ancestral, eta=1.0), draws=1),
@@ -204,9 +204,7 @@ def make_sampler(name: str, eta: float = 0.0) -> Sampler:
         "lms": Sampler(multistep, _MULTISTEP),
         "pndm": Sampler(partial(multistep, weights=plms_weights), _MULTISTEP),
     }
-    if name not in table:
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(sorted(table))}")
-    return table[name]
+    return table[check_scheduler(name)]
 
 
 # Samplers whose grid comes from another diffusers scheduler: DPMSolverSDEScheduler needs

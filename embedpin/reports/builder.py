@@ -62,8 +62,8 @@ def write_generation(run: Run, generation: int, assets: bool = True) -> Path:
     context = generation_context(run, generation, record)
     histogram = folder / ASSETS / "histogram.png"
     if assets or not histogram.exists():
-        losses = np.array([_float(c["loss"]) for c in record["candidates"]])
-        per_image = np.array([_float(v) for c in record["candidates"] for v in c.get("image_losses") or []])
+        losses = np.array([_float(c.loss) for c in record.candidates])
+        per_image = np.array([_float(v) for c in record.candidates for v in c.image_losses or []])
         if not plots.histogram_plot(losses, per_image, histogram):
             histogram.unlink(missing_ok=True)
     if assets or not (folder / ASSETS / "frame.png").exists():
@@ -84,7 +84,7 @@ def write_run(run: Run) -> Path:
     """Write the run page ``index.html`` with its plots and the best-over-generations GIF."""
     assets = run.root / ASSETS
     sources = {"history": run.history, "pareto": run.pareto,
-               "validation": {"history": run.history, "plain": run.state.get("plain_validation")}}
+               "validation": {"history": run.history, "plain": run.state.plain_validation}}
     written = [dict(src=f"{ASSETS}/{name}", title=title)
                for name, title, plot, source in RUN_PLOTS if plot(sources[source], assets / name)]
     frames = [run.generation_dir(g) / ASSETS / "frame.png" for g in run.generations]

@@ -17,7 +17,7 @@ from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
 from embedpin.reports.templating import num
-from embedpin.store import Run, generation_dirname
+from embedpin.store import CandidateRecord, GenerationRecord, Run, generation_dirname
 
 
 def relpath(rel: str) -> str:
@@ -49,46 +49,44 @@ def params_rows(params: dict | None) -> list[tuple[str, str]]:
         raise InputError("malformed parameters in run store: expected {name: [numbers]}") from None
 
 
-def _loss_order(candidates: list[dict]) -> list[dict]:
-    def key(c: dict) -> tuple:
-        loss = c.get("loss")
-        finite = isinstance(loss, (int, float)) and math.isfinite(loss)
-        return (not finite, loss if finite else 0.0, c.get("index", 0))
+def _loss_order(candidates: list[CandidateRecord]) -> list[CandidateRecord]:
+    def key(c: CandidateRecord) -> tuple:
+        finite = isinstance(c.loss, (int, float)) and math.isfinite(c.loss)
+        return (not finite, c.loss if finite else 0.0, c.index or 0)
     return sorted(candidates, key=key)
 
 
-def candidate_context(folder: Path, c: dict, best: int | None) -> dict:
+def candidate_context(folder: Path, c: CandidateRecord, best: int | None) -> dict:
     """One candidate card: its scores, parameters and image grid with lineage colours."""
-    images = list(c.get("images") or [])
-    lineage = lineage_array(c.get("lineage"), len(images))
+    images = list(c.images or [])
+    lineage = lineage_array(c.lineage, len(images))
     colours = group_colours(trunk_groups(lineage))
-    losses = list(c.get("image_losses") or [])
-    seeds = list(c.get("seeds") or [])
+    losses = list(c.image_losses or [])
+    seeds = list(c.seeds or [])
     entries = [
         image_entry(folder, rel, loss=losses[j] if j < len(losses) else None,
                     seed=seeds[j] if j < len(seeds) else None,
                     lineage=lineage[j].tolist(), colours=colours[j])
         for j, rel in enumerate(images)
     ]
-    return dict(index=c["index"], loss=c["loss"], flip=c.get("flip"), clip=c.get("clip"),
-                distance=c.get("distance"), params=params_rows(c.get("params")),
-                images=entries, is_best=c["index"] == best)
+    return dict(index=c.index, loss=c.loss, flip=c.flip, clip=c.clip, distance=c.distance,
+                params=params_rows(c.params), images=entries, is_best=c.index == best)
 
 
-def generation_context(run: Run, generation: int, record: dict) -> dict:
+def generation_context(run: Run, generation: int, record: GenerationRecord) -> dict:
     """Everything the generation page shows, paths relative to ``generations/NNNN/``."""
     folder = run.generation_dir(generation)
-    best = record.get("best_candidate")
-    candidates = [candidate_context(folder, c, best) for c in _loss_order(record["candidates"])]
+    best = record.best_candidate
+    candidates = [candidate_context(folder, c, best) for c in _loss_order(record.candidates)]
     errmaps = [image_entry(folder, rel, caption=f"image {j}")
-               for j, rel in enumerate(record.get("errmaps") or []) if (folder / relpath(rel)).exists()]
+               for j, rel in enumerate(record.errmaps or []) if (folder / relpath(rel)).exists()]
     on_disk = set(run.generations)
 
     def page(g: int) -> str | None:
         return f"../{generation_dirname(g)}/index.html" if g in on_disk else None
 
     return dict(
-        run=_run_summary(run), generation=generation, sigma=record.get("sigma"), best_candidate=best,
+        run=_run_summary(run), generation=generation, sigma=record.sigma, best_candidate=best,
         candidates=candidates, errmaps=errmaps, depth=max((len(i["colours"]) for c in candidates
                                                            for i in c["images"]), default=0),
         prev_page=page(generation - 1), next_page=page(generation + 1),
@@ -148,44 +146,39 @@ def _target(run: Run, path: Path) -> dict:
 def best_context(run: Run) -> dict | None:
     """The best candidate so far: where it is, its loss, parameters and images."""
     best = run.best
-    if not best or "generation" not in best:
+    if best is None:
         return None
-    if best.get("kind") == "plain":  # nothing has beaten the plain prompt on the validation seeds yet
-        return dict(generation=None, candidate="plain", loss=best.get("loss"), params=[], images=[], page=None,
+    if best.kind == "plain" or best.generation is None:  # nothing has beaten the plain prompt on validation yet
+        return dict(generation=None, candidate="plain", loss=best.loss, params=[], images=[], page=None,
                     validated=True)
-    g = int(best["generation"])
+    g = int(best.generation)
     prefix = f"generations/{generation_dirname(g)}/"
     images = []
-    if best.get("images"):  # a validated result: its plain renders on the validation seeds
-        losses = list(best.get("image_losses") or [])
-        images = [image_entry(run.root, rel, "", loss=losses[j] if j < len(losses) else None)
-                  for j, rel in enumerate(best["images"])]
-    elif g in run.generations:
-        record = run.generation(g)
-        found = [c for c in record["candidates"] if c["index"] == best.get("candidate")]
-        if found:
-            losses = list(found[0].get("image_losses") or [])
-            images = [image_entry(run.generation_dir(g), rel, prefix, loss=losses[j] if j < len(losses) else None)
-                      for j, rel in enumerate(found[0].get("images") or [])]
-    return dict(generation=g, candidate=best.get("candidate"), loss=best.get("loss"),
-                params=params_rows(best.get("params")), images=images, page=prefix + "index.html",
-                validated=bool(best.get("validation")))
+    if best.images:  # a validated result: its plain renders on the validation seeds
+        images = _image_entries(run.root, "", best.images, best.image_losses)
+    elif g in run.generations and (found := run.generation(g).candidate(best.candidate)) is not None:
+        images = _image_entries(run.generation_dir(g), prefix, found.images, found.image_losses)
+    return dict(generation=g, candidate=best.candidate, loss=best.loss, params=params_rows(best.params),
+                images=images, page=prefix + "index.html", validated=bool(best.validation))
+
+
+def _image_entries(folder: Path, prefix: str, images: list[str] | None, losses: list | None) -> list[dict]:
+    losses = list(losses or [])
+    return [image_entry(folder, rel, prefix, loss=losses[j] if j < len(losses) else None)
+            for j, rel in enumerate(images or [])]
 
 
 def plain_validation_context(run: Run) -> dict | None:
     """The plain prompt on the validation seeds: its loss and images (None without validation)."""
-    plain = run.state.get("plain_validation")
-    if not plain:
+    plain = run.state.plain_validation
+    if plain is None:
         return None
-    losses = list(plain.get("image_losses") or [])
-    images = [image_entry(run.root, rel, "", loss=losses[j] if j < len(losses) else None)
-              for j, rel in enumerate(plain.get("images") or [])]
-    return dict(loss=plain.get("loss"), flip=plain.get("flip"), images=images)
+    return dict(loss=plain.loss, flip=plain.flip, images=_image_entries(run.root, "", plain.images, plain.image_losses))
 
 
 def generation_rows(run: Run) -> list[dict]:
     """One table row per generation (history and/or on disk), with its page link."""
-    rows = {int(h["generation"]): dict(h) for h in run.history if "generation" in h}
+    rows = {int(h.generation): h.to_json() for h in run.history}
     for g in run.generations:
         rows.setdefault(g, dict(generation=g))
     on_disk = set(run.generations)

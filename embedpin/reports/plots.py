@@ -1,6 +1,6 @@
 """Convergence plots (matplotlib, Agg backend, no pyplot state): one small PNG each.
 
-Every function takes plain store records, writes one file atomically and returns
+Every function takes the store's records, writes one file atomically and returns
 whether there was anything to plot (a run without CLIP has no CLIP curve, a run
 without the size limiter has no Pareto front).
 """
@@ -14,14 +14,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from embedpin.store import save_figure
+from embedpin.store import HistoryEntry, PlainValidation, save_figure
 
 DPI = 96
 
 
-def series(records: list[dict], key: str) -> np.ndarray:
-    """``records[i][key]`` as floats ``[N]``; missing, null and non-finite entries are NaN."""
-    values = [r.get(key) for r in records]
+def series(records: list, key: str) -> np.ndarray:
+    """Field ``key`` of each record (a store record or a dict) as floats ``[N]``; missing,
+    null and non-finite entries are NaN."""
+    values = [r.get(key) if isinstance(r, dict) else getattr(r, key, None) for r in records]
     out = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     out[~np.isfinite(out)] = np.nan
     return out
@@ -48,7 +49,7 @@ def _save(fig: Figure, ax, dst: Path, legend: bool = True) -> bool:
     return True
 
 
-def loss_plot(history: list[dict], dst: Path) -> bool:
+def loss_plot(history: list[HistoryEntry], dst: Path) -> bool:
     """Best / median / worst candidate loss per generation, and the best so far."""
     if not history:
         return False
@@ -70,8 +71,9 @@ def validation_plot(run: dict, dst: Path) -> bool:
     ``run``: {"history": [...], "plain": the plain prompt's validation record or None}. The
     search loss is measured on the search's own seeds, the validation loss on seeds the
     search never uses, rendered as plain batches: what a user will see."""
-    history, plain = run["history"], run.get("plain")
-    validation = [r.get("validation") or {} for r in history]
+    history: list[HistoryEntry] = run["history"]
+    plain: PlainValidation | None = run.get("plain")
+    validation = [r.validation or {} for r in history]
     if not any(validation):
         return False
     g = series(history, "generation")
@@ -82,11 +84,11 @@ def validation_plot(run: dict, dst: Path) -> bool:
         if not np.isnan(v).all():
             ax.plot(g, v, color=colour, lw=1.5, marker="o", ms=3, label=f"validation: {kind}")
     if plain:
-        ax.axhline(plain["loss"], color="black", lw=1, ls="--", label="validation: plain prompt")
+        ax.axhline(plain.loss, color="black", lw=1, ls="--", label="validation: plain prompt")
     return _save(fig, ax, dst)
 
 
-def sigma_plot(history: list[dict], dst: Path) -> bool:
+def sigma_plot(history: list[HistoryEntry], dst: Path) -> bool:
     """CMA-ES step size sigma and the covariance axis ratio (log scales)."""
     sigma, ratio = series(history, "sigma"), series(history, "axis_ratio")
     if np.isnan(sigma).all() and np.isnan(ratio).all():
@@ -108,9 +110,9 @@ def sigma_plot(history: list[dict], dst: Path) -> bool:
     return _save(fig, ax, dst)
 
 
-def spectrum_plot(history: list[dict], dst: Path) -> bool:
+def spectrum_plot(history: list[HistoryEntry], dst: Path) -> bool:
     """Eigenvalues of the covariance matrix per generation (sorted, log scale)."""
-    rows = [np.sort(np.asarray(r.get("eigenvalues") or [], dtype=np.float64))[::-1] for r in history]
+    rows = [np.sort(np.asarray(r.eigenvalues or [], dtype=np.float64))[::-1] for r in history]
     width = max((len(r) for r in rows), default=0)
     if width == 0:
         return False
@@ -125,7 +127,7 @@ def spectrum_plot(history: list[dict], dst: Path) -> bool:
     return _save(fig, ax, dst, legend=False)
 
 
-def components_plot(history: list[dict], dst: Path) -> bool:
+def components_plot(history: list[HistoryEntry], dst: Path) -> bool:
     """The best candidate's ꟻLIP and CLIP loss components per generation."""
     flip, clip = series(history, "flip"), series(history, "clip")
     if np.isnan(flip).all() and np.isnan(clip).all():
@@ -152,15 +154,15 @@ def pareto_plot(pareto: list[dict], dst: Path) -> bool:
     return _save(fig, ax, dst, legend=False)
 
 
-def params_plot(history: list[dict], dst: Path) -> bool:
+def params_plot(history: list[HistoryEntry], dst: Path) -> bool:
     """The best candidate's parameters per generation, one colour per block."""
-    names = sorted({n for r in history for n in (r.get("best_params") or {})})
+    names = sorted({n for r in history for n in (r.best_params or {})})
     if not names:
         return False
     g = series(history, "generation")
     fig, ax = _axes("best candidate's parameters", ylabel="value")
     for k, name in enumerate(names):
-        rows = [np.ravel(np.asarray((r.get("best_params") or {}).get(name, []), dtype=np.float64)) for r in history]
+        rows = [np.ravel(np.asarray((r.best_params or {}).get(name, []), dtype=np.float64)) for r in history]
         width = max(len(r) for r in rows)
         values = np.full((len(rows), width), np.nan)
         for i, r in enumerate(rows):

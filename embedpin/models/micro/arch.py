@@ -6,15 +6,21 @@ when they need a model of the right family but not a trained one.
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+
+from embedpin.models.components import Components
+from embedpin.models.micro.dataset import vocabulary
+from embedpin.models.micro.tokenizer import save_tokenizer
 
 TEXT_DIM = 64  # CLIP text hidden size == projection dim, as SD 1.x's ViT-L/14 has
 IMAGE_SIZE = 64
 
 
 def clip_config(tokenizer, layers: int = 3, vision_dim: int = 64):
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-
     text = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=TEXT_DIM * 4,
         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
@@ -59,15 +65,6 @@ def scheduler_config() -> dict:
 
 def random_components(seed: int = 0, scale: float = 0.5, name: str = "random-micro"):
     """Untrained components of the micro family (for tests that need shapes, not quality)."""
-    import tempfile
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel
-
-    from embedpin.models.components import Components
-    from embedpin.models.micro.dataset import vocabulary
-    from embedpin.models.micro.tokenizer import save_tokenizer
-
     torch.manual_seed(seed)  # model init only; library code never seeds globals elsewhere
     with tempfile.TemporaryDirectory() as d:
         tok = save_tokenizer(vocabulary(), d)

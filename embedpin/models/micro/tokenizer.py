@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -73,8 +75,6 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
 
 def save_tokenizer(words: list[str], folder: str | Path):
     """Write vocab.json, merges.txt and the tokenizer config; return a loaded ``CLIPTokenizer``."""
-    from transformers import CLIPTokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab(words)
