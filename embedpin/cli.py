@@ -108,7 +108,7 @@ def _optimize_parser(sub):
     g.add_argument("--flip-weight", type=float, default=None, help=f"weight of ꟻLIP (default: {d.score.flip_weight})")
     g.add_argument("--clip-weight", type=float, default=None, help=f"weight of CLIP (default: {d.score.clip_weight})")
     g.add_argument("--std-weight", type=float, default=None,
-                   help=f"weight of the std across seeds (default: {d.score.std_weight})")
+                   help=f"weight of the spread across seeds (a std, from independent image pairs; default: {d.score.std_weight})")
     g.add_argument("--weighting", default=None, choices=WEIGHTINGS,
                    help=f"hyperbatch weighting over lineage depth (default: {d.score.weighting})")
     g.add_argument("--ppd", type=float, default=None, help=f"ꟻLIP pixels per degree (default: {d.score.ppd})")

@@ -1,9 +1,11 @@
 """Pinned results: the run's ``pinned.safetensors`` and exports other tools load.
 
-- ``diffusers``: ``prompt_embeds`` and ``negative_prompt_embeds`` (+ ``pooled_prompt_embeds``
-  when the model has one), for ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
+- ``diffusers``: ``prompt_embeds`` and ``negative_prompt_embeds`` (SDXL: + ``pooled_prompt_embeds``
+  and ``negative_pooled_prompt_embeds``), for ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
 - ``textual-inversion``: ``emb_params`` [N, D] (the key AUTOMATIC1111, ComfyUI and
-  diffusers' ``load_textual_inversion`` read), used as ``"<prompt> <token>"``.
+  diffusers' ``load_textual_inversion`` read), used as ``"<prompt> <token>"``; SDXL:
+  ``clip_l`` [N, 768] and ``clip_g`` [N, 1280], the layout AUTOMATIC1111, ComfyUI and kohya
+  use (diffusers loads each half with its own ``load_textual_inversion`` call).
 
 The recipe (model, prompt, sampler, seed, loss, ...) travels as JSON in the safetensors
 metadata. Nothing is ever unpickled.
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, safe_open, save, save_file
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
+from embedpin.guidance.encode import input_widths
 from embedpin.models.loader import load_components
 from embedpin.optimizer.session import pick_device
 from embedpin.render.sampler import RenderPlan, render
@@ -28,9 +31,11 @@ from embedpin.store import PINNED, PinnedRecord, save_png, write_bytes
 FORMAT = "embedpin-pinned"
 
 
-def _recipe(config: RunConfig, size: int, best: PinnedRecord, cfg_value: float) -> dict:
+def _recipe(config: RunConfig, size: int, best: PinnedRecord, cfg_value: float, family: str,
+            widths: tuple[int, ...]) -> dict:
     c = config
-    return {"format": FORMAT, "version": 1, "model": c.model.name, "prompt": c.prompt.prompt,
+    return {"format": FORMAT, "version": 1, "model": c.model.name, "family": family, "widths": list(widths),
+            "prompt": c.prompt.prompt,
             "negative": c.prompt.negative, "scheduler": c.render.scheduler, "steps": c.render.steps,
             "size": size, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
             "hyperbatch": c.render.hyperbatch, "loss": best.loss, "generation": best.generation,
@@ -39,13 +44,17 @@ def _recipe(config: RunConfig, size: int, best: PinnedRecord, cfg_value: float) 
             "validation_seeds": c.optim.validation_seeds}
 
 
-def save_pinned(path: Path, config: RunConfig, size: int, cond, i: int, best: PinnedRecord) -> None:
+def save_pinned(path: Path, config: RunConfig, components, size: int, cond, i: int, best: PinnedRecord) -> None:
     """Write candidate ``i`` of a generation's Conditioning (rendered at ``size``) as the
-    run's pinned result (atomic), its recipe from the run's config and ``best``."""
+    run's pinned result (atomic), its recipe from the run's config, the model and ``best``."""
     tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
+    if cond.pooled_embeds is not None:
+        tensors["pooled_prompt_embeds"] = cond.pooled_embeds[i:i + 1]
+        tensors["negative_pooled_prompt_embeds"] = cond.negative_pooled[:1]
     if cond.token_vectors is not None:
         tensors["token_vectors"] = cond.token_vectors[i]
-    write_bytes(path, _to_bytes(tensors, _recipe(config, size, best, float(cond.cfg[i]))))
+    recipe = _recipe(config, size, best, float(cond.cfg[i]), components.family, input_widths(components))
+    write_bytes(path, _to_bytes(tensors, recipe))
 
 
 def _to_bytes(tensors: dict, recipe: dict) -> bytes:
@@ -112,10 +121,23 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
                               "use --format diffusers, or run with --blocks token_vectors")
         usage = f"{recipe['prompt']} {token}".strip()
         lost = not_carried(recipe)
-        save_file({"emb_params": tensors["token_vectors"]}, str(out),
+        save_file(textual_inversion_tensors(tensors["token_vectors"], recipe), str(out),
                   metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, "not_carried": lost})})
         return out, lost
     raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
+
+
+def textual_inversion_tensors(vectors: torch.Tensor, recipe: dict) -> dict[str, torch.Tensor]:
+    """The token vectors [N, Din] in the layout the family's tools load: ``emb_params`` [N, D]
+    (SD 1.x / 2.x), or SDXL's ``clip_l`` [N, D1] and ``clip_g`` [N, D2]."""
+    widths = recipe.get("widths") or [vectors.shape[-1]]
+    if sum(widths) != vectors.shape[-1]:
+        raise InputError(f"token vectors of width {vectors.shape[-1]} do not match the recipe's encoders {widths}")
+    if recipe.get("family") == "SDXL":
+        if len(widths) != 2:
+            raise InputError("an SDXL pinned result needs the widths of both text encoders in its recipe")
+        return {"clip_l": vectors[:, :widths[0]].contiguous(), "clip_g": vectors[:, widths[0]:].contiguous()}
+    return {"emb_params": vectors}
 
 
 def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path = "out", steps: int | None = None,
@@ -129,12 +151,15 @@ def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path
                       height=recipe["size"], width=recipe["size"], hyperbatch=False)
     cond = tensors["prompt_embeds"].to(comp.device)
     neg = tensors["negative_prompt_embeds"].to(comp.device)
+    pooled = {k: tensors[f].to(comp.device) for k, f in (("pooled", "pooled_prompt_embeds"),
+                                                         ("negative_pooled", "negative_pooled_prompt_embeds"))
+              if f in tensors}
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(n):
         plan.seed = seed + k
-        img = render(comp, cond, neg, torch.tensor([recipe["cfg"]]), plan).images[0, 0]
+        img = render(comp, cond, neg, torch.tensor([recipe["cfg"]]), plan, **pooled).images[0, 0]
         path = folder / f"pinned_seed{seed + k}.png"
         save_png(path, img)
         paths.append(path)

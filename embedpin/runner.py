@@ -363,7 +363,7 @@ def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> 
 
 
 def _write_pinned(session: Session, store: RunStore, cond, i: int, best: PinnedRecord) -> None:
-    save_pinned(store.root / PINNED, session.config, session.plan.height, cond, i, best)
+    save_pinned(store.root / PINNED, session.config, session.components, session.plan.height, cond, i, best)
 
 
 def _report(store: RunStore, g: int | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import flip_evaluator
 import numpy as np
@@ -200,16 +201,35 @@ def test_aggregate_mean_plus_weighted_std():
     assert aggregate(X, std_weight=2.0)[0].item() == pytest.approx(0.3 + 2 * 0.035**0.5, abs=1e-6)
 
 
-def test_aggregate_std_from_independent_pairs_only():
+def test_aggregate_spread_from_independent_pairs_only():
     # X[0] = [0.1, 0.3, 0.2, 0.6]; roots [0, 1, 0, 1]: pairs (0,1) (0,3) (2,1) (2,3) are independent
-    # -> var = mean of 0.2^2, 0.5^2, 0.1^2, 0.4^2 over 2 = 0.0575
+    # -> mean |difference| = (0.2 + 0.5 + 0.1 + 0.4) / 4 = 0.3, scaled by sqrt(pi)/2
     roots = torch.tensor([0, 1, 0, 1])
-    assert aggregate(X, std_weight=1.0, roots=roots)[0].item() == pytest.approx(0.3 + 0.0575**0.5, abs=1e-6)
-    # every image its own root (a plain batch): the sample std, ddof = 1
+    spread = math.sqrt(math.pi) / 2 * 0.3
+    assert aggregate(X, std_weight=1.0, roots=roots)[0].item() == pytest.approx(0.3 + spread, abs=1e-6)
+    # every image its own root (a plain batch): all 6 pairs, |diffs| 0.2 0.1 0.5 0.1 0.3 0.4 -> 1.6 / 6
     plain = aggregate(X, std_weight=1.0, roots=torch.arange(4))
-    assert plain.tolist() == pytest.approx((X.mean(-1) + X.std(-1, correction=1)).tolist(), abs=1e-6)
+    assert plain[0].item() == pytest.approx(0.3 + math.sqrt(math.pi) / 2 * 1.6 / 6, abs=1e-6)
     assert aggregate(X, std_weight=1.0, roots=torch.zeros(4, dtype=torch.long)).tolist() == pytest.approx(
         aggregate(X, std_weight=1.0).tolist())  # one root: no independent pair, the population std
+
+
+def test_hyperbatch_spread_is_unbiased_against_a_plain_batch():
+    """Skewed per-image losses (mostly hits, sometimes a miss): two roots whose 3 siblings
+    mostly repeat their root's outcome read the same mean loss as 8 independent images."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+
+    def draw(*shape):
+        miss = torch.rand(*shape, generator=gen) < 0.15
+        return torch.where(miss, 0.8, 0.2) + 0.05 * torch.randn(*shape, generator=gen)
+
+    plain = aggregate(draw(n, 8), std_weight=1.0, roots=torch.arange(8))
+    root = draw(n, 2).repeat_interleave(4, dim=1)
+    same = torch.rand(n, 8, generator=gen) < 0.9
+    same[:, ::4] = True
+    hyper = aggregate(torch.where(same, root, draw(n, 8)), std_weight=1.0, roots=torch.arange(8) // 4)
+    assert hyper.mean().item() / plain.mean().item() == pytest.approx(1.0, abs=0.02)
 
 
 @settings(max_examples=30, deadline=None)

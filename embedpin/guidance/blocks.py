@@ -76,7 +76,7 @@ def spec(ctx, name: str) -> Block:
         if not lo <= default <= hi:
             raise ConfigError(f"{name} = {default} is outside [{lo}, {hi}]")
         return Block(name, 1, lo, hi, default, scale)
-    size = {"token_weights": ctx.plain.n_tokens, "delta": o.delta_k, "token_vectors": o.n_vectors * o.vector_k}[name]
+    size = {"token_weights": ctx.plain.n_tokens, "delta": o.delta_k, "token_vectors": o.n_vectors * ctx.vector_rank}[name]
     lo, hi, default, scale = {"token_weights": TOKEN_WEIGHTS, "delta": DELTA, "token_vectors": TOKEN_VECTORS}[name]
     return Block(name, size, lo, hi, default, scale)
 

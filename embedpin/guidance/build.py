@@ -5,6 +5,10 @@ token vectors (re-encode the prompt with the candidate's placeholder embeddings)
 token weights (emphasis) -> FlexDiffuse image guidance -> concept override -> additive
 delta. A block left out of ``params`` takes its default, which changes nothing, so with
 no params (or all at their defaults) the result is exactly the plain prompt's.
+
+SDXL's pooled embedding [λ, P] comes from the second encoder's EOS state, so only the
+token vectors (which re-encode the prompt) move it; the blocks that act on the output
+sequence (token weights, image guidance, concepts, delta) leave it at the prompt's.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from embedpin.guidance.blocks import BLOCK_NAMES, requirement, spec
 from embedpin.guidance.concepts import concept_weights
 from embedpin.guidance.context import GuidanceContext
 from embedpin.guidance.deltas import delta_from_basis, emphasis, insert_vectors, token_vectors
-from embedpin.guidance.encode import encode_text_from_embeds
+from embedpin.guidance.encode import encode_from_embeds
 from embedpin.guidance.flex import FLEX_PARAMS, image_guidance
 from embedpin.guidance.tween import tween
 
@@ -28,7 +32,8 @@ class Conditioning:
     """What the renderer needs per candidate.
 
     prompt_embeds [λ, L, D]; negative_embeds [1, L, D]; cfg [λ]; strength [λ] (img2img) or
-    None; token_vectors [λ, N, Din] placeholder input embeddings (for export) or None.
+    None; token_vectors [λ, N, Din] placeholder input embeddings (for export) or None;
+    SDXL: pooled_embeds [λ, P] and negative_pooled [1, P].
     """
 
     prompt_embeds: torch.Tensor
@@ -36,6 +41,14 @@ class Conditioning:
     cfg: torch.Tensor
     strength: torch.Tensor | None = None
     token_vectors: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    def pooled(self) -> dict:
+        """The renderer's keyword arguments for the pooled embeddings (empty without them)."""
+        if self.pooled_embeds is None:
+            return {}
+        return {"pooled": self.pooled_embeds, "negative_pooled": self.negative_pooled}
 
 
 def _normalise(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
@@ -64,20 +77,24 @@ def _scalar(ctx: GuidanceContext, p: dict[str, torch.Tensor], name: str, lam: in
     return ctx.plain.hidden.new_full((lam,), spec(ctx, name).default)
 
 
-def _encode_vectors(ctx: GuidanceContext, vectors: torch.Tensor) -> torch.Tensor:
-    """Hidden states [λ, L, D] of the prompt with each candidate's placeholder vectors.
+def _encode_vectors(ctx: GuidanceContext, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [λ, L, D] (and SDXL's pooled [λ, P]) of the prompt with each candidate's
+    placeholder vectors.
 
     Candidates whose vectors equal the init vectors keep the plain encoding bitwise; the
     header row is the plain one (exact under causal attention, kept bitwise).
     """
-    plain = ctx.plain
-    text = plain.hidden.expand(vectors.shape[0], -1, -1).clone()
+    plain, lam = ctx.plain, vectors.shape[0]
+    text = plain.hidden.expand(lam, -1, -1).clone()
+    pooled = None if plain.pooled is None else plain.pooled.expand(lam, -1).clone()
     changed = (vectors != ctx.vector_init).flatten(1).any(1)
     if changed.any():
         embeds = insert_vectors(plain.input_embeds, vectors[changed], ctx.vector_start)
-        enc = encode_text_from_embeds(ctx.components, embeds, clip_skip=ctx.options.clip_skip)
+        enc, enc_pooled = encode_from_embeds(ctx.components, embeds, plain.ids, plain.ids_2, ctx.options.clip_skip)
         text[changed] = torch.cat([plain.hidden[:, :1].expand(enc.shape[0], -1, -1), enc[:, 1:]], dim=1)
-    return text
+        if pooled is not None:
+            pooled[changed] = enc_pooled
+    return text, pooled
 
 
 def candidate_vectors(ctx: GuidanceContext, coeffs: torch.Tensor) -> torch.Tensor:
@@ -93,11 +110,11 @@ def candidate_vectors(ctx: GuidanceContext, coeffs: torch.Tensor) -> torch.Tenso
 def build(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> Conditioning:
     """All candidates' conditionings from ``params`` ({block name: [λ, size]}, missing = default)."""
     lam, p = _normalise(ctx, params)
-    text = ctx.plain.hidden
+    text, pooled = ctx.plain.hidden, ctx.plain.pooled
     vectors = None
     if "token_vectors" in p:
         vectors = token_vectors(ctx.vector_init, ctx.vector_basis, p["token_vectors"], ctx.vector_scale)
-        text = _encode_vectors(ctx, vectors)
+        text, pooled = _encode_vectors(ctx, vectors)
     elif ctx.vector_init is not None:
         vectors = ctx.vector_init.expand(lam, -1, -1)
     if "token_weights" in p:
@@ -112,14 +129,21 @@ def build(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> Conditioning
         text = text + delta_from_basis(p["delta"], ctx.delta_basis)
     strength = _scalar(ctx, p, "strength", lam) if ctx.init_image is not None else None
     return Conditioning(prompt_embeds=text.expand(lam, -1, -1).contiguous(), negative_embeds=ctx.negative.hidden,
-                        cfg=_scalar(ctx, p, "cfg", lam), strength=strength, token_vectors=vectors)
+                        cfg=_scalar(ctx, p, "cfg", lam), strength=strength, token_vectors=vectors,
+                        pooled_embeds=None if pooled is None else pooled.expand(lam, -1).contiguous(),
+                        negative_pooled=ctx.negative.pooled)
 
 
 def distance(ctx: GuidanceContext, cond: Conditioning) -> torch.Tensor:
     """How far each candidate's conditioning is from the plain prompt's: [λ], >= 0.
 
     ||prompt_embeds - plain||_F / ||plain||_F (RMS difference over the plain sequence's RMS);
-    a delta with coefficients c moves it by exactly ||c|| (orthonormal basis).
+    a delta with coefficients c moves it by exactly ||c|| (orthonormal basis). SDXL: the
+    pooled vector counts as one more row of the sequence.
     """
     plain = ctx.plain.hidden
-    return (cond.prompt_embeds - plain).flatten(1).norm(dim=1) / plain.norm()
+    if cond.pooled_embeds is None:
+        return (cond.prompt_embeds - plain).flatten(1).norm(dim=1) / plain.norm()
+    ours = torch.cat([cond.prompt_embeds.flatten(1), cond.pooled_embeds], 1)
+    ref = torch.cat([plain.flatten(1), ctx.plain.pooled], 1)
+    return (ours - ref).norm(dim=1) / ref.norm()

@@ -25,7 +25,7 @@ from embedpin.guidance.deltas import (
     random_sequence_basis,
     sequence_basis,
 )
-from embedpin.guidance.encode import PromptEncoding, encode_image, encode_prompt, encode_text_from_embeds
+from embedpin.guidance.encode import PromptEncoding, encode_from_embeds, encode_image, encode_negative, encode_prompt
 from embedpin.guidance.images import ImageLike, as_image_batch
 from embedpin.guidance.mapping import MODES, Mapping, map_image_tokens
 from embedpin.guidance.tween import cluster_profile
@@ -98,10 +98,30 @@ class GuidanceContext:
         return self.plain.hidden.shape[1]
 
     @cached_property
+    def tables(self) -> list[torch.Tensor]:
+        """Each text encoder's token-embedding table [V, Din_e] (SDXL: two)."""
+        encoders = [self.components.text_encoder] + ([self.components.text_encoder_2] if self.components.is_sdxl else [])
+        return [te.get_input_embeddings().weight.detach() for te in encoders]
+
+    @cached_property
+    def encoder_directions(self) -> list[torch.Tensor]:
+        """Each table's principal directions [k, Din_e] (k = max of delta_k, vector_k)."""
+        k = max(self.options.delta_k, self.options.vector_k)
+        return [pca_directions(t, min(k, t.shape[-1])) for t in self.tables]
+
+    @cached_property
     def table_directions(self) -> torch.Tensor:
-        """Principal directions [k, Din] of the token-embedding table (k = max of delta_k, vector_k)."""
-        table = self.components.text_encoder.embeddings.token_embedding.weight.detach()
-        return pca_directions(table, max(self.options.delta_k, self.options.vector_k))
+        """Principal directions [k, Din] of the token-embedding space (SDXL: the two tables'
+        in turn, each zero outside its encoder's part of the concatenated width)."""
+        dirs = [_embed(d, i, self.tables) for i, d in enumerate(self.encoder_directions)]
+        if len(dirs) == 1:
+            return dirs[0]
+        return torch.stack([dirs[j % 2][j // 2] for j in range(2 * min(len(d) for d in dirs))])
+
+    @property
+    def vector_rank(self) -> int:
+        """Basis elements per token vector: vector_k per text encoder."""
+        return self.options.vector_k * len(self.tables)
 
     @cached_property
     def delta_basis(self) -> torch.Tensor:
@@ -121,22 +141,40 @@ class GuidanceContext:
 
     @cached_property
     def vector_basis(self) -> torch.Tensor:
-        """Token-vector basis [K, Din], orthonormal."""
+        """Token-vector basis [vector_rank, Din]: vector_k orthonormal directions per encoder
+        (SDXL: each in its encoder's part of the vector, zero in the other), each scaled by
+        its table's mean row norm over :attr:`vector_scale`."""
         o, init = self.options, self.vector_init
-        if o.vector_basis == "pca":
-            return self.table_directions[: o.vector_k]
         gen = torch.Generator().manual_seed(o.seed + 1)
-        return random_orthonormal(o.vector_k, init.shape[-1], gen, init)
+        parts = []
+        for i, table in enumerate(self.tables):
+            if o.vector_basis == "pca":
+                unit = self.encoder_directions[i][: o.vector_k]
+            else:
+                unit = random_orthonormal(o.vector_k, table.shape[-1], gen, init)
+            parts.append(_embed(unit, i, self.tables) * (_row_norm(table) / self.vector_scale))
+        return torch.cat(parts)
 
     @cached_property
     def vector_scale(self) -> float:
-        """Token-vector step per unit coefficient: the mean norm of the token-embedding table's rows."""
-        table = self.components.text_encoder.embeddings.token_embedding.weight.detach()
-        return float(table.norm(dim=-1).mean())
+        """Token-vector step per unit coefficient: the mean norm of the (first) token-embedding
+        table's rows."""
+        return _row_norm(self.tables[0])
 
     def blocks(self, enabled: set[str] | Sequence[str]):
         """The search blocks for ``enabled`` names (see :mod:`embedpin.guidance.blocks`)."""
         return blocks(self, enabled)
+
+
+def _row_norm(table: torch.Tensor) -> float:
+    return float(table.norm(dim=-1).mean())
+
+
+def _embed(rows: torch.Tensor, i: int, tables: list[torch.Tensor]) -> torch.Tensor:
+    """Rows [k, Din_i] of encoder i placed in its part of the concatenated width [k, sum Din]."""
+    widths = [t.shape[-1] for t in tables]
+    before, after = sum(widths[:i]), sum(widths[i + 1:])
+    return torch.nn.functional.pad(rows, (before, after))
 
 
 def _check_options(o: GuidanceOptions, components) -> None:
@@ -164,31 +202,40 @@ def init_words(options: GuidanceOptions) -> list[str]:
     return [words[i % len(words)] for i in range(options.n_vectors)]
 
 
+def _word_vector(components, word: str, device) -> tuple[torch.Tensor, int, int]:
+    """An init word's input embedding [Din] (the mean of its tokens' if it splits; SDXL: each
+    encoder's, side by side) and its first token id in each tokenizer."""
+    tokenizers = [components.tokenizer] + ([components.tokenizer_2] if components.is_sdxl else [])
+    ids = [tok(word, add_special_tokens=False).input_ids for tok in tokenizers]
+    if not all(ids):
+        raise ConfigError(f"init word {word!r} has no tokens")
+    parts = [te.get_input_embeddings()(torch.tensor(i, device=device)).mean(0)
+             for te, i in zip([components.text_encoder, components.text_encoder_2], ids)]
+    return torch.cat(parts), ids[0][0], ids[-1][0]
+
+
+def _insert(seq: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """seq [1, L, ...] with rows [1, n, ...] inserted at ``start``, cut back to length L."""
+    return torch.cat([seq[:, :start], rows, seq[:, start:seq.shape[1] - rows.shape[1]]], dim=1)
+
+
 def _with_placeholders(components, enc: PromptEncoding, options: GuidanceOptions):
     """Append ``n_vectors`` placeholder tokens (each at its init word's embedding: the mean of
     the word's tokens if it splits) after the prompt."""
     n = options.n_vectors
-    tok, emb = components.tokenizer, components.text_encoder.embeddings.token_embedding
-    inits, first_ids = [], []
-    for word in init_words(options):
-        word_ids = tok(word, add_special_tokens=False).input_ids
-        if not word_ids:
-            raise ConfigError(f"init word {word!r} has no tokens")
-        ids_w = enc.ids.new_tensor(word_ids)
-        inits.append(emb(ids_w).mean(0))
-        first_ids.append(word_ids[0])
+    words = [_word_vector(components, w, enc.ids.device) for w in init_words(options)]
     length = enc.ids.shape[1]
     start = enc.n_tokens + 1
     if start + n + 1 > length:
         raise ConfigError(f"prompt ({enc.n_tokens} tokens) + {n} token vectors do not fit in {length - 2} tokens")
-    init = torch.stack(inits)
-    ph_ids = enc.ids.new_tensor(first_ids)[None]
-    ids = torch.cat([enc.ids[:, :start], ph_ids, enc.ids[:, start:length - n]], dim=1)
-    embeds = torch.cat([enc.input_embeds[:, :start], init[None], enc.input_embeds[:, start:length - n]], dim=1)
-    hidden = encode_text_from_embeds(components, embeds, ids, options.clip_skip)
+    init = torch.stack([v for v, _, _ in words])
+    ids = _insert(enc.ids, enc.ids.new_tensor([[i for _, i, _ in words]]), start)
+    ids_2 = None if enc.ids_2 is None else _insert(enc.ids_2, enc.ids.new_tensor([[i for _, _, i in words]]), start)
+    embeds = _insert(enc.input_embeds, init[None], start)
+    hidden, pooled = encode_from_embeds(components, embeds, ids, ids_2, options.clip_skip)
     strings = enc.token_strings[:start] + [f"<v{i}>" for i in range(n)] + enc.token_strings[start:length - n]
     plain = PromptEncoding(ids=ids, input_embeds=embeds, hidden=hidden, n_tokens=enc.n_tokens + n,
-                           token_strings=strings)
+                           token_strings=strings, pooled=pooled, ids_2=ids_2)
     return plain, init.detach().clone(), start
 
 
@@ -224,7 +271,7 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
     if o.n_vectors > 0:
         plain, init, start = _with_placeholders(components, enc, o)
     ctx = GuidanceContext(components=components, options=o, prompt=prompt, plain=plain,
-                          negative=encode_prompt(components, negative, o.clip_skip),
+                          negative=encode_negative(components, negative, o.clip_skip),
                           vector_init=init, vector_start=start)
     if init_image is not None:
         ctx.init_image = as_image_batch(init_image)[:1]

@@ -30,7 +30,9 @@ class Components:
     ``clip`` is a ``transformers.CLIPModel`` whose image tower embeds guide images and
     renders (for image guidance and the CLIP loss); it may be ``None`` for a model with
     no image encoder available, and stages that need it say so.
-    ``tokenizer_2`` / ``text_encoder_2`` are reserved for SDXL's second encoder.
+    ``tokenizer_2`` / ``text_encoder_2``: SDXL's second encoder (OpenCLIP bigG with its
+    projection, whose pooled output conditions the UNet too); ``zero_empty_negative``: the
+    pipeline's ``force_zeros_for_empty_prompt`` (an empty negative prompt is all zeros).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Components:
     clip_image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     tokenizer_2: Any | None = None
     text_encoder_2: Any | None = None
+    zero_empty_negative: bool = False
     source: str = ""
 
     @property
@@ -69,7 +72,22 @@ class Components:
 
     @property
     def text_dim(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        """Width of the conditioning sequence (SDXL: both encoders' widths, concatenated)."""
+        second = 0 if self.text_encoder_2 is None else int(self.text_encoder_2.config.hidden_size)
+        return int(self.text_encoder.config.hidden_size) + second
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a UNet conditioned on pooled text and size ids (``text_time``)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def family(self) -> str:
+        """``SDXL``, ``SD 2.x`` (v-prediction or 1024-wide text) or ``SD 1.x``."""
+        if self.is_sdxl:
+            return "SDXL"
+        v = self.scheduler_config.get("prediction_type") == "v_prediction"
+        return "SD 2.x" if v or int(self.text_encoder.config.hidden_size) == 1024 else "SD 1.x"
 
     def scheduler(self, name: str):
         return make_scheduler(name, self.scheduler_config)

@@ -186,6 +186,8 @@ def _load_folder(folder: Path, name: str) -> dict:
                                      local_files_only=True)
         parts["text_encoder_2"] = _load("text encoder 2", CLIPTextModelWithProjection.from_pretrained,
                                         folder / "text_encoder_2", local_files_only=True)
+        index = _load("model index", _read_json, folder / "model_index.json")
+        parts["zero_empty_negative"] = bool(index.get("force_zeros_for_empty_prompt", True))
     return parts
 
 

@@ -21,6 +21,7 @@ from embedpin.errors import ConfigError
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
 from embedpin.guidance.encode import encode_prompt
+from embedpin.guidance.flex import FLEX_PARAMS
 from embedpin.guidance.interrogate import rank_words
 from embedpin.images import load_image, resize_crop
 from embedpin.models.loader import load_components
@@ -68,6 +69,12 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
     if not ranked:
         raise ConfigError("--init-word auto found no vocabulary word outside the prompt")
     return ",".join(w for w, _ in ranked)
+
+
+def _uses_guide(config: RunConfig) -> bool:
+    """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""
+    blocks = set(config.search.blocks)
+    return bool(blocks & {"guidance", "concept", *FLEX_PARAMS}) or ("delta" in blocks and config.search.basis == "image")
 
 
 def render_plan(config: RunConfig, size: int) -> RenderPlan:
@@ -127,7 +134,7 @@ class Session:
         targets = load_targets(score.targets, (size, size)).to(comp.device) if score.targets else None
         if init is not None:
             init = resize_crop(init, (size, size)).to(comp.device)
-        if prompt.guide_target and not guide and targets is not None:
+        if prompt.guide_target and not guide and targets is not None and _uses_guide(config):
             guide = list(targets)
         # 2. per-run precomputation: guidance context, search space, scorer
         words = auto_init_words(config, comp, targets) if config.search.init_word.strip() == "auto" else None
@@ -152,7 +159,8 @@ class Session:
         like = self.ctx.plain.hidden
         cond = build(self.ctx, {k: torch.as_tensor(v).to(like) for k, v in params.items()})
         out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg,
-                     plan or self.search_plan(generation), init_image=self.ctx.init_image, strength=cond.strength)
+                     plan or self.search_plan(generation), init_image=self.ctx.init_image, strength=cond.strength,
+                     **cond.pooled())
         score = self.scorer(out.images, out.lineage, out.roots)
         return Evaluation(params, cond, out, score, distance(self.ctx, cond))
 
@@ -167,9 +175,11 @@ class Session:
         """The plain prompt (no placeholders, no block applied) on the validation seeds:
         (its Conditioning, RenderResult, ScoreResult)."""
         c = self.config
-        hidden = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip).hidden
+        enc = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip)
+        hidden = enc.hidden
         strength = torch.tensor([c.render.strength]) if self.ctx.init_image is not None else None
-        cond = Conditioning(hidden, self.ctx.negative.hidden, hidden.new_tensor([c.render.cfg]), strength)
+        cond = Conditioning(hidden, self.ctx.negative.hidden, hidden.new_tensor([c.render.cfg]), strength,
+                            pooled_embeds=enc.pooled, negative_pooled=self.ctx.negative.pooled)
         out = render(self.components, hidden, cond.negative_embeds, cond.cfg, self.validation,
-                     init_image=self.ctx.init_image, strength=strength)
+                     init_image=self.ctx.init_image, strength=strength, **cond.pooled())
         return cond, out, self.scorer(out.images, out.lineage, out.roots)

@@ -27,11 +27,12 @@ class GuidedDenoiser:
     Every latent's unconditional and conditional halves sit side by side in one UNet
     call; calls hold at most ``max_batch`` images; ``evals`` counts the images evaluated.
     Rows of candidates not in ``active`` (img2img rows that have not started) are not
-    evaluated; their D is x itself.
+    evaluated; their D is x itself. SDXL's UNet also takes ``added``: (pooled [λ, P],
+    negative pooled [1 or λ, P], time ids [1, 6]), batched like the sequences.
     """
 
     def __init__(self, unet, cond: torch.Tensor, negative: torch.Tensor, cfg: torch.Tensor,
-                 prediction_type: str, max_batch: int):
+                 prediction_type: str, max_batch: int, added: tuple | None = None):
         self.unet, self.prediction_type = unet, prediction_type
         self.dtype = next(unet.parameters()).dtype
         self.cond = cond.to(self.dtype)
@@ -39,6 +40,17 @@ class GuidedDenoiser:
         self.cfg = cfg.float()
         self.per_call = max(max_batch // 2, 1)
         self.evals = 0
+        self.pooled = self.negative_pooled = self.time_ids = None
+        if added is not None:
+            pooled, negative_pooled, self.time_ids = (a.to(self.dtype) for a in added)
+            self.pooled, self.negative_pooled = pooled, negative_pooled.expand_as(pooled)
+
+    def _added(self, c: torch.Tensor) -> dict:
+        """UNet keyword arguments for candidates c [M] (each twice: negative, positive)."""
+        if self.pooled is None:
+            return {}
+        text = torch.stack([self.negative_pooled[c], self.pooled[c]], 1).flatten(0, 1)
+        return {"added_cond_kwargs": {"text_embeds": text, "time_ids": self.time_ids.expand(len(text), -1)}}
 
     def _guided(self, lat: torch.Tensor, t: float, cand: torch.Tensor) -> torch.Tensor:
         """Guided model output for latents [M, C, h, w] of candidates ``cand`` [M]."""
@@ -47,7 +59,8 @@ class GuidedDenoiser:
             pair = x.unsqueeze(1).expand(-1, 2, *x.shape[1:]).flatten(0, 1).to(self.dtype)
             ehs = torch.stack([self.negative[c], self.cond[c]], 1).flatten(0, 1)
             ts = torch.full((len(pair),), t, device=x.device, dtype=torch.float32)
-            u, v = self.unet(pair, ts, encoder_hidden_states=ehs).sample.float().unflatten(0, (-1, 2)).unbind(1)
+            out = self.unet(pair, ts, encoder_hidden_states=ehs, **self._added(c)).sample
+            u, v = out.float().unflatten(0, (-1, 2)).unbind(1)
             outs.append(u + self.cfg[c].view(-1, 1, 1, 1) * (v - u))
             self.evals += len(pair)
         return torch.cat(outs)

@@ -156,6 +156,26 @@ def _conditioning(components, cond, negative, cfg) -> tuple[torch.Tensor, torch.
     return cond.to(dev), negative.to(dev), cfg.to(dev)
 
 
+def _added(components, plan: RenderPlan, pooled, negative_pooled, n: int) -> tuple | None:
+    """SDXL's added conditioning (pooled [λ, P], negative pooled [1 or λ, P], time ids [1, 6]),
+    checked; None for a UNet without it. Time ids: original size, crop top-left (0, 0) and
+    target size, all the render size (SDXL micro-conditioning, Podell et al. 2023, 2.2)."""
+    needs = getattr(components.unet.config, "addition_embed_type", None) == "text_time"
+    if not needs:
+        if pooled is not None:
+            raise ConfigError(f"model {components.name!r} takes no pooled text embedding (not SDXL)")
+        return None
+    if pooled is None or negative_pooled is None:
+        raise ConfigError("an SDXL UNet needs pooled text embeddings for the prompt and the negative")
+    if pooled.dim() != 2 or len(pooled) != n or negative_pooled.shape[0] not in (1, n) \
+            or negative_pooled.shape[1:] != pooled.shape[1:]:
+        raise ConfigError(f"pooled embeddings {list(pooled.shape)} / {list(negative_pooled.shape)} do not match "
+                          f"{n} candidates")
+    dev = components.device
+    ids = torch.tensor([[plan.height, plan.width, 0, 0, plan.height, plan.width]], dtype=torch.float32, device=dev)
+    return pooled.to(dev), negative_pooled.to(dev), ids
+
+
 def _start_steps(plan: RenderPlan, strength, n: int, init_image) -> list[int]:
     """First step of each candidate: 0, or as diffusers' img2img (``steps - int(steps * s)``)."""
     if init_image is None:
@@ -220,7 +240,8 @@ def _activity(starts: list[int], steps: int, dev) -> list[tuple]:
     return out
 
 
-def _sample(components, cond, negative, cfg, plan: RenderPlan, path: BranchPath, init, starts: list[int]):
+def _sample(components, cond, negative, cfg, plan: RenderPlan, path: BranchPath, init, starts: list[int],
+            added: tuple | None = None):
     """Run the rows of ``path`` for every candidate: latents [λ, n, C, h, w] and UNet evals."""
     grid, sampler = plan_grid(components, plan), make_sampler(plan.scheduler, plan.eta)
     eta, lam, dev = plan.branch_eta(sampler), len(cond), components.device
@@ -230,7 +251,7 @@ def _sample(components, cond, negative, cfg, plan: RenderPlan, path: BranchPath,
     x = init.expand(lam, len(members), *init.shape[1:]).clone()
     state = {k: torch.zeros_like(x) for k in sampler.history}
     state["age"] = x.new_zeros(lam, len(members), 1, 1, 1)
-    model = GuidedDenoiser(components.unet, cond, negative, cfg, grid.prediction_type, plan.max_batch)
+    model = GuidedDenoiser(components.unet, cond, negative, cfg, grid.prediction_type, plan.max_batch, added)
     branches = {b.step: b for b in path.branches}
     for i, (joining, active, keep) in enumerate(_activity(starts, grid.steps, dev)):
         sigma = grid.sigmas[i]
@@ -261,18 +282,22 @@ def _latent_shape(components, plan: RenderPlan) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def render(components, cond: torch.Tensor, negative: torch.Tensor, cfg, plan: RenderPlan,
-           init_image: torch.Tensor | None = None, strength=None) -> RenderResult:
+           init_image: torch.Tensor | None = None, strength=None, pooled: torch.Tensor | None = None,
+           negative_pooled: torch.Tensor | None = None) -> RenderResult:
     """Render B images for each of λ candidates with hyperbatch (or plain) sampling.
 
     cond [λ, L, D] and negative [1 or λ, L, D] text-encoder outputs, cfg [λ] (or a float),
-    optional init_image [1, 3, H, W] in [0, 1] with strength [λ] (or a float) for img2img.
+    optional init_image [1, 3, H, W] in [0, 1] with strength [λ] (or a float) for img2img;
+    SDXL: pooled [λ, P] and negative_pooled [1 or λ, P] too.
     """
     plan.validate(components.vae_scale_factor)
     cond, negative, cfg = _conditioning(components, cond, negative, cfg)
+    added = _added(components, plan, pooled, negative_pooled, len(cond))
     starts = _start_steps(plan, strength, len(cond), init_image)
     init = _init_latent(components, plan, init_image, _latent_shape(components, plan))
     schedule = plan.schedule()
-    latents, evals = _sample(components, cond, negative, cfg, plan, batch_path(plan.batch, schedule), init, starts)
+    latents, evals = _sample(components, cond, negative, cfg, plan, batch_path(plan.batch, schedule), init, starts,
+                             added)
     images = decode(components.vae, latents.flatten(0, 1), plan.max_batch)
     lin = lineage(plan.batch, schedule)
     return RenderResult(images.unflatten(0, latents.shape[:2]), lin, member_seeds(plan.seed, lin), evals, schedule)
@@ -280,19 +305,21 @@ def render(components, cond: torch.Tensor, negative: torch.Tensor, cfg, plan: Re
 
 @torch.no_grad()
 def render_one(components, cond: torch.Tensor, negative: torch.Tensor, cfg, plan: RenderPlan,
-               lineage_row: torch.Tensor, init_image: torch.Tensor | None = None, strength=None) -> torch.Tensor:
+               lineage_row: torch.Tensor, init_image: torch.Tensor | None = None, strength=None,
+               pooled: torch.Tensor | None = None, negative_pooled: torch.Tensor | None = None) -> torch.Tensor:
     """Re-render one image [3, H, W] of ``render`` alone from its conditioning cond [1, L, D],
     the same plan and its ``lineage_row`` [depth]: replays only that image's path."""
     plan.validate(components.vae_scale_factor)
     cond, negative, cfg = _conditioning(components, cond, negative, cfg)
     if len(cond) != 1:
         raise ConfigError(f"render_one takes one candidate's conditioning, got {len(cond)}")
+    added = _added(components, plan, pooled, negative_pooled, 1)
     schedule = plan.schedule()
     row = torch.as_tensor(lineage_row).flatten()
     check_lineage_row(row, plan.batch, schedule)
     starts = _start_steps(plan, strength, 1, init_image)
     init = _init_latent(components, plan, init_image, _latent_shape(components, plan))
-    latents, _ = _sample(components, cond, negative, cfg, plan, image_path(row, schedule), init, starts)
+    latents, _ = _sample(components, cond, negative, cfg, plan, image_path(row, schedule), init, starts, added)
     return decode(components.vae, latents.flatten(0, 1), plan.max_batch)[0]
 
 

@@ -1,13 +1,21 @@
 """Per-image losses [λ, B] -> one loss per candidate [λ].
 
-The basic summary is ``mean + w·std`` over a candidate's B images (std: consistency
-across seeds; population std as numpy's). Given each image's root (``roots`` [B]: images
-of different roots have independent noise), std is estimated from independent pairs only,
-std² = mean over pairs i, j of different roots of (x_i - x_j)² / 2, which is unbiased for
-the variance across seeds: hyperbatch siblings share noise, so the plain std of a
-hyperbatch underestimates the spread a user sees over seeds. For a plain batch (every
-image its own root) this is the sample std (ddof = 1). With a hyperbatch lineage, sd-prompt-pinning's
-(seed 003) hyperbatch weightings apply over lineage depth K:
+The basic summary is ``mean + w·spread`` over a candidate's B images (spread: consistency
+across seeds; without roots, the population std as numpy's). Given each image's root
+(``roots`` [B]: images of different roots have independent noise), the spread comes from
+independent pairs only, as Gini's mean difference scaled to the std of a normal
+distribution (E|X - Y| = 2σ/√π):
+
+    spread = √π/2 · mean over pairs i, j of different roots of |x_i - x_j|.
+
+A mean over independent pairs is a U-statistic: unbiased for √π/2 · E|X - Y| whatever the
+design, B independent images of a plain batch (all pairs) or a hyperbatch's 2 roots with
+their correlated siblings (cross-root pairs). A square root of the pairs' variance
+estimate is not: its downward (Jensen) bias grows as the independent pairs carry less
+information, so with two roots a hyperbatch would read consistently too low against a
+plain batch of the same conditioning, and most for skewed per-image losses (a pinned
+result that mostly hits and sometimes fails). With a hyperbatch lineage,
+sd-prompt-pinning's (seed 003) hyperbatch weightings apply over lineage depth K:
 
 * the lineage [B, depth] gives, per column k, the branch of image b at branch point k
   (any integer ids; images share an ancestor at level k iff their rows agree on the
@@ -24,6 +32,8 @@ A candidate with any non-finite image loss is broken and scores ``WORST_LOSS``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +86,15 @@ def weigh_levels(summaries: torch.Tensor, weighting: str, scale: float) -> torch
     return w.mean(-1)
 
 
-def independent_std(x: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
-    """Std [λ] of x [λ, B] across seeds from the pairs of images with different roots [B]
-    (module doc); the population std where all images share one root."""
+def independent_spread(x: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """Spread [λ] of x [λ, B] across seeds: √π/2 · the mean |x_i - x_j| over the pairs of
+    images with different roots [B] (module doc); the population std where all images
+    share one root (no independent pair)."""
     apart = roots.to(x.device)[:, None] != roots.to(x.device)[None, :]
     if not bool(apart.any()):
         return x.std(-1, correction=0)
-    d2 = (x[:, :, None] - x[:, None, :]) ** 2
-    return ((d2 * apart).sum((-1, -2)) / (2 * apart.sum())).sqrt()
+    d = (x[:, :, None] - x[:, None, :]).abs()
+    return math.sqrt(math.pi) / 2 * (d * apart).sum((-1, -2)) / apart.sum()
 
 
 def aggregate(per_image: torch.Tensor, lineage: torch.Tensor | None = None, std_weight: float = 1.0,
@@ -98,7 +109,7 @@ def aggregate(per_image: torch.Tensor, lineage: torch.Tensor | None = None, std_
     levels = lineage_levels(lineage if weighting != "none" else None, x.shape[-1])
     summaries = level_summaries(x, levels, std_weight)
     if roots is not None:
-        summaries[:, 0] = x.mean(-1) + std_weight * independent_std(x, torch.as_tensor(roots))
+        summaries[:, 0] = x.mean(-1) + std_weight * independent_spread(x, torch.as_tensor(roots))
     loss = weigh_levels(summaries, weighting, scale)
     loss = torch.where(broken | ~torch.isfinite(loss), WORST_LOSS, loss.clamp(max=WORST_LOSS))
     return loss.to(torch.float64 if per_image.dtype == torch.float64 else torch.float32)

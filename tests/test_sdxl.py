@@ -1,0 +1,167 @@
+"""SDXL: both encoders, pooled embeddings and size ids, equal to diffusers' own pipeline
+(a tiny random-weight SDXL built from configs, ``sdxl_model``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sdxl_model import SIZE, W1, W2, save_sdxl_folder
+
+from embedpin.errors import ConfigError
+from embedpin.guidance.encode import encode_negative, encode_prompt
+from embedpin.models.loader import load_components
+from embedpin.render.sampler import RenderPlan, render
+
+PROMPT = "a large red star at the top left on a plain blue background"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def comp(folder):
+    return load_components(str(folder))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
+
+
+def test_sdxl_folder_loads_as_the_sdxl_family(comp):
+    assert comp.is_sdxl and comp.family == "SDXL" and comp.zero_empty_negative
+    assert comp.text_dim == W1 + W2 == comp.unet.config.cross_attention_dim
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+def test_conditioning_equals_diffusers_encode_prompt(comp, pipe, clip_skip):
+    want = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt="a green circle",
+                              clip_skip=clip_skip)
+    enc = encode_prompt(comp, PROMPT, clip_skip or 0)
+    neg = encode_prompt(comp, "a green circle")  # diffusers encodes negatives at the penultimate layer
+    assert enc.hidden.shape == (1, 77, W1 + W2) and enc.pooled.shape == (1, W2)
+    for got, ref in ((enc.hidden, want[0]), (neg.hidden, want[1]), (enc.pooled, want[2]), (neg.pooled, want[3])):
+        assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_an_empty_negative_is_zeros_when_the_pipeline_says_so(comp, pipe):
+    want = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt=None)
+    neg = encode_negative(comp, "")
+    assert torch.equal(neg.hidden, want[1]) and torch.equal(neg.pooled, want[3]) and not neg.hidden.any()
+    assert encode_negative(comp, "a green circle").hidden.abs().sum() > 0
+
+
+def _plain_noise(comp, plan: RenderPlan) -> torch.Tensor:
+    """The initial noise of a plain render's first image (lineage member 0's birth draw)."""
+    from embedpin.render.noise import NoiseStreams
+
+    shape = (comp.latent_channels, plan.height // comp.vae_scale_factor, plan.width // comp.vae_scale_factor)
+    return NoiseStreams(plan.seed, shape, comp.device).birth([0])
+
+
+def test_plain_render_equals_the_diffusers_pipeline(comp, pipe):
+    plan = RenderPlan(batch=1, steps=6, scheduler="euler", height=SIZE, width=SIZE, seed=11, hyperbatch=False)
+    enc, neg = encode_prompt(comp, PROMPT), encode_negative(comp, "")
+    ours = render(comp, enc.hidden, neg.hidden, 5.0, plan, pooled=enc.pooled, negative_pooled=neg.pooled).images[0, 0]
+    pipe.scheduler.set_timesteps(plan.steps)
+    sigma_max = float(pipe.scheduler.sigmas.max())
+    # embedpin starts at sigma_max * z; diffusers multiplies its latents by init_noise_sigma
+    latents = _plain_noise(comp, plan) * sigma_max / float(pipe.scheduler.init_noise_sigma)
+    ref = pipe(PROMPT, num_inference_steps=plan.steps, guidance_scale=5.0, height=SIZE, width=SIZE, latents=latents,
+               output_type="pt").images[0]
+    assert ours.shape == ref.shape and (ours - ref).abs().max().item() <= 1e-3
+
+
+def test_hyperbatch_renders_of_candidates_with_their_own_pooled_embeddings(comp):
+    plan = RenderPlan(batch=4, steps=4, scheduler="dpm++2m", height=SIZE, width=SIZE, seed=3)
+    enc, neg = encode_prompt(comp, PROMPT), encode_negative(comp, "")
+    cond = enc.hidden.expand(3, -1, -1)
+    pooled = torch.cat([enc.pooled, enc.pooled, enc.pooled * 3])
+    out = render(comp, cond, neg.hidden, 5.0, plan, pooled=pooled, negative_pooled=neg.pooled).images
+    assert out.shape == (3, 4, 3, SIZE, SIZE) and torch.isfinite(out).all()
+    assert torch.equal(out[0], out[1]) and not torch.equal(out[0], out[2])  # the pooled vector is used per candidate
+
+
+def test_an_sdxl_render_without_pooled_embeddings_is_refused(comp):
+    enc = encode_prompt(comp, PROMPT)
+    plan = RenderPlan(batch=1, steps=2, height=SIZE, width=SIZE, hyperbatch=False)
+    with pytest.raises(ConfigError, match="pooled"):
+        render(comp, enc.hidden, enc.hidden, 5.0, plan)
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(folder, tmp_path_factory):
+    """A short run on the tiny SDXL: token vectors (one per encoder) and token weights."""
+    from pathlib import Path
+
+    from embedpin.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    star = Path(__file__).resolve().parents[1] / "examples" / "star.png"
+    args = ["optimize", "--model", str(folder), "--target", str(star), "--prompt", "a star", "--out", str(out),
+            "--blocks", "token_vectors,token_weights", "--init-word", "circle", "--generations", "2",
+            "--population", "4", "--batch", "2", "--steps", "3", "--size", str(SIZE), "--validation-seeds", "0",
+            "--rank", "4", "--quiet"]
+    assert main(args) == 0
+    (run,) = list(out.iterdir())
+    return run
+
+
+def test_an_sdxl_run_pins_both_encoders_vectors_and_the_pooled_embedding(sdxl_run, comp):
+    from embedpin.pinned import load_pinned
+
+    tensors, recipe = load_pinned(sdxl_run)
+    assert recipe["family"] == "SDXL" and recipe["widths"] == [W1, W2]
+    assert tensors["prompt_embeds"].shape == (1, 77, W1 + W2) and tensors["pooled_prompt_embeds"].shape == (1, W2)
+    assert tensors["token_vectors"].shape == (2, W1 + W2)
+    assert not tensors["negative_prompt_embeds"].any() and not tensors["negative_pooled_prompt_embeds"].any()
+    plain = encode_prompt(comp, "a star")
+    assert not torch.allclose(tensors["pooled_prompt_embeds"], plain.pooled)  # the vectors moved the pooled vector
+
+
+def test_sdxl_textual_inversion_loads_in_diffusers_with_two_calls(sdxl_run, pipe, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from embedpin.cli import main
+    from embedpin.config import RunConfig
+    from embedpin.guidance.build import build
+    from embedpin.optimizer.session import Session
+
+    ti = tmp_path / "pinned.safetensors"
+    assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(ti)]) == 0
+    state = load_file(str(ti))
+    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (2, W1) and state["clip_g"].shape == (2, W2)
+    with safe_open(str(ti), framework="pt") as f:
+        meta = json.loads(f.metadata()["embedpin"])
+    pipe.load_textual_inversion(state["clip_l"], token="<pinned>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<pinned>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    emb, _, pooled, _ = pipe.encode_prompt(meta["usage"], device="cpu", do_classifier_free_guidance=False)
+    s = Session.prepare(RunConfig.from_toml(sdxl_run / "config.toml"))
+    vectors = torch.tensor([meta["params"]["token_vectors"]]).to(s.ctx.plain.hidden)
+    only_vectors = build(s.ctx, {"token_vectors": vectors})
+    assert (emb - only_vectors.prompt_embeds).abs().max().item() <= 1e-4
+    assert (pooled - only_vectors.pooled_embeds).abs().max().item() <= 1e-4
+
+
+def test_sdxl_diffusers_export_drives_the_sdxl_pipeline_and_embedpin_render(sdxl_run, pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from embedpin.cli import main
+
+    f = tmp_path / "embeds.safetensors"
+    assert main(["export", str(sdxl_run), "--format", "diffusers", "-o", str(f)]) == 0
+    t = load_file(str(f))
+    assert set(t) == {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"}
+    img = pipe(**t, num_inference_steps=3, height=SIZE, width=SIZE, output_type="np").images
+    assert img.shape == (1, SIZE, SIZE, 3)
+    assert main(["render", str(sdxl_run), "--seed", "3", "-n", "1", "-o", str(tmp_path / "o")]) == 0
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["pinned_seed3.png"]
