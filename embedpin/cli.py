@@ -205,9 +205,8 @@ def cmd_models(a) -> int:
     print("also accepted by --model: a diffusers model folder, a Hugging Face hub id already in the local "
           "cache, or a single-file .safetensors checkpoint")
     if a.model:
-        comp = load_components(a.model, clip=a.clip)
-        clip = "yes" if comp.clip is not None else "no (pass --clip for image guidance / CLIP loss)"
-        print(f"{a.model}: ok — {comp.default_size}px, text dim {comp.text_dim}, image CLIP: {clip}")
+        comp = load_components(a.model, clip=a.clip, model_config=a.model_config)
+        print(f"{a.model}: {comp.describe()}")
     return 0
 
 
@@ -238,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run")
     rp.set_defaults(fn=cmd_report)
     m = sub.add_parser("models", help="list the built-in model; check a --model argument")
-    m.add_argument("--model", default=None, help="a --model argument to validate")
-    m.add_argument("--clip", default=None)
+    m.add_argument("--model", default=None, help="a --model argument to check: family, native size, prediction "
+                   "type, text widths and image towers")
+    m.add_argument("--clip", default=None, help="an image CLIP model folder or cached hub id")
+    m.add_argument("--model-config", default=None, help="config folder or cached hub id for a single-file checkpoint")
     m.set_defaults(fn=cmd_models)
     return p
 

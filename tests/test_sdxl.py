@@ -165,3 +165,44 @@ def test_sdxl_diffusers_export_drives_the_sdxl_pipeline_and_embedpin_render(sdxl
     assert img.shape == (1, SIZE, SIZE, 3)
     assert main(["render", str(sdxl_run), "--seed", "3", "-n", "1", "-o", str(tmp_path / "o")]) == 0
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["pinned_seed3.png"]
+
+
+def test_models_command_names_the_family_size_prediction_and_towers(folder, capsys):
+    from embedpin.cli import main
+
+    assert main(["models", "--model", str(folder)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"SDXL, native {SIZE}px, epsilon prediction, text {W1} + {W2} (pooled {W2})" in line
+    assert "image towers: none" in line
+    assert main(["models", "--model", "micro"]) == 0
+    assert "SD 1.x, native 64px" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prefix, family", [
+    ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", "SDXL"),
+    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias", "SD 2.x"),
+    ("cond_stage_model.transformer.text_model.embeddings.position_ids", "SD 1.x"),
+])
+def test_a_single_file_checkpoint_names_its_family_and_needs_a_local_config(tmp_path, prefix, family, capsys):
+    from safetensors.torch import save_file
+
+    from embedpin.cli import main
+    from embedpin.models.loader import checkpoint_family
+
+    ckpt = tmp_path / "model.safetensors"
+    save_file({prefix: torch.zeros(1), "model.diffusion_model.out.0.bias": torch.zeros(1)}, str(ckpt))
+    assert checkpoint_family(ckpt)[0] == family
+    assert main(["models", "--model", str(ckpt)]) == 2  # nothing cached here, and nothing is downloaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"an {family} checkpoint" in err[0] and "--model-config" in err[0]
+
+
+def test_a_single_file_that_is_no_known_checkpoint_is_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from embedpin.cli import main
+
+    ckpt = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(1)}, str(ckpt))
+    assert main(["models", "--model", str(ckpt)]) == 2
+    assert "not a Stable Diffusion checkpoint" in capsys.readouterr().err

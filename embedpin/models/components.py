@@ -89,6 +89,29 @@ class Components:
         v = self.scheduler_config.get("prediction_type") == "v_prediction"
         return "SD 2.x" if v or int(self.text_encoder.config.hidden_size) == 1024 else "SD 1.x"
 
+    def towers(self) -> list[str]:
+        """The image towers present and the part of the conditioning their projection matches."""
+        if self.clip is None:
+            return []
+        width = int(self.clip.visual_projection.out_features)
+        widths = [int(self.text_encoder.config.hidden_size)]
+        if self.is_sdxl:
+            widths.append(int(self.text_encoder_2.config.hidden_size))
+        where = [f"encoder {i + 1}" for i, w in enumerate(widths) if w == width] if self.is_sdxl else \
+            (["the prompt"] if width == widths[0] else [])
+        return [f"CLIP image tower, projection {width} -> {where[0] if where else 'no text encoder (unusable)'}"]
+
+    def describe(self) -> str:
+        """One line: family, native size, prediction type, text widths, image towers."""
+        widths = str(self.text_encoder.config.hidden_size)
+        if self.is_sdxl:
+            pooled = self.text_encoder_2.config.projection_dim
+            widths += f" + {self.text_encoder_2.config.hidden_size} (pooled {pooled})"
+        towers = "; ".join(self.towers()) or "none (pass --clip for image guidance and the CLIP loss)"
+        prediction = self.scheduler_config.get("prediction_type", "epsilon")
+        return (f"{self.family}, native {self.default_size}px, {prediction} prediction, text {widths}, "
+                f"image towers: {towers}")
+
     def scheduler(self, name: str):
         return make_scheduler(name, self.scheduler_config)
 

@@ -195,16 +195,65 @@ def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _load_single_file(path: Path, config: str | None) -> dict:
-    from diffusers import StableDiffusionPipeline
+# A single-file checkpoint's family, told by its state-dict keys (the original layouts), and
+# the diffusers repository its component configs come from (diffusers' own defaults).
+CHECKPOINT_FAMILIES = (
+    ("SDXL", "conditioner.embedders.1.model.", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("SD 2.x", "cond_stage_model.model.", "stabilityai/stable-diffusion-2-1"),
+    ("SD 1.x", "cond_stage_model.transformer.", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+)
 
-    kw = {"local_files_only": True}
+
+def checkpoint_family(path: Path) -> tuple[str, str]:
+    """(family, default config repository) of a single-file ``.safetensors`` checkpoint, from
+    its key names only (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    for family, prefix, repo in CHECKPOINT_FAMILIES:
+        if any(k.startswith(prefix) for k in keys):
+            return family, repo
+    raise ModelError(f"{path}: not a Stable Diffusion checkpoint embedpin knows (SD 1.x, SD 2.x, SDXL base): "
+                     "no text-encoder keys of those layouts")
+
+
+def _config_folder(config: str | None, family: str, repo: str, path: Path) -> Path:
+    """The local diffusers folder that configures a single-file checkpoint: ``--model-config``
+    (a folder or a cached hub id), else the family's default repository if it is cached.
+    Always a local folder, so diffusers never falls back to downloading configs."""
     if config:
-        kw["config"] = config
-    pipe = _load(f"checkpoint {path.name} (single-file loading needs the base model's config in the local "
-                 "cache or --model-config FOLDER)", StableDiffusionPipeline.from_single_file, str(path), **kw)
-    return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-                scheduler_config=dict(pipe.scheduler.config))
+        folder = Path(config).expanduser()
+        if folder.is_dir():
+            return folder
+        if HUB_ID.match(config):
+            return _from_cache(config)
+        raise ModelError(f"--model-config {config}: not a folder or a hub id")
+    try:
+        return _from_cache(repo)
+    except ModelError:
+        raise ModelError(f"{path.name} is an {family} checkpoint; its component configs come from a diffusers "
+                         f"folder of the same family: pass --model-config FOLDER (any {family} diffusers folder), "
+                         f"or have {repo} in the local Hugging Face cache (embedpin never downloads)") from None
+
+
+def _load_single_file(path: Path, config: str | None) -> dict:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family, repo = checkpoint_family(path)
+    folder = _config_folder(config, family, repo, path)
+    cls = StableDiffusionXLPipeline if family == "SDXL" else StableDiffusionPipeline
+    pipe = _load(f"checkpoint {path.name} with the configs of {folder}", cls.from_single_file, str(path),
+                 config=str(folder), local_files_only=True)
+    parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
+                 scheduler_config=dict(pipe.scheduler.config))
+    if family == "SDXL":
+        parts.update(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2,
+                     zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+    return parts
 
 
 def load_components(spec: str = "micro", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
