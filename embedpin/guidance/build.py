@@ -121,10 +121,10 @@ def build(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> Conditioning
         text = emphasis(text, p["token_weights"], first=1)
     if ctx.mapping is not None and any(n in p for n in FLEX_PARAMS):
         flex = {n: _scalar(ctx, p, n, lam) for n in FLEX_PARAMS}
-        text = image_guidance(text, ctx.mapping, ctx.profile, flex, ctx.options.softness)
+        text = ctx.on_part(text, lambda t: image_guidance(t, ctx.mapping, ctx.profile, flex, ctx.options.softness))
     if "concept" in p:
-        c = ctx.concepts
-        text = tween(text, c.direction * text.norm(dim=-1, keepdim=True), concept_weights(c, p["concept"][:, 0]))
+        c, w = ctx.concepts, concept_weights(ctx.concepts, p["concept"][:, 0])
+        text = ctx.on_part(text, lambda t: tween(t, c.direction * t.norm(dim=-1, keepdim=True), w))
     if "delta" in p:
         text = text + delta_from_basis(p["delta"], ctx.delta_basis)
     strength = _scalar(ctx, p, "strength", lam) if ctx.init_image is not None else None

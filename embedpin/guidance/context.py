@@ -8,7 +8,7 @@ the concept mapping and the delta / token-vector bases (the last two on first us
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,14 @@ from embedpin.guidance.deltas import (
     random_sequence_basis,
     sequence_basis,
 )
-from embedpin.guidance.encode import PromptEncoding, encode_from_embeds, encode_image, encode_negative, encode_prompt
+from embedpin.guidance.encode import (
+    PromptEncoding,
+    encode_from_embeds,
+    encode_image,
+    encode_negative,
+    encode_prompt,
+    guide_part,
+)
 from embedpin.guidance.images import ImageLike, as_image_batch
 from embedpin.guidance.mapping import MODES, Mapping, map_image_tokens
 from embedpin.guidance.tween import cluster_profile
@@ -92,6 +99,25 @@ class GuidanceContext:
     init_image: torch.Tensor | None = None
     vector_init: torch.Tensor | None = None
     vector_start: int = 0
+    part: slice = field(default_factory=lambda: slice(None))
+
+    def on_part(self, text: torch.Tensor, fn) -> torch.Tensor:
+        """``fn`` applied to the features image guidance acts on (:func:`guide_part`; all of
+        them but on SDXL), the rest of text [λ|1, L, D] unchanged: [λ, L, D]."""
+        if self.part == slice(None):
+            return fn(text)
+        inner = fn(text[..., self.part])
+        outer = text.expand(inner.shape[0], -1, -1)
+        return torch.cat([outer[..., :self.part.start], inner, outer[..., self.part.stop:]], dim=-1)
+
+    @property
+    def guidance_note(self) -> str | None:
+        """Where image guidance acts when it is not the whole sequence (SDXL with one tower)."""
+        if self.mapping is None or self.part == slice(None):
+            return None
+        width, which = self.part.stop - self.part.start, "first" if self.part.start == 0 else "second"
+        return (f"image guidance acts on the {which} text encoder's part of the conditioning ({width} of "
+                f"{self.plain.hidden.shape[-1]} features): the image tower's projection matches only that encoder")
 
     @property
     def length(self) -> int:
@@ -131,7 +157,8 @@ class GuidanceContext:
         if kind == "image":
             if self.mapping is None:
                 raise ConfigError("delta basis 'image' needs a guide image")
-            unit = image_basis(h, self.mapping.tokens(h), o.delta_k)
+            part = h[..., self.part]
+            unit = _embed_part(image_basis(part, self.mapping.tokens(part), o.delta_k), self.part, h.shape[-1])
         elif kind == "pca":
             unit = sequence_basis(self.table_directions[: o.delta_k], self.length)
         else:
@@ -175,6 +202,13 @@ def _embed(rows: torch.Tensor, i: int, tables: list[torch.Tensor]) -> torch.Tens
     widths = [t.shape[-1] for t in tables]
     before, after = sum(widths[:i]), sum(widths[i + 1:])
     return torch.nn.functional.pad(rows, (before, after))
+
+
+def _embed_part(basis: torch.Tensor, part: slice, width: int) -> torch.Tensor:
+    """Elements [K, L, Dp] on the features ``part`` of a width-``width`` sequence -> [K, L, width]."""
+    if part == slice(None):
+        return basis
+    return torch.nn.functional.pad(basis, (part.start, width - part.stop))
 
 
 def _check_options(o: GuidanceOptions, components) -> None:
@@ -277,10 +311,12 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
         ctx.init_image = as_image_batch(init_image)[:1]
     if has_guide:
         ctx.image_tokens = _guide_tokens(components, guide).to(plain.hidden.dtype)
-        ctx.mapping = map_image_tokens(plain.hidden, ctx.image_tokens, o.mapping, o.reuse)
+        ctx.part = guide_part(components)
+        ctx.mapping = map_image_tokens(plain.hidden[..., ctx.part], ctx.image_tokens, o.mapping, o.reuse)
         ctx.profile = cluster_profile(ctx.mapping.alignment, o.cluster_radius)
     if concept_list:
         hidden = [encode_prompt(components, c, o.clip_skip) for c in concept_list]
-        tokens = torch.cat([e.hidden[:, 1:e.n_tokens + 1] for e in hidden], dim=1)
-        ctx.concepts = map_concepts(plain.hidden, tokens, ctx.image_tokens, o.concept_threshold, o.softness)
+        tokens = torch.cat([e.hidden[:, 1:e.n_tokens + 1, ctx.part] for e in hidden], dim=1)
+        ctx.concepts = map_concepts(plain.hidden[..., ctx.part], tokens, ctx.image_tokens, o.concept_threshold,
+                                    o.softness)
     return ctx

@@ -184,14 +184,30 @@ def encode_image(components, image: torch.Tensor) -> torch.Tensor:
     if image.ndim != 4 or image.shape[1] != 3:
         raise InputError(f"guide image must be [n, 3, H, W] RGB, got shape {tuple(image.shape)}")
     clip = components.clip
-    if clip is None:
-        raise ModelError(f"model {components.name!r} has no CLIP image encoder; image guidance needs one")
-    proj = clip.visual_projection
-    if proj.out_features != components.text_dim:
-        raise ModelError(f"CLIP projection dim {proj.out_features} != text encoder dim {components.text_dim}; "
-                         "image tokens cannot be mapped onto this model's prompts")
+    guide_part(components)
     param = next(clip.parameters())
     return image_tokens(clip, clip_pixels(components, image.to(param.device)).to(param.dtype))
+
+
+def guide_part(components) -> slice:
+    """The features of the conditioning sequence that image tokens map onto: all of them
+    (SD 1.x / 2.x), or on SDXL the encoder whose width the image tower's projection matches
+    (CLIP ViT-L/14 -> the first, 768; a ViT-bigG tower -> the second, 1280)."""
+    clip = components.clip
+    if clip is None:
+        raise ModelError(f"model {components.name!r} has no CLIP image encoder; image guidance needs one")
+    width = int(clip.visual_projection.out_features)
+    widths = input_widths(components)
+    if not components.is_sdxl:
+        if width != components.text_dim:
+            raise ModelError(f"CLIP projection dim {width} != text encoder dim {components.text_dim}; "
+                             "image tokens cannot be mapped onto this model's prompts")
+        return slice(None)
+    if width not in widths:
+        raise ModelError(f"CLIP projection dim {width} matches neither SDXL text encoder ({widths[0]}, {widths[1]}); "
+                         "image tokens cannot be mapped onto this model's prompts")
+    start = 0 if width == widths[0] else widths[0]
+    return slice(start, start + width)
 
 
 def image_tokens(clip, pixel_values: torch.Tensor) -> torch.Tensor:
