@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ def run(config: RunConfig, quiet: bool = False) -> RunResult:
     store = RunStore.create(config, files)
     state = store.read_state()
     state.space = session.space.to_dict()
+    state.notes = [session.ctx.guidance_note] if session.ctx.guidance_note else None
     return _loop(session, store, make_optimizer(session), state, quiet)
 
 
@@ -150,6 +152,8 @@ def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
 
 def _loop(session: Session, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
     total = total_generations(session, opt)
+    if session.ctx.guidance_note and not quiet:
+        print(f"note: {session.ctx.guidance_note}", file=sys.stderr)
     state.status = "running"
     store.write_state(state)
     _report(store, None)

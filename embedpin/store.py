@@ -271,9 +271,9 @@ class PlainValidation(Record):
 class RunState(Record):
     """``state.json``: status, committed generations, the pinned result, history, the
     Pareto front (``--max-distance``), the optimizer's JSON state, the plain prompt's
-    validation, the search space's description and why the run stopped."""
+    validation, the search space's description, why the run stopped and notes on its setup."""
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason", "notes")
     NESTED: ClassVar[dict[str, Any]] = {"best": PinnedRecord, "history": [HistoryEntry],
                                         "plain_validation": PlainValidation}
 
@@ -287,6 +287,7 @@ class RunState(Record):
     plain_validation: PlainValidation | None = None
     space: dict[str, Any] | None = None
     stop_reason: str | None = None
+    notes: list[str] | None = None  # what the run's setup means for its result (shown in the report)
 
     @classmethod
     def read(cls, path: Path) -> RunState:

@@ -52,8 +52,22 @@ def build_sdxl_pipeline(seed: int = 0, force_zeros: bool = True):
     return pipe.to(torch.float32)
 
 
-def save_sdxl_folder(folder: str | Path, seed: int = 0, force_zeros: bool = True) -> Path:
-    """The tiny pipeline as a diffusers folder (what ``--model`` takes)."""
+def save_sdxl_folder(folder: str | Path, seed: int = 0, force_zeros: bool = True, tower: int | None = None) -> Path:
+    """The tiny pipeline as a diffusers folder (what ``--model`` takes); ``tower``: also an
+    image CLIP under ``clip/`` whose projection has that width (W1: a ViT-L-like tower)."""
     folder = Path(folder)
-    build_sdxl_pipeline(seed, force_zeros).save_pretrained(folder, safe_serialization=True)
+    pipe = build_sdxl_pipeline(seed, force_zeros)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if tower is not None:
+        import torch
+        from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=SIZE, patch_size=8, projection_dim=tower)
+        text = text_config(pipe.tokenizer, tower)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed + 1)  # weight init of a test fixture
+        clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=tower))
+        torch.random.set_rng_state(state)
+        clip.save_pretrained(folder / "clip", safe_serialization=True)
     return folder

@@ -206,3 +206,64 @@ def test_a_single_file_that_is_no_known_checkpoint_is_refused(tmp_path, capsys):
     save_file({"lora_unet_down.weight": torch.zeros(1)}, str(ckpt))
     assert main(["models", "--model", str(ckpt)]) == 2
     assert "not a Stable Diffusion checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def towered_folder(tmp_path_factory):
+    return save_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-clip", tower=W1)
+
+
+@pytest.fixture(scope="module")
+def towered(towered_folder):
+    return load_components(str(towered_folder))
+
+
+def test_sdxl_image_guidance_acts_on_the_part_its_tower_matches(towered):
+    from embedpin.guidance.build import build
+    from embedpin.guidance.context import GuidanceOptions, make_context
+
+    guide = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    ctx = make_context(towered, PROMPT, guide=guide, options=GuidanceOptions(delta_basis="image", delta_k=4))
+    assert ctx.part == slice(0, W1) and "first text encoder's part" in ctx.guidance_note
+    plain = ctx.plain.hidden
+    guided = build(ctx, {"linear_start": torch.tensor([[0.8]]), "linear_end": torch.tensor([[0.8]])})
+    moved = (guided.prompt_embeds - plain).abs()
+    assert moved[..., :W1].max() > 1e-3 and moved[..., W1:].max() == 0  # the second encoder's part is untouched
+    assert torch.equal(guided.pooled_embeds, ctx.plain.pooled.expand(1, -1))
+    assert ctx.delta_basis[..., W1:].abs().max() == 0 and ctx.delta_basis[..., :W1].abs().max() > 0
+
+
+def test_a_tower_that_matches_no_sdxl_encoder_is_refused(towered):
+    from dataclasses import replace
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from embedpin.errors import ModelError
+    from embedpin.guidance.context import make_context
+
+    c = towered.clip.config
+    other = CLIPModel(CLIPConfig(text_config=c.text_config.to_dict(), vision_config=c.vision_config.to_dict(),
+                                 projection_dim=W1 + 8)).eval()
+    with pytest.raises(ModelError, match="matches neither SDXL text encoder"):
+        make_context(replace(towered, clip=other), PROMPT, guide=torch.rand(1, 3, SIZE, SIZE))
+
+
+def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_folder, tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from embedpin.cli import main
+
+    star = Path(__file__).resolve().parents[1] / "examples" / "star.png"
+    args = ["optimize", "--model", str(towered_folder), "--target", str(star), "--prompt", "a star", "--out",
+            str(tmp_path), "--generations", "1", "--population", "4", "--batch", "2", "--steps", "3",
+            "--validation-seeds", "2", "--rank", "4"]
+    assert main(args) == 0
+    assert "note: image guidance acts on the first text encoder's part" in capsys.readouterr().err
+    (run,) = list(tmp_path.iterdir())
+    state = json.loads((run / "state.json").read_text())
+    assert state["notes"] and f"({W1} of {W1 + W2} features)" in state["notes"][0]
+    page = (run / "index.html").read_text().replace("&#39;", "'")
+    assert "image guidance acts on the first text encoder's part" in page
+    searched = {b["name"] for b in state["space"]["blocks"]}
+    assert {"linear_start", "token_vectors", "token_weights"} <= searched

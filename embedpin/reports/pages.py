@@ -192,6 +192,7 @@ def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
     return dict(
         run=_run_summary(run), live=run.live, recipe=recipe(run.config), config_rows=config_rows(run.config),
         targets=targets, guides=guide, best=best_context(run), plain=plain_validation_context(run),
+        notes=list(run.state.notes or []),
         plots=plots, gif=gif,
         generations=generation_rows(run), commands=commands(run),
     )
