@@ -93,6 +93,11 @@ class OptimConfig:
     validation_seeds: int = 16      # plain renders per validated candidate on seeds the search never uses
 
 
+# Blocks that need guide images ("guidance" stands for those the run's guide images allow).
+GUIDED_BLOCKS = frozenset({"linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image",
+                           "header_cap", "concept"})
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,10 +141,8 @@ class RunConfig:
         _check(bool(prompt.prompt.strip()) or bool(prompt.guide), "give a --prompt, a --guide image, or both")
         _check(prompt.concepts is None or bool(prompt.guide), "--concepts needs a --guide image to take concepts from")
         _check("strength" not in search.blocks or prompt.init_image, "the 'strength' block needs --init-image")
-        guided = {"linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image",
-                  "header_cap", "concept"}  # ("guidance" stands for those the run's guide images allow)
         guides = bool(prompt.guide) or (prompt.guide_target and bool(score.targets))
-        _check(not (guided & set(search.blocks)) or guides,
+        _check(not (GUIDED_BLOCKS & set(search.blocks)) or guides,
                "the guidance blocks need a --guide image (or --target with --guide-target)")
         _check(not score.targets or score.flip_weight > 0 or score.clip_weight > 0, "targets need a loss weight")
         self._check_files()
@@ -154,6 +157,11 @@ class RunConfig:
         for image in [*self.prompt.guide, *([self.prompt.init_image] if self.prompt.init_image else [])]:
             if not Path(image).is_file():
                 raise InputError(f"image not found: {image}")
+
+    def uses_guide(self) -> bool:
+        """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""
+        blocks = set(self.search.blocks)
+        return bool(blocks & (GUIDED_BLOCKS | {"guidance"})) or ("delta" in blocks and self.search.basis == "image")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -126,8 +126,7 @@ class GuidanceContext:
     @cached_property
     def tables(self) -> list[torch.Tensor]:
         """Each text encoder's token-embedding table [V, Din_e] (SDXL: two)."""
-        encoders = [self.components.text_encoder] + ([self.components.text_encoder_2] if self.components.is_sdxl else [])
-        return [te.get_input_embeddings().weight.detach() for te in encoders]
+        return [te.get_input_embeddings().weight.detach() for te in self.components.text_encoders]
 
     @cached_property
     def encoder_directions(self) -> list[torch.Tensor]:
@@ -239,12 +238,11 @@ def init_words(options: GuidanceOptions) -> list[str]:
 def _word_vector(components, word: str, device) -> tuple[torch.Tensor, int, int]:
     """An init word's input embedding [Din] (the mean of its tokens' if it splits; SDXL: each
     encoder's, side by side) and its first token id in each tokenizer."""
-    tokenizers = [components.tokenizer] + ([components.tokenizer_2] if components.is_sdxl else [])
-    ids = [tok(word, add_special_tokens=False).input_ids for tok in tokenizers]
+    ids = [tok(word, add_special_tokens=False).input_ids for tok in components.tokenizers]
     if not all(ids):
         raise ConfigError(f"init word {word!r} has no tokens")
     parts = [te.get_input_embeddings()(torch.tensor(i, device=device)).mean(0)
-             for te, i in zip([components.text_encoder, components.text_encoder_2], ids)]
+             for te, i in zip(components.text_encoders, ids)]
     return torch.cat(parts), ids[0][0], ids[-1][0]
 
 

@@ -99,10 +99,7 @@ def eos_positions(text_model, ids: torch.Tensor) -> torch.Tensor:
 
 def input_widths(components) -> tuple[int, ...]:
     """Token-embedding widths of the model's encoders: (Din,) or SDXL's (Din1, Din2)."""
-    widths = [components.text_encoder.get_input_embeddings().embedding_dim]
-    if components.is_sdxl:
-        widths.append(components.text_encoder_2.get_input_embeddings().embedding_dim)
-    return tuple(widths)
+    return tuple(te.get_input_embeddings().embedding_dim for te in components.text_encoders)
 
 
 def token_embeddings(components, ids: torch.Tensor, ids_2: torch.Tensor | None = None) -> torch.Tensor:

@@ -73,8 +73,17 @@ class Components:
     @property
     def text_dim(self) -> int:
         """Width of the conditioning sequence (SDXL: both encoders' widths, concatenated)."""
-        second = 0 if self.text_encoder_2 is None else int(self.text_encoder_2.config.hidden_size)
-        return int(self.text_encoder.config.hidden_size) + second
+        return sum(int(te.config.hidden_size) for te in self.text_encoders)
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders in conditioning order (SDXL: ViT-L's, then bigG's)."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    @property
+    def tokenizers(self) -> list:
+        """The tokenizers, one per text encoder."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
 
     @property
     def is_sdxl(self) -> bool:
@@ -94,9 +103,7 @@ class Components:
         if self.clip is None:
             return []
         width = int(self.clip.visual_projection.out_features)
-        widths = [int(self.text_encoder.config.hidden_size)]
-        if self.is_sdxl:
-            widths.append(int(self.text_encoder_2.config.hidden_size))
+        widths = [int(te.config.hidden_size) for te in self.text_encoders]
         where = [f"encoder {i + 1}" for i, w in enumerate(widths) if w == width] if self.is_sdxl else \
             (["the prompt"] if width == widths[0] else [])
         return [f"CLIP image tower, projection {width} -> {where[0] if where else 'no text encoder (unusable)'}"]

@@ -21,7 +21,6 @@ from embedpin.errors import ConfigError
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
 from embedpin.guidance.encode import encode_prompt
-from embedpin.guidance.flex import FLEX_PARAMS
 from embedpin.guidance.interrogate import rank_words
 from embedpin.images import load_image, resize_crop
 from embedpin.models.loader import load_components
@@ -69,12 +68,6 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
     if not ranked:
         raise ConfigError("--init-word auto found no vocabulary word outside the prompt")
     return ",".join(w for w, _ in ranked)
-
-
-def _uses_guide(config: RunConfig) -> bool:
-    """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""
-    blocks = set(config.search.blocks)
-    return bool(blocks & {"guidance", "concept", *FLEX_PARAMS}) or ("delta" in blocks and config.search.basis == "image")
 
 
 def render_plan(config: RunConfig, size: int) -> RenderPlan:
@@ -134,7 +127,7 @@ class Session:
         targets = load_targets(score.targets, (size, size)).to(comp.device) if score.targets else None
         if init is not None:
             init = resize_crop(init, (size, size)).to(comp.device)
-        if prompt.guide_target and not guide and targets is not None and _uses_guide(config):
+        if prompt.guide_target and not guide and targets is not None and config.uses_guide():
             guide = list(targets)
         # 2. per-run precomputation: guidance context, search space, scorer
         words = auto_init_words(config, comp, targets) if config.search.init_word.strip() == "auto" else None
