@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from embedpin.errors import ModelError
+from embedpin.guidance.encode import encode_prompt
 from embedpin.models import loader
+from embedpin.models.loader import load_components
 from embedpin.models.micro import dataset
 from embedpin.models.micro.tokenizer import build_vocab, save_tokenizer
 
@@ -192,3 +194,25 @@ def test_image_variation_training_conditions_as_image_guidance_does_at_run_time(
     assert torch.equal(got[0], ctx.plain.hidden[0])  # w = 0: the caption's own conditioning
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert not torch.allclose(got[3], got[1], atol=1e-3)
+
+
+def test_a_single_file_sd1_checkpoint_runs_like_its_folder(tmp_path):
+    """micro written as an original-layout checkpoint (``cond_stage_model.transformer``,
+    ``model.diffusion_model``, ``first_stage_model``) loads through ``--model-config`` to the
+    same weights, so it renders the same images."""
+    from diffusers import StableDiffusionPipeline
+    from ldm_checkpoint import save_single_file
+
+    from embedpin.models.loader import MICRO_DIR, checkpoint_family
+    from embedpin.render.sampler import RenderPlan, render
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(MICRO_DIR), local_files_only=True)
+    ckpt = save_single_file(pipe, tmp_path / "micro.safetensors")
+    assert checkpoint_family(ckpt)[0] == "SD 1.x"
+    ours, ref = load_components(str(ckpt), model_config=str(MICRO_DIR)), load_components("micro")
+    assert ours.family == "SD 1.x" and ours.clip is None  # image towers come from --clip for single files
+    plan = RenderPlan(batch=2, steps=4, height=64, width=64, seed=5)
+    cond = encode_prompt(ours, "a red star").hidden
+    assert torch.equal(cond, encode_prompt(ref, "a red star").hidden)
+    neg = encode_prompt(ours, "").hidden
+    assert torch.equal(render(ours, cond, neg, 5.0, plan).images, render(ref, cond, neg, 5.0, plan).images)

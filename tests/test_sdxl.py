@@ -267,3 +267,35 @@ def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_f
     assert "image guidance acts on the first text encoder's part" in page
     searched = {b["name"] for b in state["space"]["blocks"]}
     assert {"linear_start", "token_vectors", "token_weights"} <= searched
+
+
+@pytest.fixture(scope="module")
+def single_file(folder, pipe, tmp_path_factory):
+    """The tiny SDXL as an original-layout single-file checkpoint (what A1111 users have)."""
+    from ldm_checkpoint import save_single_file
+
+    return save_single_file(pipe, tmp_path_factory.mktemp("ckpt") / "tiny-sdxl.safetensors")
+
+
+def test_a_single_file_sdxl_checkpoint_loads_as_its_folder_does(single_file, folder, comp, capsys):
+    from embedpin.cli import main
+
+    loaded = load_components(str(single_file), model_config=str(folder))
+    assert loaded.family == "SDXL" and loaded.zero_empty_negative
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, ref = getattr(loaded, name).state_dict(), getattr(comp, name).state_dict()
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    enc, ref = encode_prompt(loaded, PROMPT), encode_prompt(comp, PROMPT)
+    # (the same weights; the loaders may pick other attention kernels: float rounding only)
+    assert (enc.hidden - ref.hidden).abs().max() <= 1e-5 and (enc.pooled - ref.pooled).abs().max() <= 1e-5
+    assert main(["models", "--model", str(single_file), "--model-config", str(folder)]) == 0
+    assert f"SDXL, native {SIZE}px" in capsys.readouterr().out
+
+
+def test_a_single_file_with_a_config_of_another_family_is_one_error_line(single_file, capsys):
+    from embedpin.cli import main
+    from embedpin.models.loader import MICRO_DIR
+
+    assert main(["models", "--model", str(single_file), "--model-config", str(MICRO_DIR)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "SDXL" in err[0]

@@ -41,6 +41,7 @@ def _offline():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def resolve(spec: str) -> tuple[str, Path]:
@@ -240,11 +241,28 @@ def _config_folder(config: str | None, family: str, repo: str, path: Path) -> Pa
                          f"or have {repo} in the local Hugging Face cache (embedpin never downloads)") from None
 
 
+def folder_family(folder: Path) -> str:
+    """The family of a diffusers folder from its configs alone (no weights read): SDXL (a
+    second text encoder), SD 2.x (v-prediction or a 1024-wide text encoder) or SD 1.x."""
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        return "SDXL"
+    try:
+        width = _read_json(folder / "text_encoder" / "config.json").get("hidden_size")
+        prediction = _read_json(folder / "scheduler" / "scheduler_config.json").get("prediction_type")
+    except (OSError, ValueError):
+        raise ModelError(f"{folder}: not a diffusers model folder (no text_encoder / scheduler config)") from None
+    return "SD 2.x" if prediction == "v_prediction" or width == 1024 else "SD 1.x"
+
+
 def _load_single_file(path: Path, config: str | None) -> dict:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     family, repo = checkpoint_family(path)
     folder = _config_folder(config, family, repo, path)
+    found = folder_family(folder)
+    if found != family:
+        raise ModelError(f"{path.name} is an {family} checkpoint but the config folder {folder} is {found}: "
+                         f"pass --model-config with a diffusers folder of the {family} family")
     cls = StableDiffusionXLPipeline if family == "SDXL" else StableDiffusionPipeline
     pipe = _load(f"checkpoint {path.name} with the configs of {folder}", cls.from_single_file, str(path),
                  config=str(folder), local_files_only=True)
