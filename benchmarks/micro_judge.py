@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--gen-n", type=int, default=300, help="held-out captions (one image each)")
     ap.add_argument("--cfg", type=float, default=5.0)
     a = ap.parse_args()
-    clip = load_clip(None, Path(a.model))[0]
+    clip = load_clip(None, Path(a.model)).model
     tok = CLIPTokenizer.from_pretrained(f"{a.model}/tokenizer")
     scenes = held_out_scenes(a.gen_n)
     pipe = held_out_pipeline(a.model)

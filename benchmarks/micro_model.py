@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--samples", default=None, help="also save a grid of generated held-out captions here (PNG)")
     a = ap.parse_args()
-    clip = load_clip(None, Path(a.model))[0]  # text tower shared with text_encoder/
+    clip = load_clip(None, Path(a.model)).model  # text tower shared with text_encoder/
     tok = CLIPTokenizer.from_pretrained(f"{a.model}/tokenizer")
     scenes = held_out_scenes(max(a.n, a.gen_n))
     captions = [s.caption for s in scenes]

@@ -54,7 +54,9 @@ def _optimize_parser(sub):
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | cached hub id | "
                                                  f".safetensors checkpoint (default: {d.model.name})")
-    g.add_argument("--clip", default=None, help="image CLIP model folder or cached hub id (real models)")
+    g.add_argument("--clip", action="append", default=None, metavar="FOLDER_OR_ID",
+                   help="image CLIP model folder or cached hub id (real models; repeatable: SDXL takes one tower per "
+                        "text encoder, e.g. ViT-L/14 and ViT-bigG/14; the first also serves the CLIP loss)")
     g.add_argument("--model-config", default=None, help="local diffusers config folder for single-file checkpoints")
     g.add_argument("--device", default=None, help=f"auto | cpu | cuda | cuda:N | mps (default: {d.model.device})")
     g.add_argument("--dtype", default=None, help=f"float32 | float16 | bfloat16 (default: {d.model.dtype})")
@@ -72,6 +74,10 @@ def _optimize_parser(sub):
     g.add_argument("--init-word", default=None,
                    help=f"token vectors start here: a word, comma-separated words (one per vector), or auto "
                         f"(the words CLIP ranks highest for the target; default: {d.search.init_word})")
+    g.add_argument("--init-embedding", default=None, metavar="FILE.safetensors",
+                   help="start the token vectors at an existing textual-inversion embedding (A1111 / ComfyUI / kohya "
+                        "/ embedpin .safetensors of this model's family; its rows set the number of vectors, and "
+                        "they are used even when token_vectors is not searched)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--population", type=int, default=None, help="candidates per generation (default: 4 + 3 ln N)")
     g.add_argument("--generations", type=int, default=None, help="generations (default: 16 floor(ln N))")
@@ -134,7 +140,7 @@ def config_from_args(a):
         ("prompt", "clip_skip"): a.clip_skip, ("prompt", "guide_target"): a.guide_target,
         ("search", "blocks"): [b.strip() for b in a.blocks.split(",") if b.strip()] if a.blocks else None,
         ("search", "basis"): a.basis, ("search", "rank"): a.rank, ("search", "n_vectors"): a.vectors,
-        ("search", "init_word"): a.init_word,
+        ("search", "init_word"): a.init_word, ("search", "init_embedding"): a.init_embedding,
         ("optim", "population"): a.population, ("optim", "generations"): a.generations,
         ("optim", "sigma0"): a.sigma0, ("optim", "seed"): a.seed, ("optim", "max_distance"): a.max_distance,
         ("optim", "search_seeds"): a.search_seeds, ("optim", "validation_seeds"): a.validation_seeds,
@@ -170,7 +176,8 @@ def cmd_optimize(a) -> int:
 def cmd_render(a) -> int:
     from embedpin.pinned import render_pinned
 
-    paths = render_pinned(a.source, seed=a.seed, n=a.n, out=a.out, steps=a.steps, device=a.device)
+    paths = render_pinned(a.source, seed=a.seed, n=a.n, out=a.out, steps=a.steps, device=a.device, model=a.model,
+                          model_config=a.model_config)
     print(f"wrote {len(paths)} image(s) to {a.out}")
     return 0
 
@@ -225,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-n", type=int, default=8, help="number of images")
     r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     r.add_argument("--device", default="auto")
+    r.add_argument("--model", default=None, help="render with this model instead of the run's (the same family: a "
+                   "fine-tune, another copy of the checkpoint)")
+    r.add_argument("--model-config", default=None, help="config folder for a single-file --model")
     r.add_argument("-o", "--out", required=True, help="output folder")
     r.set_defaults(fn=cmd_render)
     e = sub.add_parser("export", help="export a run's pinned conditioning")
@@ -239,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the built-in model; check a --model argument")
     m.add_argument("--model", default=None, help="a --model argument to check: family, native size, prediction "
                    "type, text widths and image towers")
-    m.add_argument("--clip", default=None, help="an image CLIP model folder or cached hub id")
+    m.add_argument("--clip", action="append", default=None, help="an image CLIP model folder or cached hub id "
+                   "(repeatable)")
     m.add_argument("--model-config", default=None, help="config folder or cached hub id for a single-file checkpoint")
     m.set_defaults(fn=cmd_models)
     return p

@@ -28,7 +28,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 @dataclass
 class ModelConfig:
     name: str = "micro"          # micro | diffusers folder | cached hub id | .safetensors file
-    clip: str | None = None      # image CLIP (folder or cached hub id); micro ships its own
+    clip: list[str] = field(default_factory=list)  # image towers (folders / cached hub ids); micro ships its own
     model_config: str | None = None  # local diffusers config folder for single-file checkpoints
     device: str = "auto"         # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"
@@ -52,6 +52,7 @@ class SearchConfig:
     rank: int = 16               # K: basis size of the delta / token-vector blocks
     n_vectors: int = 2           # textual-inversion placeholder tokens
     init_word: str = "auto"      # token vectors start here: a word, words "a,b" (one per vector), or "auto"
+    init_embedding: str | None = None  # or at an existing textual-inversion file's vectors (.safetensors)
 
 
 @dataclass
@@ -157,6 +158,8 @@ class RunConfig:
         for image in [*self.prompt.guide, *([self.prompt.init_image] if self.prompt.init_image else [])]:
             if not Path(image).is_file():
                 raise InputError(f"image not found: {image}")
+        if self.search.init_embedding and not Path(self.search.init_embedding).is_file():
+            raise InputError(f"embedding not found: {self.search.init_embedding}")
 
     def uses_guide(self) -> bool:
         """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""
@@ -221,6 +224,8 @@ def _typed(f: dataclasses.Field, v, where: str):
     base = t.replace(" | None", "")
     if v is None and "None" in t:
         return v
+    if base == "list[str]" and isinstance(v, str):  # one value where a list is expected (older configs)
+        v = [v]
     if base in ok and not ok[base](v):
         raise ConfigError(f"config key {f.name} in [{where or 'root'}] must be {base} (got {v!r})")
     return float(v) if base == "float" else v

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save, save_file
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
 from embedpin.guidance.encode import input_widths
+from embedpin.models.embeddings import to_file_layout
 from embedpin.models.loader import load_components
 from embedpin.optimizer.session import pick_device
 from embedpin.render.sampler import RenderPlan, render
@@ -121,32 +122,34 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
                               "use --format diffusers, or run with --blocks token_vectors")
         usage = f"{recipe['prompt']} {token}".strip()
         lost = not_carried(recipe)
-        save_file(textual_inversion_tensors(tensors["token_vectors"], recipe), str(out),
+        layout = to_file_layout(tensors["token_vectors"], recipe.get("widths") or [], recipe.get("family", "SD 1.x"))
+        save_file(layout, str(out),
                   metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, "not_carried": lost})})
         return out, lost
     raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
 
 
-def textual_inversion_tensors(vectors: torch.Tensor, recipe: dict) -> dict[str, torch.Tensor]:
-    """The token vectors [N, Din] in the layout the family's tools load: ``emb_params`` [N, D]
-    (SD 1.x / 2.x), or SDXL's ``clip_l`` [N, D1] and ``clip_g`` [N, D2]."""
-    widths = recipe.get("widths") or [vectors.shape[-1]]
-    if sum(widths) != vectors.shape[-1]:
-        raise InputError(f"token vectors of width {vectors.shape[-1]} do not match the recipe's encoders {widths}")
-    if recipe.get("family") == "SDXL":
-        if len(widths) != 2:
-            raise InputError("an SDXL pinned result needs the widths of both text encoders in its recipe")
-        return {"clip_l": vectors[:, :widths[0]].contiguous(), "clip_g": vectors[:, widths[0]:].contiguous()}
-    return {"emb_params": vectors}
+def check_family(recipe: dict, components) -> None:
+    """A pinned result fits only a model of its own family and text widths (InputError)."""
+    family, widths = recipe.get("family"), recipe.get("widths")
+    if family is None:
+        return
+    ours = list(input_widths(components))
+    if family != components.family or (widths and list(widths) != ours):
+        raise InputError(f"this pinned result is {family} (text {' + '.join(map(str, widths or []))}); model "
+                         f"{components.name} is {components.family} (text {' + '.join(map(str, ours))}): render it "
+                         f"with a model of its family")
 
 
 def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path = "out", steps: int | None = None,
-                  device: str = "auto") -> list[Path]:
-    """Render ``n`` images (seeds seed..seed+n-1, plain batch) of a pinned result."""
+                  device: str = "auto", model: str | None = None, model_config: str | None = None) -> list[Path]:
+    """Render ``n`` images (seeds seed..seed+n-1, plain batch) of a pinned result, with the
+    run's model or ``model`` (another checkpoint of the same family, e.g. a fine-tune)."""
     if n < 1:
         raise ConfigError(f"-n must be >= 1 (got {n})")
     tensors, recipe = load_pinned(source)
-    comp = load_components(recipe["model"], device=pick_device(device))
+    comp = load_components(model or recipe["model"], device=pick_device(device), model_config=model_config)
+    check_family(recipe, comp)
     plan = RenderPlan(batch=1, steps=steps or recipe["steps"], scheduler=recipe["scheduler"],
                       height=recipe["size"], width=recipe["size"], hyperbatch=False)
     cond = tensors["prompt_embeds"].to(comp.device)

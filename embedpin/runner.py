@@ -137,7 +137,7 @@ def run(config: RunConfig, quiet: bool = False) -> RunResult:
     store = RunStore.create(config, files)
     state = store.read_state()
     state.space = session.space.to_dict()
-    state.notes = [session.ctx.guidance_note] if session.ctx.guidance_note else None
+    state.notes = session.notes or None
     return _loop(session, store, make_optimizer(session), state, quiet)
 
 
@@ -152,8 +152,8 @@ def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
 
 def _loop(session: Session, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
     total = total_generations(session, opt)
-    if session.ctx.guidance_note and not quiet:
-        print(f"note: {session.ctx.guidance_note}", file=sys.stderr)
+    for note in session.notes if not quiet else []:
+        print(f"note: {note}", file=sys.stderr)
     state.status = "running"
     store.write_state(state)
     _report(store, None)

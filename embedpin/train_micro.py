@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     #    last one also learns image guidance toward the sample's own image (needs the CLIP)
     if "unet" in stages:
         text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
-        clip = load_clip(None, out)[0].eval()
+        clip = load_clip(None, out).model.eval()
         for k, (steps, peak, image_p) in enumerate(budget.unet_phases()):
             if k < a.unet_phase:
                 continue

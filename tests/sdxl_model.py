@@ -12,12 +12,13 @@ SIZE = 32  # pixels; the VAE downsamples by 2
 
 
 def text_config(tok, width: int, layers: int = 3):
+    """As the published SD / SDXL text encoders are configured: the legacy ``eos_token_id`` 2
+    (transformers then pools at the highest id, the EOS of a plain prompt)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=width,
-                          hidden_act="gelu")
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                          pad_token_id=1, projection_dim=width, hidden_act="gelu")
 
 
 def build_sdxl_pipeline(seed: int = 0, force_zeros: bool = True):
@@ -52,6 +53,27 @@ def build_sdxl_pipeline(seed: int = 0, force_zeros: bool = True):
     return pipe.to(torch.float32)
 
 
+def save_tower(folder: str | Path, width: int, seed: int = 1) -> Path:
+    """A random image CLIP whose projection has ``width`` (W1: ViT-L-like, W2: bigG-like)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    from embedpin.models.micro.dataset import vocabulary
+    from embedpin.models.micro.tokenizer import save_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = save_tokenizer(vocabulary(), Path(d))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=SIZE, patch_size=8, projection_dim=width)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # weight init of a test fixture
+    clip = CLIPModel(CLIPConfig(text_config=text_config(tok, width).to_dict(), vision_config=vision.to_dict(),
+                                projection_dim=width))
+    torch.random.set_rng_state(state)
+    clip.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 def save_sdxl_folder(folder: str | Path, seed: int = 0, force_zeros: bool = True, tower: int | None = None) -> Path:
     """The tiny pipeline as a diffusers folder (what ``--model`` takes); ``tower``: also an
     image CLIP under ``clip/`` whose projection has that width (W1: a ViT-L-like tower)."""
@@ -59,15 +81,5 @@ def save_sdxl_folder(folder: str | Path, seed: int = 0, force_zeros: bool = True
     pipe = build_sdxl_pipeline(seed, force_zeros)
     pipe.save_pretrained(folder, safe_serialization=True)
     if tower is not None:
-        import torch
-        from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
-
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=SIZE, patch_size=8, projection_dim=tower)
-        text = text_config(pipe.tokenizer, tower)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed + 1)  # weight init of a test fixture
-        clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=tower))
-        torch.random.set_rng_state(state)
-        clip.save_pretrained(folder / "clip", safe_serialization=True)
+        save_tower(folder / "clip", tower, seed + 1)
     return folder

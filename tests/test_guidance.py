@@ -164,7 +164,7 @@ def test_threshold_gate_is_a_soft_step_at_the_floor():
 
 def test_emphasis_scales_deviation_from_the_mean():
     h = torch.tensor([[[0.0], [3.0], [6.0]]])
-    out = emphasis(h, torch.tensor([[0.0, 2.0]]), first=1)
+    out = emphasis(h, torch.tensor([[0.0, 2.0]]), torch.tensor([1, 2]))
     assert out[0, :, 0].tolist() == [0.0, 3.0, 9.0]
 
 
@@ -200,7 +200,7 @@ def test_header_never_moves_more_than_its_cap_and_outputs_are_finite(ctx, u):
     cond = build(ctx, params)
     assert torch.isfinite(cond.prompt_embeds).all() and torch.isfinite(cond.token_vectors).all()
     plain = ctx.plain.hidden[0, 0]
-    span = (ctx.mapping.tokens(ctx.plain.hidden)[0, 0] - plain).norm()
+    span = (ctx.guided[0].mapping.tokens(ctx.plain.hidden)[0, 0] - plain).norm()
     moved = (cond.prompt_embeds[:, 0] - plain).norm(dim=-1)
     assert (moved <= params["header_cap"][:, 0] * span + 1e-5).all()
     assert torch.isfinite(distance(ctx, cond)).all()
@@ -211,7 +211,7 @@ def test_header_never_moves_more_than_its_cap_and_outputs_are_finite(ctx, u):
 
 def test_full_image_guidance_replaces_tokens_with_mapped_image_tokens(ctx):
     cond = build(ctx, {"linear_start": torch.ones(1, 1), "linear_end": torch.ones(1, 1)})
-    mapped = ctx.mapping.tokens(ctx.plain.hidden)
+    mapped = ctx.guided[0].mapping.tokens(ctx.plain.hidden)
     torch.testing.assert_close(cond.prompt_embeds[:, 1:], mapped[:, 1:])
     header = ctx.plain.hidden[:, 0] + 0.15 * (mapped[:, 0] - ctx.plain.hidden[:, 0])
     torch.testing.assert_close(cond.prompt_embeds[:, 0], header)
@@ -220,7 +220,7 @@ def test_full_image_guidance_replaces_tokens_with_mapped_image_tokens(ctx):
 def test_negative_guidance_pushes_away_from_the_image(ctx):
     lin = torch.tensor([[0.5], [-0.5]])
     cond = build(ctx, {"linear_start": lin, "linear_end": lin})
-    mapped = ctx.mapping.tokens(ctx.plain.hidden)[0, 1:]
+    mapped = ctx.guided[0].mapping.tokens(ctx.plain.hidden)[0, 1:]
     cos = torch.nn.functional.cosine_similarity(cond.prompt_embeds[:, 1:], mapped, dim=-1).mean(-1)
     cos0 = torch.nn.functional.cosine_similarity(ctx.plain.hidden[0, 1:], mapped, dim=-1).mean()
     assert cos[0] > cos0 > cos[1]
@@ -235,8 +235,8 @@ def test_raising_max_image_moves_monotonically_further(ctx):
 
 def test_concept_moves_each_position_by_its_gate(ctx):
     plain = ctx.plain.hidden[0]
-    target = ctx.concepts.direction[0] * plain.norm(dim=-1, keepdim=True)
-    gate = ctx.concepts.gate[0]
+    target = ctx.guided[0].concepts.direction[0] * plain.norm(dim=-1, keepdim=True)
+    gate = ctx.guided[0].concepts.gate[0]
     assert gate[0] == 0 and gate.max() > 0.5 and gate.min() < 1e-3  # some positions pass, some do not
     cond = build(ctx, {"concept": torch.tensor([[1.0], [-0.5]])})
     for row, strength in zip(cond.prompt_embeds, (1.0, -0.5)):
@@ -253,7 +253,7 @@ def test_delta_distance_is_the_coefficient_norm_for_every_basis(comps, images):
 
 
 def test_random_basis_is_reproducible_from_the_seed(comps):
-    bases = [make_context(comps, PROMPT, options=GuidanceOptions(delta_basis="random", delta_k=3, seed=s)).delta_basis
+    bases = [make_context(comps, PROMPT, options=GuidanceOptions(delta_basis="random", delta_k=3, seed=s)).delta_basis.sequence
              for s in (7, 7, 8)]
     assert torch.equal(bases[0], bases[1]) and not torch.allclose(bases[0], bases[2])
 
@@ -272,7 +272,7 @@ def test_token_vectors_change_only_positions_after_the_placeholders_start(ctx):
     coeffs = torch.zeros(2, 8)
     coeffs[1, 0] = 0.5
     cond = build(ctx, {"token_vectors": coeffs})
-    start = ctx.vector_start
+    start = int(ctx.plain.placeholders[0])
     assert torch.equal(cond.prompt_embeds[0], ctx.plain.hidden[0])
     torch.testing.assert_close(cond.prompt_embeds[1, :start], ctx.plain.hidden[0, :start])
     assert (cond.prompt_embeds[1, start:] - ctx.plain.hidden[0, start:]).norm() > 1e-3
@@ -298,7 +298,7 @@ def test_image_only_guidance(comps, images):
 
 def test_multiple_guide_images_pool_their_tokens(comps, images):
     ctx = make_context(comps, PROMPT, guide=[images[:1], images[1:3]])
-    assert ctx.image_tokens.shape == (1, 3 * 65, 64)
+    assert ctx.guided[0].image_tokens.shape == (1, 3 * 65, 64)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_bad_inputs_raise_user_errors(comps, images, tmp_path):
     with pytest.raises(ConfigError):
         build(plain, {"delta": torch.zeros(2, 3)})
     with pytest.raises(ModelError):
-        encode_image(type(comps)(**{**comps.__dict__, "clip": None}), images[:1])
+        encode_image(type(comps)(**{**comps.__dict__, "towers": ()}), images[:1])
 
 
 def test_guide_image_from_a_file(comps, images, tmp_path):
@@ -335,4 +335,4 @@ def test_guide_image_from_a_file(comps, images, tmp_path):
     Image.fromarray(arr).save(path)
     ctx = make_context(comps, PROMPT, guide=path)
     pixels = torch.from_numpy(arr).permute(2, 0, 1)[None] / 255.0
-    torch.testing.assert_close(ctx.image_tokens, encode_image(comps, pixels))
+    torch.testing.assert_close(ctx.guided[0].image_tokens, encode_image(comps, pixels))

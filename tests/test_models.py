@@ -111,7 +111,7 @@ def test_micro_loads_with_every_component():
     comp = loader.load_components("micro")
     assert comp.default_size == 64 and comp.vae_scale_factor == 4 and comp.text_dim == 64
     assert comp.clip is not None and comp.clip.config.projection_dim == comp.text_dim
-    assert comp.clip_image_size == 64
+    assert comp.tower.image_size == 64
     assert not any(p.requires_grad for p in comp.unet.parameters())
 
 

@@ -240,7 +240,7 @@ def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target
     emb = s.components.text_encoder.embeddings.token_embedding
     words = [s.components.tokenizer(w, add_special_tokens=False).input_ids for w, _ in ranked]
     assert torch.allclose(s.ctx.vector_init, torch.stack([emb(torch.tensor(i)).mean(0) for i in words]))
-    assert len(s.guide) == 1 and torch.equal(s.guide[0], s.targets[0]) and s.ctx.mapping is not None
+    assert len(s.guide) == 1 and torch.equal(s.guide[0], s.targets[0]) and bool(s.ctx.guided)
     assert {"max_image", "linear_start"} <= set(s.space.names)
     c.score.targets, c.prompt.guide_target = [], False  # self mode: no target to rank words for
     s = Session.prepare(c.validate())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdxl_model import SIZE, W1, W2, save_sdxl_folder
+from sdxl_model import SIZE, W1, W2, save_sdxl_folder, save_tower
 
 from embedpin.errors import ConfigError
 from embedpin.guidance.encode import encode_negative, encode_prompt
@@ -224,13 +224,14 @@ def test_sdxl_image_guidance_acts_on_the_part_its_tower_matches(towered):
 
     guide = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     ctx = make_context(towered, PROMPT, guide=guide, options=GuidanceOptions(delta_basis="image", delta_k=4))
-    assert ctx.part == slice(0, W1) and "first text encoder's part" in ctx.guidance_note
+    assert [g.part for g in ctx.guided] == [slice(0, W1)] and "first text encoder's part" in ctx.guidance_note
     plain = ctx.plain.hidden
     guided = build(ctx, {"linear_start": torch.tensor([[0.8]]), "linear_end": torch.tensor([[0.8]])})
     moved = (guided.prompt_embeds - plain).abs()
     assert moved[..., :W1].max() > 1e-3 and moved[..., W1:].max() == 0  # the second encoder's part is untouched
     assert torch.equal(guided.pooled_embeds, ctx.plain.pooled.expand(1, -1))
-    assert ctx.delta_basis[..., W1:].abs().max() == 0 and ctx.delta_basis[..., :W1].abs().max() > 0
+    seq = ctx.delta_basis.sequence
+    assert seq[..., W1:].abs().max() == 0 and seq[..., :W1].abs().max() > 0
 
 
 def test_a_tower_that_matches_no_sdxl_encoder_is_refused(towered):
@@ -240,12 +241,13 @@ def test_a_tower_that_matches_no_sdxl_encoder_is_refused(towered):
 
     from embedpin.errors import ModelError
     from embedpin.guidance.context import make_context
+    from embedpin.models.components import ImageTower
 
     c = towered.clip.config
     other = CLIPModel(CLIPConfig(text_config=c.text_config.to_dict(), vision_config=c.vision_config.to_dict(),
                                  projection_dim=W1 + 8)).eval()
     with pytest.raises(ModelError, match="matches neither SDXL text encoder"):
-        make_context(replace(towered, clip=other), PROMPT, guide=torch.rand(1, 3, SIZE, SIZE))
+        make_context(replace(towered, towers=(ImageTower(other, SIZE),)), PROMPT, guide=torch.rand(1, 3, SIZE, SIZE))
 
 
 def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_folder, tmp_path, capsys):
@@ -270,10 +272,12 @@ def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_f
 
 
 @pytest.fixture(scope="module")
-def single_file(folder, pipe, tmp_path_factory):
+def single_file(folder, tmp_path_factory):
     """The tiny SDXL as an original-layout single-file checkpoint (what A1111 users have)."""
+    from diffusers import StableDiffusionXLPipeline
     from ldm_checkpoint import save_single_file
 
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)  # (not the shared one)
     return save_single_file(pipe, tmp_path_factory.mktemp("ckpt") / "tiny-sdxl.safetensors")
 
 
@@ -299,3 +303,115 @@ def test_a_single_file_with_a_config_of_another_family_is_one_error_line(single_
     assert main(["models", "--model", str(single_file), "--model-config", str(MICRO_DIR)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "SDXL" in err[0]
+
+
+@pytest.fixture(scope="module")
+def two_towers(towered_folder):
+    """The tiny SDXL with a ViT-L-like tower (W1) and a bigG-like one (W2), given as two --clip."""
+    second = save_tower(towered_folder.parent / "clip-g", W2, seed=5)
+    return load_components(str(towered_folder), clip=[str(towered_folder / "clip"), str(second)])
+
+
+def test_two_towers_guide_both_encoders_parts(two_towers, towered_folder, capsys):
+    from embedpin.cli import main
+    from embedpin.guidance.build import build
+    from embedpin.guidance.context import make_context
+
+    guide = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    ctx = make_context(two_towers, PROMPT, guide=guide)
+    assert [g.part for g in ctx.guided] == [slice(0, W1), slice(W1, W1 + W2)] and ctx.guidance_note is None
+    guided = build(ctx, {"linear_start": torch.tensor([[0.8]]), "linear_end": torch.tensor([[0.8]])})
+    moved = (guided.prompt_embeds - ctx.plain.hidden).abs()
+    assert moved[..., :W1].max() > 1e-3 and moved[..., W1:].max() > 1e-3
+    one = make_context(load_components(str(towered_folder)), PROMPT, guide=guide)
+    assert torch.equal(ctx.guided[0].mapping.index, one.guided[0].mapping.index)  # the first tower's part as alone
+    assert main(["models", "--model", str(towered_folder), "--clip", str(towered_folder / "clip"), "--clip",
+                 str(towered_folder.parent / "clip-g")]) == 0
+    out = capsys.readouterr().out
+    assert f"projection {W1} -> encoder 1" in out and f"projection {W2} -> encoder 2" in out
+
+
+def test_two_towers_on_the_same_encoder_are_refused(towered_folder):
+    from embedpin.guidance.context import make_context
+
+    same = load_components(str(towered_folder), clip=[str(towered_folder / "clip")] * 2)
+    with pytest.raises(ConfigError, match="same text features"):
+        make_context(same, PROMPT, guide=torch.rand(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("kind", ["image", "pca", "random"])
+def test_the_sdxl_delta_moves_the_pooled_vector_by_exactly_its_coefficients(two_towers, kind):
+    from embedpin.guidance.build import build, distance
+    from embedpin.guidance.context import GuidanceOptions, make_context
+
+    guide = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    ctx = make_context(two_towers, PROMPT, guide=guide, options=GuidanceOptions(delta_basis=kind, delta_k=4))
+    c = torch.tensor([[0.1, 0.0, -0.2, 0.0], [0.0, 0.3, 0.0, 0.4]])
+    cond = build(ctx, {"delta": c})
+    torch.testing.assert_close(distance(ctx, cond), c.norm(dim=1), atol=1e-5, rtol=1e-4)
+    assert (cond.pooled_embeds - ctx.plain.pooled).abs().max() > 1e-4  # the delta covers the pooled vector too
+    basis = ctx.delta_basis
+    joint = torch.cat([basis.sequence.flatten(1), basis.pooled], 1)
+    joint = joint / joint[0].norm()
+    torch.testing.assert_close(joint @ joint.T, torch.eye(4), atol=1e-5, rtol=0)  # orthogonal, equal norms
+
+
+def test_an_embedding_or_a_pinned_result_of_another_family_is_one_error_line(sdxl_run, folder, tmp_path, capsys):
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from embedpin.cli import main
+
+    star = str(Path(__file__).resolve().parents[1] / "examples" / "star.png")
+    sdxl_ti, sd1_ti = tmp_path / "sdxl.safetensors", tmp_path / "sd1.safetensors"
+    assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(sdxl_ti)]) == 0
+    save_file({"emb_params": torch.zeros(2, 64)}, str(sd1_ti))
+    capsys.readouterr()
+    cases = [
+        (["optimize", "--model", "micro", "--init-embedding", str(sdxl_ti)], "is an SDXL embedding"),
+        (["optimize", "--model", str(folder), "--init-embedding", str(sd1_ti)], "is an SD 1.x / 2.x embedding"),
+        (["render", str(sdxl_run), "--model", "micro", "-n", "1", "-o", str(tmp_path / "o")], "this pinned result is SDXL"),
+    ]
+    for args, says in cases:
+        if args[0] == "optimize":
+            args += ["--target", star, "--prompt", "a star", "--out", str(tmp_path / "runs"), "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no half-written run
+
+
+def test_an_sdxl_embedding_starts_an_sdxl_run_at_its_vectors(sdxl_run, folder, tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from embedpin.api import run_config
+    from embedpin.cli import main
+    from embedpin.optimizer.session import Session
+
+    ti = tmp_path / "start.safetensors"
+    assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(ti)]) == 0
+    star = str(Path(__file__).resolve().parents[1] / "examples" / "star.png")
+    s = Session.prepare(run_config(model=str(folder), target=star, prompt="a star", init_embedding=str(ti),
+                                   blocks="token_weights", size=SIZE, out=str(tmp_path / "runs")))
+    state = load_file(str(ti))
+    assert torch.equal(s.ctx.vector_init, torch.cat([state["clip_l"], state["clip_g"]], -1))
+    assert s.ctx.options.n_vectors == 2 and [b.name for b in s.space.blocks] == ["token_weights"]
+
+
+def test_without_an_image_tower_the_default_run_goes_on_and_an_explicit_guide_is_refused(folder, tmp_path, capsys):
+    from pathlib import Path
+
+    from embedpin.cli import main
+
+    star = str(Path(__file__).resolve().parents[1] / "examples" / "star.png")
+    base = ["optimize", "--model", str(folder), "--target", star, "--prompt", "a star", "--out", str(tmp_path),
+            "--generations", "1", "--population", "4", "--batch", "2", "--steps", "2", "--validation-seeds", "0",
+            "--rank", "4", "--quiet"]
+    assert main(base[:-1]) == 0  # the default blocks: guidance has nothing to act with, and the run says so
+    assert "note: no image CLIP tower for this model" in capsys.readouterr().err
+    assert main([*base, "--guide", star]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CLIP image encoder" in err[0] and "--clip" in err[0]

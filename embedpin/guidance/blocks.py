@@ -37,9 +37,9 @@ BLOCK_NAMES = (*SCALARS, "token_weights", "delta", "token_vectors")
 
 def requirement(ctx, name: str) -> str | None:
     """Why ``name`` cannot be searched in this context (None if it can)."""
-    if name in FLEX_PARAMS and ctx.mapping is None:
+    if name in FLEX_PARAMS and not ctx.guided:
         return "needs a guide image"
-    if name == "concept" and ctx.concepts is None:
+    if name == "concept" and not ctx.concept_parts:
         return "needs a concept prompt and a guide image"
     if name == "strength" and ctx.init_image is None:
         return "needs an img2img init image"

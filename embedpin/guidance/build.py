@@ -2,13 +2,14 @@
 
 Order of operations on the prompt's hidden states [λ, L, D]:
 token vectors (re-encode the prompt with the candidate's placeholder embeddings) ->
-token weights (emphasis) -> FlexDiffuse image guidance -> concept override -> additive
-delta. A block left out of ``params`` takes its default, which changes nothing, so with
+token weights (emphasis: the written weights times the searched ones) -> FlexDiffuse image
+guidance -> concept override -> additive delta. A block left out of ``params`` takes its default, which changes nothing, so with
 no params (or all at their defaults) the result is exactly the plain prompt's.
 
-SDXL's pooled embedding [λ, P] comes from the second encoder's EOS state, so only the
-token vectors (which re-encode the prompt) move it; the blocks that act on the output
-sequence (token weights, image guidance, concepts, delta) leave it at the prompt's.
+SDXL's pooled embedding [λ, P] comes from the second encoder's EOS state: the token vectors
+(which re-encode the prompt) move it, and so does the delta, whose basis elements have a
+pooled part (:attr:`GuidanceContext.delta_basis`); the blocks that reweight or tween the
+output sequence (token weights, image guidance, concepts) leave it at the prompt's.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from embedpin.errors import ConfigError
 from embedpin.guidance.blocks import BLOCK_NAMES, requirement, spec
 from embedpin.guidance.concepts import concept_weights
-from embedpin.guidance.context import GuidanceContext
-from embedpin.guidance.deltas import delta_from_basis, emphasis, insert_vectors, token_vectors
+from embedpin.guidance.context import GuidanceContext, on_part
+from embedpin.guidance.deltas import delta_from_basis, emphasis, headers, insert_vectors, token_vectors
 from embedpin.guidance.encode import encode_from_embeds
 from embedpin.guidance.flex import FLEX_PARAMS, image_guidance
 from embedpin.guidance.tween import tween
@@ -78,20 +79,22 @@ def _scalar(ctx: GuidanceContext, p: dict[str, torch.Tensor], name: str, lam: in
 
 
 def _encode_vectors(ctx: GuidanceContext, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states [λ, L, D] (and SDXL's pooled [λ, P]) of the prompt with each candidate's
-    placeholder vectors.
+    """Encoder states [λ, L, D] (before emphasis; SDXL: and pooled [λ, P]) of the prompt with
+    each candidate's placeholder vectors.
 
     Candidates whose vectors equal the init vectors keep the plain encoding bitwise; the
-    header row is the plain one (exact under causal attention, kept bitwise).
+    header rows (each chunk's BOS) are the plain ones (exact under causal attention, kept
+    bitwise).
     """
     plain, lam = ctx.plain, vectors.shape[0]
-    text = plain.hidden.expand(lam, -1, -1).clone()
+    text = plain.raw.expand(lam, -1, -1).clone()
     pooled = None if plain.pooled is None else plain.pooled.expand(lam, -1).clone()
     changed = (vectors != ctx.vector_init).flatten(1).any(1)
     if changed.any():
-        embeds = insert_vectors(plain.input_embeds, vectors[changed], ctx.vector_start)
+        embeds = insert_vectors(plain.input_embeds, vectors[changed], plain.placeholders)
         enc, enc_pooled = encode_from_embeds(ctx.components, embeds, plain.ids, plain.ids_2, ctx.options.clip_skip)
-        text[changed] = torch.cat([plain.hidden[:, :1].expand(enc.shape[0], -1, -1), enc[:, 1:]], dim=1)
+        body = ~headers(ctx.length, ctx.window, enc.device)
+        text[changed] = torch.where(body[:, None], enc, plain.raw)
         if pooled is not None:
             pooled[changed] = enc_pooled
     return text, pooled
@@ -110,23 +113,32 @@ def candidate_vectors(ctx: GuidanceContext, coeffs: torch.Tensor) -> torch.Tenso
 def build(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> Conditioning:
     """All candidates' conditionings from ``params`` ({block name: [λ, size]}, missing = default)."""
     lam, p = _normalise(ctx, params)
-    text, pooled = ctx.plain.hidden, ctx.plain.pooled
+    plain = ctx.plain
+    text, pooled = plain.raw, plain.pooled
     vectors = None
     if "token_vectors" in p:
         vectors = token_vectors(ctx.vector_init, ctx.vector_basis, p["token_vectors"], ctx.vector_scale)
         text, pooled = _encode_vectors(ctx, vectors)
     elif ctx.vector_init is not None:
         vectors = ctx.vector_init.expand(lam, -1, -1)
-    if "token_weights" in p:
-        text = emphasis(text, p["token_weights"], first=1)
-    if ctx.mapping is not None and any(n in p for n in FLEX_PARAMS):
+    if "token_weights" in p:  # the search's weights multiply the written ones
+        text = emphasis(text, plain.weights * p["token_weights"], plain.positions)
+    elif plain.weighted:
+        text = plain.hidden if "token_vectors" not in p else emphasis(text, plain.weights[None], plain.positions)
+    if ctx.guided and any(n in p for n in FLEX_PARAMS):
         flex = {n: _scalar(ctx, p, n, lam) for n in FLEX_PARAMS}
-        text = ctx.on_part(text, lambda t: image_guidance(t, ctx.mapping, ctx.profile, flex, ctx.options.softness))
+        for g in ctx.guided:
+            text = on_part(text, g.part, lambda t, g=g: image_guidance(t, g.mapping, g.profile, flex,
+                                                                       ctx.options.softness, ctx.window))
     if "concept" in p:
-        c, w = ctx.concepts, concept_weights(ctx.concepts, p["concept"][:, 0])
-        text = ctx.on_part(text, lambda t: tween(t, c.direction * t.norm(dim=-1, keepdim=True), w))
+        for g in ctx.concept_parts:
+            c, w = g.concepts, concept_weights(g.concepts, p["concept"][:, 0])
+            text = on_part(text, g.part, lambda t, c=c, w=w: tween(t, c.direction * t.norm(dim=-1, keepdim=True), w))
     if "delta" in p:
-        text = text + delta_from_basis(p["delta"], ctx.delta_basis)
+        basis = ctx.delta_basis
+        text = text + delta_from_basis(p["delta"], basis.sequence)
+        if basis.pooled is not None:
+            pooled = pooled + p["delta"] @ basis.pooled
     strength = _scalar(ctx, p, "strength", lam) if ctx.init_image is not None else None
     return Conditioning(prompt_embeds=text.expand(lam, -1, -1).contiguous(), negative_embeds=ctx.negative.hidden,
                         cfg=_scalar(ctx, p, "cfg", lam), strength=strength, token_vectors=vectors,

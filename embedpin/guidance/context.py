@@ -8,7 +8,7 @@ the concept mapping and the delta / token-vector bases (the last two on first us
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -19,11 +19,15 @@ from embedpin.errors import ConfigError
 from embedpin.guidance.blocks import blocks
 from embedpin.guidance.concepts import ConceptMapping, map_concepts
 from embedpin.guidance.deltas import (
+    DeltaBasis,
     image_basis,
     pca_directions,
+    pooled_directions,
+    random_joint_basis,
     random_orthonormal,
     random_sequence_basis,
     sequence_basis,
+    with_pooled,
 )
 from embedpin.guidance.encode import (
     PromptEncoding,
@@ -32,9 +36,11 @@ from embedpin.guidance.encode import (
     encode_negative,
     encode_prompt,
     guide_part,
+    input_widths,
 )
 from embedpin.guidance.images import ImageLike, as_image_batch
 from embedpin.guidance.mapping import MODES, Mapping, map_image_tokens
+from embedpin.guidance.tokens import chunk_count
 from embedpin.guidance.tween import cluster_profile
 
 if TYPE_CHECKING:
@@ -78,13 +84,38 @@ class GuidanceOptions:
 
 
 @dataclass
+class GuidedPart:
+    """What one image tower contributes: ``part``, the features of the sequence its projection
+    matches (:func:`guide_part`: all of them, or one SDXL encoder's); the guide images' tokens
+    [1, P, Dp] in that projection; their mapping onto the prompt's part, the cluster profile
+    [1, L] and the concept mapping (None without concept prompts)."""
+
+    part: slice
+    image_tokens: torch.Tensor
+    mapping: Mapping
+    profile: torch.Tensor
+    concepts: ConceptMapping | None = None
+
+
+def on_part(text: torch.Tensor, part: slice, fn) -> torch.Tensor:
+    """``fn`` applied to the features ``part`` of text [λ|1, L, D], the rest unchanged: [λ, L, D]."""
+    if part == slice(None):
+        return fn(text)
+    inner = fn(text[..., part])
+    outer = text.expand(inner.shape[0], -1, -1)
+    return torch.cat([outer[..., :part.start], inner, outer[..., part.stop:]], dim=-1)
+
+
+@dataclass
 class GuidanceContext:
     """Precomputed per-run guidance state; build with :func:`make_context`.
 
     plain: the prompt's encoding ([1, L, D] hidden), with the placeholders at the init word
     when ``options.n_vectors`` > 0: what every parameter at its default reproduces exactly.
-    image_tokens [1, P, D], mapping, profile [1, L], concepts: None without a guide image.
-    vector_init [N, Din] and vector_start (first placeholder position) when n_vectors > 0.
+    guided: one :class:`GuidedPart` per image tower that maps the guide images onto the prompt
+    (empty without a guide image; SDXL with two towers: one per encoder).
+    vector_init [N, Din] when n_vectors > 0 (the placeholders sit at ``plain.placeholders``).
+    Prompt and negative have the same number of 77-position chunks (the shorter padded).
     """
 
     components: Components
@@ -92,32 +123,38 @@ class GuidanceContext:
     prompt: str
     plain: PromptEncoding
     negative: PromptEncoding
-    image_tokens: torch.Tensor | None = None
-    mapping: Mapping | None = None
-    profile: torch.Tensor | None = None
-    concepts: ConceptMapping | None = None
+    guided: list[GuidedPart] = field(default_factory=list)
     init_image: torch.Tensor | None = None
     vector_init: torch.Tensor | None = None
-    vector_start: int = 0
-    part: slice = field(default_factory=lambda: slice(None))
 
-    def on_part(self, text: torch.Tensor, fn) -> torch.Tensor:
-        """``fn`` applied to the features image guidance acts on (:func:`guide_part`; all of
-        them but on SDXL), the rest of text [λ|1, L, D] unchanged: [λ, L, D]."""
-        if self.part == slice(None):
-            return fn(text)
-        inner = fn(text[..., self.part])
-        outer = text.expand(inner.shape[0], -1, -1)
-        return torch.cat([outer[..., :self.part.start], inner, outer[..., self.part.stop:]], dim=-1)
+    @property
+    def concept_parts(self) -> list[GuidedPart]:
+        """The guided parts with a concept mapping."""
+        return [g for g in self.guided if g.concepts is not None]
 
     @property
     def guidance_note(self) -> str | None:
         """Where image guidance acts when it is not the whole sequence (SDXL with one tower)."""
-        if self.mapping is None or self.part == slice(None):
+        width = self.plain.hidden.shape[-1]
+        covered = sum(width if g.part == slice(None) else g.part.stop - g.part.start for g in self.guided)
+        if not self.guided or covered == width:
             return None
-        width, which = self.part.stop - self.part.start, "first" if self.part.start == 0 else "second"
-        return (f"image guidance acts on the {which} text encoder's part of the conditioning ({width} of "
-                f"{self.plain.hidden.shape[-1]} features): the image tower's projection matches only that encoder")
+        g = self.guided[0]
+        which = "first" if g.part.start == 0 else "second"
+        return (f"image guidance acts on the {which} text encoder's part of the conditioning ({covered} of {width} "
+                f"features): the image tower's projection matches only that encoder (a second --clip tower "
+                f"whose projection matches the other encoder guides the rest)")
+
+    def mapped(self, text: torch.Tensor) -> torch.Tensor:
+        """text [1, L, D] with every guided part replaced by its mapped image tokens."""
+        for g in self.guided:
+            text = on_part(text, g.part, g.mapping.tokens)
+        return text
+
+    @property
+    def window(self) -> int:
+        """Positions per chunk (77): each chunk starts with a header (BOS)."""
+        return self.plain.window
 
     @property
     def length(self) -> int:
@@ -149,21 +186,31 @@ class GuidanceContext:
         return self.options.vector_k * len(self.tables)
 
     @cached_property
-    def delta_basis(self) -> torch.Tensor:
-        """Conditioning-delta basis [K, L, D], orthogonal, each element with the plain sequence's norm."""
-        o, h = self.options, self.plain.hidden
-        kind = o.delta_basis or ("image" if self.mapping is not None else "pca")
-        if kind == "image":
-            if self.mapping is None:
-                raise ConfigError("delta basis 'image' needs a guide image")
-            part = h[..., self.part]
-            unit = _embed_part(image_basis(part, self.mapping.tokens(part), o.delta_k), self.part, h.shape[-1])
+    def delta_basis(self) -> DeltaBasis:
+        """Conditioning-delta basis: K orthogonal elements, each with the plain conditioning's
+        norm. On SDXL each element also has a pooled part (:func:`with_pooled`: the second
+        encoder's projection of the element's mean row in that encoder's features; or, for
+        the random basis, random too), orthonormalised jointly with the sequence part, so
+        that coefficients c move the conditioning by exactly ||c|| in
+        :func:`~embedpin.guidance.build.distance`."""
+        o, h, pooled = self.options, self.plain.hidden, self.plain.pooled
+        kind = o.delta_basis or ("image" if self.guided else "pca")
+        gen = torch.Generator().manual_seed(o.seed)
+        if kind == "random" and pooled is not None:
+            unit = random_joint_basis(o.delta_k, self.length, h.shape[-1], pooled.shape[-1], gen, h, self.window)
+        elif kind == "random":
+            unit = DeltaBasis(random_sequence_basis(o.delta_k, self.length, h.shape[-1], gen, h, self.window))
         elif kind == "pca":
-            unit = sequence_basis(self.table_directions[: o.delta_k], self.length)
+            unit = DeltaBasis(sequence_basis(self.table_directions[: o.delta_k], self.length, self.window))
+        elif self.guided:
+            unit = DeltaBasis(image_basis(h, self.mapped(h), o.delta_k, self.window))
         else:
-            gen = torch.Generator().manual_seed(o.seed)
-            unit = random_sequence_basis(o.delta_k, self.length, h.shape[-1], gen, h)
-        return unit * h.norm()
+            raise ConfigError("delta basis 'image' needs a guide image")
+        if pooled is not None and unit.pooled is None:
+            projection = self.components.text_encoder_2.text_projection.weight
+            second = unit.sequence[..., input_widths(self.components)[0]:]
+            unit = with_pooled(unit.sequence, pooled_directions(second, projection))
+        return unit.scaled(h, pooled)
 
     @cached_property
     def vector_basis(self) -> torch.Tensor:
@@ -203,13 +250,6 @@ def _embed(rows: torch.Tensor, i: int, tables: list[torch.Tensor]) -> torch.Tens
     return torch.nn.functional.pad(rows, (before, after))
 
 
-def _embed_part(basis: torch.Tensor, part: slice, width: int) -> torch.Tensor:
-    """Elements [K, L, Dp] on the features ``part`` of a width-``width`` sequence -> [K, L, width]."""
-    if part == slice(None):
-        return basis
-    return torch.nn.functional.pad(basis, (part.start, width - part.stop))
-
-
 def _check_options(o: GuidanceOptions, components) -> None:
     d = components.text_dim
     if o.mapping not in MODES:
@@ -235,58 +275,85 @@ def init_words(options: GuidanceOptions) -> list[str]:
     return [words[i % len(words)] for i in range(options.n_vectors)]
 
 
-def _word_vector(components, word: str, device) -> tuple[torch.Tensor, int, int]:
+def _word_vector(components, word: str, device) -> torch.Tensor:
     """An init word's input embedding [Din] (the mean of its tokens' if it splits; SDXL: each
-    encoder's, side by side) and its first token id in each tokenizer."""
+    encoder's, side by side)."""
     ids = [tok(word, add_special_tokens=False).input_ids for tok in components.tokenizers]
     if not all(ids):
         raise ConfigError(f"init word {word!r} has no tokens")
     parts = [te.get_input_embeddings()(torch.tensor(i, device=device)).mean(0)
              for te, i in zip(components.text_encoders, ids)]
-    return torch.cat(parts), ids[0][0], ids[-1][0]
+    return torch.cat(parts)
 
 
-def _insert(seq: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
-    """seq [1, L, ...] with rows [1, n, ...] inserted at ``start``, cut back to length L."""
-    return torch.cat([seq[:, :start], rows, seq[:, start:seq.shape[1] - rows.shape[1]]], dim=1)
+def _init_vectors(components, options: GuidanceOptions, vectors: torch.Tensor | None) -> torch.Tensor:
+    """The placeholders' start [N, Din]: ``vectors`` (an existing embedding's), or each init
+    word's embedding (the mean of its tokens if it splits)."""
+    if vectors is not None:
+        if len(vectors) != options.n_vectors:
+            raise ConfigError(f"{len(vectors)} init vectors for {options.n_vectors} placeholders")
+        return vectors.to(components.text_encoder.device, torch.float32)
+    device = components.text_encoder.device
+    return torch.stack([_word_vector(components, w, device) for w in init_words(options)]).float()
 
 
-def _with_placeholders(components, enc: PromptEncoding, options: GuidanceOptions):
-    """Append ``n_vectors`` placeholder tokens (each at its init word's embedding: the mean of
-    the word's tokens if it splits) after the prompt."""
-    n = options.n_vectors
-    words = [_word_vector(components, w, enc.ids.device) for w in init_words(options)]
-    length = enc.ids.shape[1]
-    start = enc.n_tokens + 1
-    if start + n + 1 > length:
-        raise ConfigError(f"prompt ({enc.n_tokens} tokens) + {n} token vectors do not fit in {length - 2} tokens")
-    init = torch.stack([v for v, _, _ in words])
-    ids = _insert(enc.ids, enc.ids.new_tensor([[i for _, i, _ in words]]), start)
-    ids_2 = None if enc.ids_2 is None else _insert(enc.ids_2, enc.ids.new_tensor([[i for _, _, i in words]]), start)
-    embeds = _insert(enc.input_embeds, init[None], start)
-    hidden, pooled = encode_from_embeds(components, embeds, ids, ids_2, options.clip_skip)
-    strings = enc.token_strings[:start] + [f"<v{i}>" for i in range(n)] + enc.token_strings[start:length - n]
-    plain = PromptEncoding(ids=ids, input_embeds=embeds, hidden=hidden, n_tokens=enc.n_tokens + n,
-                           token_strings=strings, pooled=pooled, ids_2=ids_2)
-    return plain, init.detach().clone(), start
-
-
-def _guide_tokens(components, guide: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-    """All guide images' tokens concatenated: [1, sum P, D]."""
+def _guide_tokens(components, guide: ImageLike | Sequence[ImageLike], tower) -> torch.Tensor:
+    """All guide images' tokens in ``tower``'s projection, concatenated: [1, sum P, Dp]."""
     items = guide if isinstance(guide, (list, tuple)) else [guide]
-    tokens = [encode_image(components, as_image_batch(g)) for g in items]
+    tokens = [encode_image(components, as_image_batch(g), tower) for g in items]
     return torch.cat([t.reshape(1, -1, t.shape[-1]) for t in tokens], dim=1)
+
+
+def _joined(x):
+    """A per-chunk result (a tensor [c, W, ...] or a dataclass of them) as one row [1, c·W, ...]."""
+    if isinstance(x, torch.Tensor):
+        return x.reshape(1, -1, *x.shape[2:])
+    return type(x)(**{f.name: _joined(getattr(x, f.name)) for f in fields(x)})
+
+
+def _per_chunk(fn, window: int, seq: torch.Tensor, *shared: torch.Tensor):
+    """``fn`` on every chunk of seq [1, c·W, ...] as its own row (so each chunk has its own
+    header), ``shared`` [1, ...] tensors repeated per chunk; the result joined into one row."""
+    rows = seq.reshape(-1, window, *seq.shape[2:])
+    return _joined(fn(rows, *(t.expand(len(rows), *t.shape[1:]) for t in shared)))
+
+
+def _guided_parts(components, plain: PromptEncoding, guide, concepts: list[str], o: GuidanceOptions) -> list[GuidedPart]:
+    """One :class:`GuidedPart` per image tower; two towers on the same features are refused.
+    A long prompt is mapped chunk by chunk (each chunk's BOS is a header, paired with CLS)."""
+    if not components.towers:
+        guide_part(components)  # raises: no image encoder
+    parts, out = [guide_part(components, t) for t in components.towers], []
+    if len(set(map(str, parts))) < len(parts):
+        raise ConfigError("two image towers map onto the same text features; give one --clip per text encoder "
+                          "(SDXL: a ViT-L/14 tower for the first, a ViT-bigG tower for the second)")
+    concept_hidden = [encode_prompt(components, c, o.clip_skip) for c in concepts]
+    window = plain.window
+    for tower, part in zip(components.towers, parts):
+        text = plain.hidden[..., part]
+        tokens = _guide_tokens(components, guide, tower).to(plain.hidden.dtype)
+        mapping = _per_chunk(lambda t, i: map_image_tokens(t, i, o.mapping, o.reuse), window, text, tokens)
+        profile = _per_chunk(lambda a: cluster_profile(a, o.cluster_radius), window, mapping.alignment)
+        g = GuidedPart(part, tokens, mapping, profile)
+        if concept_hidden:
+            words = torch.cat([e.hidden[:, e.positions, part] for e in concept_hidden], dim=1)
+            g.concepts = _per_chunk(lambda t, w, i: map_concepts(t, w, i, o.concept_threshold, o.softness),
+                                    window, text, words, tokens)
+        out.append(g)
+    return out
 
 
 @torch.no_grad()
 def make_context(components, prompt: str, negative: str = "", guide: ImageLike | Sequence[ImageLike] | None = None,
                  concepts: str | Sequence[str] | None = None, init_image: ImageLike | None = None,
-                 options: GuidanceOptions | None = None) -> GuidanceContext:
+                 options: GuidanceOptions | None = None, init_vectors: torch.Tensor | None = None) -> GuidanceContext:
     """Build the per-run :class:`GuidanceContext`.
 
     guide: a path / tensor [n, 3, H, W] in [0, 1], or a list of them (their tokens are pooled);
     an empty prompt with a guide image is image-only guidance. concepts: one or more concept
     prompts (need a guide image). init_image: img2img start image (enables ``strength``).
+    init_vectors [n_vectors, Din]: the placeholders' start (an existing embedding) instead of
+    the init words.
     """
     o = options or GuidanceOptions()
     _check_options(o, components)
@@ -298,23 +365,14 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
         raise ConfigError("concept mapping needs a guide image")
     if any(not c.strip() for c in concept_list):
         raise ConfigError("empty concept prompt")
-    enc = encode_prompt(components, prompt, o.clip_skip)
-    plain, init, start = (enc, None, 0)
-    if o.n_vectors > 0:
-        plain, init, start = _with_placeholders(components, enc, o)
+    init = _init_vectors(components, o, init_vectors) if o.n_vectors > 0 else None
+    chunks = max(chunk_count(components, prompt, o.n_vectors), chunk_count(components, negative))
+    plain = encode_prompt(components, prompt, o.clip_skip, init, chunks)
     ctx = GuidanceContext(components=components, options=o, prompt=prompt, plain=plain,
-                          negative=encode_negative(components, negative, o.clip_skip),
-                          vector_init=init, vector_start=start)
+                          negative=encode_negative(components, negative, o.clip_skip, chunks),
+                          vector_init=None if init is None else init.to(plain.input_embeds))
     if init_image is not None:
         ctx.init_image = as_image_batch(init_image)[:1]
     if has_guide:
-        ctx.image_tokens = _guide_tokens(components, guide).to(plain.hidden.dtype)
-        ctx.part = guide_part(components)
-        ctx.mapping = map_image_tokens(plain.hidden[..., ctx.part], ctx.image_tokens, o.mapping, o.reuse)
-        ctx.profile = cluster_profile(ctx.mapping.alignment, o.cluster_radius)
-    if concept_list:
-        hidden = [encode_prompt(components, c, o.clip_skip) for c in concept_list]
-        tokens = torch.cat([e.hidden[:, 1:e.n_tokens + 1, ctx.part] for e in hidden], dim=1)
-        ctx.concepts = map_concepts(plain.hidden[..., ctx.part], tokens, ctx.image_tokens, o.concept_threshold,
-                                    o.softness)
+        ctx.guided = _guided_parts(components, plain, guide, concept_list, o)
     return ctx

@@ -8,24 +8,39 @@
   the mean, 2 doubles its distinctiveness. Only prompt tokens are weighted.
 - conditioning delta: an additive delta on the output sequence, sum_k c_k B_k, in a basis
   of K orthonormal (Frobenius) [L, D] elements with a zero header row, scaled so that
-  coefficient 1 moves the sequence by its own norm (``distance`` 1).
+  coefficient 1 moves the sequence by its own norm (``distance`` 1). SDXL: each element
+  has a pooled part [P] too, orthonormal jointly with its sequence part (:class:`DeltaBasis`).
 - token vectors: N placeholder input embeddings, init + scale * sum_k c_nk v_k, in a
   K-dimensional orthonormal basis of the input-embedding space around an init word.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def emphasis(hidden: torch.Tensor, weights: torch.Tensor, first: int = 1) -> torch.Tensor:
-    """Token-weighted hidden states: hidden [λ|1, L, D], weights [λ, n] on positions first..first+n-1."""
-    lam, n = weights.shape
-    length = hidden.shape[1]
-    ones = weights.new_ones(lam, 1).expand(lam, length)
-    full = torch.cat([ones[:, :first], weights, ones[:, first + n:]], dim=1)
+def emphasis(hidden: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token-weighted hidden states: hidden [λ|1, L, D], weights [λ, n] of the tokens at
+    sequence positions ``positions`` [n] (the others keep weight 1)."""
+    full = weights.new_ones(weights.shape[0], hidden.shape[1])
+    full[:, positions.to(full.device)] = weights
     mean = hidden.mean(1, keepdim=True)
     return hidden + (full - 1)[..., None] * (hidden - mean)
+
+
+@dataclass
+class DeltaBasis:
+    """The delta's basis: sequence [K, L, D] and (SDXL) pooled [K, P] parts of each element."""
+
+    sequence: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def scaled(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> DeltaBasis:
+        """Unit elements scaled by the norm of the plain conditioning (sequence and pooled)."""
+        norm = hidden.norm() if pooled is None else torch.cat([hidden.flatten(), pooled.flatten()]).norm()
+        return DeltaBasis(self.sequence * norm, None if self.pooled is None else self.pooled * norm)
 
 
 def delta_from_basis(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -52,9 +67,19 @@ def pca_directions(table: torch.Tensor, k: int) -> torch.Tensor:
     return (top * sign).to(table.dtype)
 
 
-def _with_header(body: torch.Tensor) -> torch.Tensor:
-    """[k, L-1, D] -> [k, L, D] with a zero header row."""
-    return torch.cat([body.new_zeros(body.shape[0], 1, body.shape[2]), body], dim=1)
+def headers(length: int, window: int | None = None, device=None) -> torch.Tensor:
+    """Bool [L]: the chunks' header (BOS) positions, every ``window`` (default: position 0 only)."""
+    return torch.arange(length, device=device) % (window or length) == 0
+
+
+def _with_header(body: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[k, L-c, D] -> [k, L, D] with zero rows at the c chunks' headers (every ``window``
+    positions; default: one chunk, header at 0)."""
+    window = window or body.shape[1] + 1
+    length = body.shape[1] * window // (window - 1)
+    out = body.new_zeros(body.shape[0], length, body.shape[2])
+    out[:, ~headers(length, window, body.device)] = body
+    return out
 
 
 def _unit(basis: torch.Tensor) -> torch.Tensor:
@@ -63,28 +88,56 @@ def _unit(basis: torch.Tensor) -> torch.Tensor:
     return basis / norm[:, None, None]
 
 
-def image_basis(text: torch.Tensor, mapped: torch.Tensor, k: int) -> torch.Tensor:
+def image_basis(text: torch.Tensor, mapped: torch.Tensor, k: int, window: int | None = None) -> torch.Tensor:
     """Guide-image-minus-text directions [k, L, D]: the image-minus-text difference sequence
-    (mapped [1, L, D] - text [1, L, D], header excluded) split along its K principal D-directions
+    (mapped [1, L, D] - text [1, L, D], headers excluded) split along its K principal D-directions
     u_k: B_k = diff u_k u_k^T. Orthogonal; together they rebuild the difference's main part."""
-    diff = (mapped - text)[0, 1:].double()
+    diff = (mapped - text)[0, ~headers(text.shape[1], window, text.device)].double()
     _, _, vh = torch.linalg.svd(diff, full_matrices=False)
     u = vh[:k]  # [k, D]
-    body = (diff @ u.T).T[:, :, None] * u[:, None, :]  # [k, L-1, D]
-    return _unit(_with_header(body)).to(text.dtype)
+    body = (diff @ u.T).T[:, :, None] * u[:, None, :]  # [k, L-c, D]
+    return _unit(_with_header(body, window)).to(text.dtype)
 
 
-def sequence_basis(directions: torch.Tensor, length: int) -> torch.Tensor:
+def sequence_basis(directions: torch.Tensor, length: int, window: int | None = None) -> torch.Tensor:
     """Directions [k, D] applied uniformly to the non-header positions -> unit [k, L, D]."""
-    body = directions[:, None, :].expand(-1, length - 1, -1)
-    return _unit(_with_header(body))
+    body = directions[:, None, :].expand(-1, int((~headers(length, window)).sum()), -1)
+    return _unit(_with_header(body, window))
 
 
 def random_sequence_basis(k: int, length: int, dim: int, generator: torch.Generator,
-                          like: torch.Tensor) -> torch.Tensor:
-    """Seeded random orthonormal basis [k, L, D] with a zero header row."""
-    body = random_orthonormal(k, (length - 1) * dim, generator, like).view(k, length - 1, dim)
-    return _with_header(body)
+                          like: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Seeded random orthonormal basis [k, L, D] with zero header rows."""
+    rows = int((~headers(length, window)).sum())
+    body = random_orthonormal(k, rows * dim, generator, like).view(k, rows, dim)
+    return _with_header(body, window)
+
+
+def random_joint_basis(k: int, length: int, dim: int, pooled_dim: int, generator: torch.Generator,
+                       like: torch.Tensor, window: int | None = None) -> DeltaBasis:
+    """Seeded random orthonormal elements over the sequence (zero header rows) and the pooled
+    vector together: [k, L, D] and [k, P]."""
+    rows = int((~headers(length, window)).sum())
+    flat = random_orthonormal(k, rows * dim + pooled_dim, generator, like)
+    body, pooled = flat[:, :rows * dim], flat[:, rows * dim:]
+    return DeltaBasis(_with_header(body.reshape(k, rows, dim), window), pooled)
+
+
+def pooled_directions(part: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Each element's pooled counterpart [k, P]: its mean row in the second encoder's features
+    (part [k, L, D2]) through that encoder's text projection (weight [P, D2]), the linear map
+    from its final states to the pooled vector."""
+    return part.mean(1) @ projection.T.to(part)
+
+
+def with_pooled(sequence: torch.Tensor, pooled: torch.Tensor) -> DeltaBasis:
+    """Elements (sequence [k, L, D], pooled [k, P]) made orthonormal jointly (QR in element
+    order: the first keeps its direction; signs fixed so each keeps its orientation)."""
+    k, shape = len(sequence), sequence.shape[1:]
+    joint = torch.cat([sequence.flatten(1), pooled], dim=1).double()
+    q, r = torch.linalg.qr(joint.T)
+    q = (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1)).T.to(sequence.dtype)
+    return DeltaBasis(q[:, :shape.numel()].reshape(k, *shape), q[:, shape.numel():])
 
 
 def token_vectors(init: torch.Tensor, basis: torch.Tensor, coeffs: torch.Tensor, scale: float) -> torch.Tensor:
@@ -93,8 +146,9 @@ def token_vectors(init: torch.Tensor, basis: torch.Tensor, coeffs: torch.Tensor,
     return init + scale * (coeffs.view(-1, n, k) @ basis)
 
 
-def insert_vectors(embeds: torch.Tensor, vectors: torch.Tensor, start: int) -> torch.Tensor:
-    """Input embeddings [1, L, Din] with rows start..start+N-1 replaced by vectors [λ, N, Din] -> [λ, L, Din]."""
-    lam, n = vectors.shape[:2]
-    e = embeds.expand(lam, -1, -1)
-    return torch.cat([e[:, :start], vectors, e[:, start + n:]], dim=1)
+def insert_vectors(embeds: torch.Tensor, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Input embeddings [1, L, Din] with the rows at ``positions`` [N] replaced by vectors
+    [λ, N, Din] -> [λ, L, Din]."""
+    out = embeds.expand(len(vectors), -1, -1).clone()
+    out[:, positions] = vectors.to(out)
+    return out

@@ -11,11 +11,12 @@ FLEX_PARAMS = ("linear_start", "linear_end", "clustered", "threshold", "threshol
 
 
 def image_guidance(text: torch.Tensor, mapping: Mapping, profile: torch.Tensor,
-                   params: dict[str, torch.Tensor], softness: float = 0.02) -> torch.Tensor:
+                   params: dict[str, torch.Tensor], softness: float = 0.02, window: int | None = None) -> torch.Tensor:
     """text [λ|1, L, D] -> guided [λ, L, D]: text + w (mapped - text), w from :func:`tween_weights`.
 
     ``mapping`` holds the image tokens mapped onto the plain prompt, rescaled here to the
-    norms of ``text`` (which may differ per candidate); ``params`` values are [λ].
+    norms of ``text`` (which may differ per candidate); ``params`` values are [λ]; a prompt in
+    chunks of ``window`` positions is weighted chunk by chunk.
     """
-    w = tween_weights(mapping.alignment, profile, mapping.valid, params, softness)
+    w = tween_weights(mapping.alignment, profile, mapping.valid, params, softness, window)
     return tween(text, mapping.tokens(text), w)

@@ -21,9 +21,11 @@ from __future__ import annotations
 import torch
 
 
-def linear_ramp(start: torch.Tensor, end: torch.Tensor, length: int) -> torch.Tensor:
-    """start, end [λ] -> [λ, L] ramp from start at position 0 to end at position L-1."""
-    t = torch.linspace(0, 1, length, device=start.device, dtype=start.dtype)
+def linear_ramp(start: torch.Tensor, end: torch.Tensor, length: int, window: int | None = None) -> torch.Tensor:
+    """start, end [λ] -> [λ, L] ramp from start at position 0 to end at position L-1, or, for
+    a prompt in chunks of ``window`` positions, the same ramp over every chunk."""
+    w = window or length
+    t = torch.linspace(0, 1, w, device=start.device, dtype=start.dtype).repeat(length // w)
     return start[:, None] + (end - start)[:, None] * t
 
 
@@ -48,20 +50,22 @@ def threshold_gate(alignment: torch.Tensor, floor: torch.Tensor, softness: float
 
 
 def tween_weights(alignment: torch.Tensor, profile: torch.Tensor, valid: torch.Tensor,
-                  params: dict[str, torch.Tensor], softness: float = 0.02) -> torch.Tensor:
+                  params: dict[str, torch.Tensor], softness: float = 0.02, window: int | None = None) -> torch.Tensor:
     """Per-token image weights [λ, L] from the FlexDiffuse parameters (each [λ]).
 
     alignment, profile: [1, L]; valid: [1, L] bool. ``params`` keys: linear_start,
-    linear_end, clustered, threshold, threshold_floor, max_image, header_cap.
+    linear_end, clustered, threshold, threshold_floor, max_image, header_cap. A prompt in
+    chunks of ``window`` positions has a ramp and a header (its BOS) per chunk.
     """
     p = params
-    w = (linear_ramp(p["linear_start"], p["linear_end"], alignment.shape[-1])
+    w = (linear_ramp(p["linear_start"], p["linear_end"], alignment.shape[-1], window)
          + p["clustered"][:, None] * profile
          + p["threshold"][:, None] * threshold_gate(alignment, p["threshold_floor"], softness))
     cap = p["max_image"].abs()[:, None]
     w = torch.minimum(torch.maximum(w, -cap), cap)
-    head = p["header_cap"].abs()
-    w = torch.cat([torch.minimum(torch.maximum(w[:, :1], -head[:, None]), head[:, None]), w[:, 1:]], dim=1)
+    head = p["header_cap"].abs()[:, None]
+    is_header = torch.arange(w.shape[1], device=w.device) % (window or w.shape[1]) == 0
+    w = torch.where(is_header, torch.minimum(torch.maximum(w, -head), head), w)
     return w * valid
 
 

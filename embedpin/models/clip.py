@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from embedpin.errors import ConfigError
 from embedpin.images import resize_crop
-from embedpin.models.components import Components
+from embedpin.models.components import Components, ImageTower
 
 EMBED_CHUNK = 64  # images per CLIP forward pass
 
@@ -26,12 +26,12 @@ def require_clip(components: Components):
     return components.clip
 
 
-def clip_pixels(components: Components, images: torch.Tensor) -> torch.Tensor:
-    """images [N, 3, H, W] in [0, 1] -> CLIP pixel_values [N, 3, S, S] (S = clip_image_size)."""
-    s = components.clip_image_size
+def clip_pixels(tower: ImageTower, images: torch.Tensor) -> torch.Tensor:
+    """images [N, 3, H, W] in [0, 1] -> the tower's pixel_values [N, 3, S, S] (S = its input size)."""
+    s = tower.image_size
     x = resize_crop(images.float(), (s, s))
-    mean = x.new_tensor(components.clip_image_mean).view(1, 3, 1, 1)
-    std = x.new_tensor(components.clip_image_std).view(1, 3, 1, 1)
+    mean = x.new_tensor(tower.mean).view(1, 3, 1, 1)
+    std = x.new_tensor(tower.std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -42,7 +42,7 @@ def clip_image_embeds(components: Components, images: torch.Tensor) -> torch.Ten
     p = next(clip.parameters())
     out = []
     for chunk in images.split(EMBED_CHUNK):
-        pixels = clip_pixels(components, chunk.to(p.device)).to(p.dtype)
+        pixels = clip_pixels(components.tower, chunk.to(p.device)).to(p.dtype)
         pooled = clip.vision_model(pixel_values=pixels).pooler_output
         out.append(clip.visual_projection(pooled).float())
     return F.normalize(torch.cat(out), dim=-1).to(images.device)

@@ -23,13 +23,35 @@ def make_scheduler(name: str, config: dict):
         raise ConfigError(f"scheduler {name!r} needs an extra package: {e}") from None
 
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageTower:
+    """An image-capable ``transformers.CLIPModel`` and its preprocessing (input size,
+    normalisation mean / std). Its projection width decides which text features its image
+    tokens can map onto (:func:`embedpin.guidance.encode.guide_part`)."""
+
+    model: Any
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+    @property
+    def width(self) -> int:
+        return int(self.model.visual_projection.out_features)
+
+
 @dataclass
 class Components:
-    """Tokenizer, text encoder, UNet, VAE, scheduler config and an image-capable CLIP.
+    """Tokenizer, text encoder, UNet, VAE, scheduler config and image-capable CLIP towers.
 
-    ``clip`` is a ``transformers.CLIPModel`` whose image tower embeds guide images and
-    renders (for image guidance and the CLIP loss); it may be ``None`` for a model with
-    no image encoder available, and stages that need it say so.
+    ``towers``: the image towers (``--clip``, or the model's own ``clip/``), each mapping guide
+    images onto the part of the conditioning its projection matches (SDXL: ViT-L/14 onto the
+    first encoder's 768 features, a ViT-bigG tower onto the second's 1280); the first one also
+    embeds renders for the CLIP loss and ranks init words (:attr:`clip`). It may be empty for a
+    model with no image encoder available, and stages that need one say so.
     ``tokenizer_2`` / ``text_encoder_2``: SDXL's second encoder (OpenCLIP bigG with its
     projection, whose pooled output conditions the UNet too); ``zero_empty_negative``: the
     pipeline's ``force_zeros_for_empty_prompt`` (an empty negative prompt is all zeros).
@@ -41,14 +63,21 @@ class Components:
     unet: Any
     vae: Any
     scheduler_config: dict
-    clip: Any | None
-    clip_image_size: int = 224
-    clip_image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    clip_image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    towers: tuple[ImageTower, ...] = ()
     tokenizer_2: Any | None = None
     text_encoder_2: Any | None = None
     zero_empty_negative: bool = False
     source: str = ""
+
+    @property
+    def tower(self) -> ImageTower | None:
+        """The first image tower (the CLIP loss's and init-word ranking's), or None."""
+        return self.towers[0] if self.towers else None
+
+    @property
+    def clip(self):
+        """The first image tower's ``CLIPModel``, or None."""
+        return self.towers[0].model if self.towers else None
 
     @property
     def device(self) -> torch.device:
@@ -98,15 +127,16 @@ class Components:
         v = self.scheduler_config.get("prediction_type") == "v_prediction"
         return "SD 2.x" if v or int(self.text_encoder.config.hidden_size) == 1024 else "SD 1.x"
 
-    def towers(self) -> list[str]:
-        """The image towers present and the part of the conditioning their projection matches."""
-        if self.clip is None:
-            return []
-        width = int(self.clip.visual_projection.out_features)
+    def tower_lines(self) -> list[str]:
+        """Each image tower and the part of the conditioning its projection matches."""
         widths = [int(te.config.hidden_size) for te in self.text_encoders]
-        where = [f"encoder {i + 1}" for i, w in enumerate(widths) if w == width] if self.is_sdxl else \
-            (["the prompt"] if width == widths[0] else [])
-        return [f"CLIP image tower, projection {width} -> {where[0] if where else 'no text encoder (unusable)'}"]
+        lines = []
+        for t in self.towers:
+            where = [f"encoder {i + 1}" for i, w in enumerate(widths) if w == t.width] if self.is_sdxl else \
+                (["the prompt"] if t.width == widths[0] else [])
+            lines.append(f"CLIP image tower, projection {t.width} -> "
+                         f"{where[0] if where else 'no text encoder (unusable for guidance)'}")
+        return lines
 
     def describe(self) -> str:
         """One line: family, native size, prediction type, text widths, image towers."""
@@ -114,7 +144,7 @@ class Components:
         if self.is_sdxl:
             pooled = self.text_encoder_2.config.projection_dim
             widths += f" + {self.text_encoder_2.config.hidden_size} (pooled {pooled})"
-        towers = "; ".join(self.towers()) or "none (pass --clip for image guidance and the CLIP loss)"
+        towers = "; ".join(self.tower_lines()) or "none (pass --clip for image guidance and the CLIP loss)"
         prediction = self.scheduler_config.get("prediction_type", "epsilon")
         return (f"{self.family}, native {self.default_size}px, {prediction} prediction, text {widths}, "
                 f"image towers: {towers}")
@@ -123,7 +153,15 @@ class Components:
         return make_scheduler(name, self.scheduler_config)
 
     def to(self, device, dtype=None) -> Components:
-        for m in (self.text_encoder, self.unet, self.vae, self.clip, self.text_encoder_2):
+        """Move every model to ``device``; the diffusion models and text encoders also to
+        ``dtype``. Image towers stay float32 (the CLIP loss and the guide's tokens keep their
+        precision), as does a VAE whose config asks for it (``force_upcast``: SDXL's VAE
+        overflows in float16)."""
+        for m in (self.text_encoder, self.unet, self.text_encoder_2):
             if m is not None:
                 m.to(device=device, dtype=dtype)
+        upcast = dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        self.vae.to(device=device, dtype=torch.float32 if upcast else dtype)
+        for t in self.towers:
+            t.model.to(device=device, dtype=torch.float32)
         return self

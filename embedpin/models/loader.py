@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 from embedpin.errors import ModelError
-from embedpin.models.components import Components
+from embedpin.models.components import OPENAI_MEAN, OPENAI_STD, Components, ImageTower
 
 MICRO_DIR = Path(__file__).parent / "micro" / "weights"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _offline():
@@ -92,18 +90,19 @@ def _load(what: str, fn, *args, **kw):
         raise ModelError(f"cannot load the {what}: {first}") from None
 
 
-def _clip_preprocessing(folder: Path, clip) -> dict:
-    size = int(clip.config.vision_config.image_size)
+def _tower(folder: Path, clip) -> ImageTower:
+    """The model with its preprocessing (``preprocessor_config.json``, else OpenAI's)."""
     mean, std = OPENAI_MEAN, OPENAI_STD
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
         cfg = json.loads(pre.read_text())
         mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-    return dict(clip_image_size=size, clip_image_mean=mean, clip_image_std=std)
+    return ImageTower(clip, int(clip.config.vision_config.image_size), mean, std)
 
 
-def load_clip(spec: str | Path | None, fallback_folder: Path | None = None):
-    """An image-capable ``CLIPModel`` from a folder / cached hub id, or from ``<model>/clip``."""
+def load_clip(spec: str | Path | None, fallback_folder: Path | None = None) -> ImageTower | None:
+    """An image tower: a ``CLIPModel`` from a folder / cached hub id, or from ``<model>/clip``
+    (None when neither is there)."""
     from transformers import CLIPModel
 
     folder = None
@@ -115,12 +114,12 @@ def load_clip(spec: str | Path | None, fallback_folder: Path | None = None):
     elif fallback_folder is not None and (fallback_folder / "clip" / "config.json").is_file():
         folder = fallback_folder / "clip"
     if folder is None:
-        return None, {}
+        return None
     if _shares_text_tower(folder):
         clip = _load("CLIP model", _clip_with_shared_text, folder).eval()
     else:
         clip = _load("CLIP model", CLIPModel.from_pretrained, folder, local_files_only=True).eval()
-    return clip, _clip_preprocessing(folder, clip)
+    return _tower(folder, clip)
 
 
 TEXT_PREFIX = "text_model."
@@ -275,18 +274,20 @@ def _load_single_file(path: Path, config: str | None) -> dict:
 
 
 def load_components(spec: str = "micro", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    clip: str | None = None, model_config: str | None = None) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE, scheduler config and an image CLIP, on device/dtype."""
+                    clip: str | list[str] | None = None, model_config: str | None = None) -> Components:
+    """Load tokenizer, text encoder(s), UNet, VAE, scheduler config and the image towers
+    (each ``clip`` folder / cached id, in order; none given: the model's own ``clip/``) on
+    device / dtype (:meth:`Components.to`)."""
     _offline()
     kind, path = resolve(spec)
     parts = _load_single_file(path, model_config) if kind == "single-file" else _load_folder(path, spec)
-    clip_model, pre = load_clip(clip, path if kind != "single-file" else None)
-    comp = Components(name=spec, clip=clip_model, source=str(path), **parts, **pre)
-    for m in (comp.text_encoder, comp.unet, comp.vae, comp.clip, comp.text_encoder_2):
-        if m is not None:
-            m.eval().requires_grad_(False)
-    if comp.device != torch.device(device) or comp.dtype != dtype:
-        comp.to(device, dtype)
+    specs = [clip] if isinstance(clip, (str, Path)) else list(clip or [])
+    fallback = path if kind != "single-file" else None
+    towers = [load_clip(s) for s in specs] if specs else [load_clip(None, fallback)]
+    comp = Components(name=spec, source=str(path), towers=tuple(t for t in towers if t is not None), **parts)
+    for m in (*comp.text_encoders, comp.unet, comp.vae, *(t.model for t in comp.towers)):
+        m.eval().requires_grad_(False)
+    comp.to(device, dtype)
     return comp
 
 

@@ -10,7 +10,7 @@ would (plain batches) on the run's validation seeds, which no search render uses
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +20,12 @@ from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
-from embedpin.guidance.encode import encode_prompt
+from embedpin.guidance.emphasis import BREAK, parse_emphasis
+from embedpin.guidance.encode import encode_negative, encode_prompt, input_widths
 from embedpin.guidance.interrogate import rank_words
+from embedpin.guidance.tokens import chunk_count
 from embedpin.images import load_image, resize_crop
+from embedpin.models.embeddings import read_textual_inversion
 from embedpin.models.loader import load_components
 from embedpin.optimizer.seeds import search_seed, validation_seed
 from embedpin.render.sampler import RenderPlan, RenderResult, render
@@ -46,12 +49,15 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
-def guidance_options(config: RunConfig, init_word: str | None = None) -> GuidanceOptions:
-    """The run's guidance options; ``init_word`` replaces the config's (``auto`` resolved)."""
+def guidance_options(config: RunConfig, init_word: str | None = None, n_vectors: int | None = None) -> GuidanceOptions:
+    """The run's guidance options; ``init_word`` replaces the config's (``auto`` resolved),
+    ``n_vectors`` the number of placeholders (an init embedding's rows)."""
     search = config.search
+    if n_vectors is None:
+        n_vectors = search.n_vectors if "token_vectors" in search.blocks else 0
     return GuidanceOptions(
         clip_skip=config.prompt.clip_skip, delta_basis=search.basis, delta_k=search.rank,
-        n_vectors=search.n_vectors if "token_vectors" in search.blocks else 0, vector_k=search.rank,
+        n_vectors=n_vectors, vector_k=search.rank,
         vector_basis="random" if search.basis == "random" else "pca", init_word=init_word or search.init_word,
         seed=config.optim.seed, cfg=config.render.cfg, strength=config.render.strength)
 
@@ -63,7 +69,8 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
     starts exactly at the plain prompt."""
     if targets is None or components.clip is None:
         return components.tokenizer.eos_token
-    prompt_words = config.prompt.prompt.replace(",", " ").split()
+    text = " ".join(t for t, w in parse_emphasis(config.prompt.prompt) if w != BREAK)
+    prompt_words = text.replace(",", " ").split()
     ranked = rank_words(components, targets, exclude=prompt_words, n=config.search.n_vectors)
     if not ranked:
         raise ConfigError("--init-word auto found no vocabulary word outside the prompt")
@@ -82,6 +89,17 @@ def validation_plan(config: RunConfig, plan):
     """Plain batches of ``validation_seeds`` images on the run's validation seed (None: off)."""
     n = config.optim.validation_seeds
     return replace(plan, batch=n, hyperbatch=False, seed=validation_seed(config.optim.seed)) if n else None
+
+
+def _cut_text_target(components, text: str | None) -> list[str]:
+    """A note when CLIP's text tower will cut the text target (its window is 77 positions)."""
+    if not text or components.clip is None:
+        return []
+    window = int(components.clip.config.text_config.max_position_embeddings)
+    n = len(components.tokenizer(text, add_special_tokens=False).input_ids)
+    if n <= window - 2:
+        return []
+    return [f"--text-target is {n} tokens; CLIP's text tower reads only the first {window - 2}, the rest is cut"]
 
 
 @dataclass
@@ -105,6 +123,7 @@ class Session:
     targets: torch.Tensor | None
     guide: list[torch.Tensor]
     validation: RenderPlan | None = None  # the validation renders' plan; None: validation off
+    notes: list[str] = field(default_factory=list)  # what the setup means for the result (stderr, report)
 
     def search_plan(self, generation: int):
         """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
@@ -127,13 +146,22 @@ class Session:
         targets = load_targets(score.targets, (size, size)).to(comp.device) if score.targets else None
         if init is not None:
             init = resize_crop(init, (size, size)).to(comp.device)
+        notes = []
         if prompt.guide_target and not guide and targets is not None and config.uses_guide():
-            guide = list(targets)
+            if comp.towers:
+                guide = list(targets)
+            else:
+                notes.append("no image CLIP tower for this model, so the targets do not guide the prompt (image "
+                             "guidance is off); pass --clip (SD 1.x / SDXL: openai/clip-vit-large-patch14) to use it")
         # 2. per-run precomputation: guidance context, search space, scorer
-        words = auto_init_words(config, comp, targets) if config.search.init_word.strip() == "auto" else None
+        vectors = read_textual_inversion(config.search.init_embedding, input_widths(comp), comp.family) \
+            if config.search.init_embedding else None
+        auto = config.search.init_word.strip() == "auto" and vectors is None
+        words = auto_init_words(config, comp, targets) if auto else None
+        options = guidance_options(config, words, None if vectors is None else len(vectors))
         ctx = make_context(comp, prompt.prompt, prompt.negative, guide=[g[None].to(comp.device) for g in guide] or None,
                            concepts=prompt.concepts, init_image=init[None] if init is not None else None,
-                           options=guidance_options(config, words))
+                           options=options, init_vectors=vectors)
         space = SearchSpace(ctx.blocks(config.search.blocks))
         if space.n == 0:
             raise ConfigError("nothing to search: the guidance blocks need a --guide image (or --guide-target)")
@@ -142,7 +170,9 @@ class Session:
         scorer = Scorer(comp, targets, flip_weight=score.flip_weight, clip_weight=score.clip_weight,
                         text_target=score.text_target, std_weight=score.std_weight,
                         hyperbatch_weighting=score.weighting, hyperbatch_scale=score.weighting_scale, ppd=score.ppd)
-        return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan))
+        notes += [ctx.guidance_note] if ctx.guidance_note else []
+        notes += _cut_text_target(comp, score.text_target)
+        return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes)
 
     @torch.no_grad()
     def evaluate(self, X: np.ndarray, generation: int = 0, plan=None) -> Evaluation:
@@ -165,14 +195,16 @@ class Session:
 
     @torch.no_grad()
     def validate_plain(self):
-        """The plain prompt (no placeholders, no block applied) on the validation seeds:
-        (its Conditioning, RenderResult, ScoreResult)."""
-        c = self.config
-        enc = encode_prompt(self.components, c.prompt.prompt, c.prompt.clip_skip)
-        hidden = enc.hidden
+        """The plain prompt (as written: its emphasis, no placeholders, no block applied) on the
+        validation seeds: (its Conditioning, RenderResult, ScoreResult)."""
+        c, comp = self.config, self.components
+        chunks = max(chunk_count(comp, c.prompt.prompt), chunk_count(comp, c.prompt.negative))
+        enc = encode_prompt(comp, c.prompt.prompt, c.prompt.clip_skip, chunks=chunks)
+        neg = self.ctx.negative if self.ctx.negative.chunks == chunks else \
+            encode_negative(comp, c.prompt.negative, c.prompt.clip_skip, chunks)
         strength = torch.tensor([c.render.strength]) if self.ctx.init_image is not None else None
-        cond = Conditioning(hidden, self.ctx.negative.hidden, hidden.new_tensor([c.render.cfg]), strength,
-                            pooled_embeds=enc.pooled, negative_pooled=self.ctx.negative.pooled)
-        out = render(self.components, hidden, cond.negative_embeds, cond.cfg, self.validation,
-                     init_image=self.ctx.init_image, strength=strength, **cond.pooled())
+        cond = Conditioning(enc.hidden, neg.hidden, enc.hidden.new_tensor([c.render.cfg]), strength,
+                            pooled_embeds=enc.pooled, negative_pooled=neg.pooled)
+        out = render(comp, enc.hidden, neg.hidden, cond.cfg, self.validation, init_image=self.ctx.init_image,
+                     strength=strength, **cond.pooled())
         return cond, out, self.scorer(out.images, out.lineage, out.roots)

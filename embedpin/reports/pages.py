@@ -113,7 +113,8 @@ def config_rows(config: RunConfig | None) -> list[tuple[str, str]]:
     tree = config.to_dict()
     return [(f"{section}.{key}" if isinstance(table, dict) else section, str(value))
             for section, table in tree.items()
-            for key, value in (table.items() if isinstance(table, dict) else [(None, table)]) if value is not None]
+            for key, value in (table.items() if isinstance(table, dict) else [(None, table)])
+            if value is not None and value != []]
 
 
 def commands(run: Run) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
-from embedpin.models.components import Components
+from embedpin.models.components import Components, ImageTower
 from embedpin.models.micro.dataset import vocabulary
 from embedpin.models.micro.tokenizer import save_tokenizer
 
@@ -74,5 +74,5 @@ def random_components(seed: int = 0, scale: float = 0.5, name: str = "random-mic
     vae = AutoencoderKL(**vae_config(scale)).eval()
     unet = UNet2DConditionModel(**unet_config(scale)).eval()
     return Components(name=name, tokenizer=tok, text_encoder=text, unet=unet, vae=vae,
-                      scheduler_config=scheduler_config(), clip=clip, clip_image_size=IMAGE_SIZE,
-                      clip_image_mean=(0.5, 0.5, 0.5), clip_image_std=(0.5, 0.5, 0.5), source="random")
+                      scheduler_config=scheduler_config(), towers=(ImageTower(clip, IMAGE_SIZE, (0.5,) * 3, (0.5,) * 3),),
+                      source="random")
