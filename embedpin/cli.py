@@ -30,13 +30,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
+def _max_batch(text: str) -> int | None:
+    """``--max-batch``: a number, or ``auto`` (None: probed on a GPU)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or auto: {text!r}") from None
+
+
 def _optimize_parser(sub):
-    from embedpin.config import BASES, BLOCKS, WEIGHTINGS, RunConfig
+    from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, WEIGHTINGS, RunConfig, by_model
     from embedpin.models.schedulers import SCHEDULERS
 
     d = RunConfig()
-    p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)")  # (each help text states its default)
     g = p.add_argument_group("inputs")
     g.add_argument("--target", action="append", default=None, metavar="PATH",
                    help="target image file or folder (repeatable); omitted: self mode, pin to lower "
@@ -93,11 +102,17 @@ def _optimize_parser(sub):
                         f"result is the best on them; 0 turns validation off (default: {d.optim.validation_seeds})")
     g = p.add_argument_group("rendering")
     g.add_argument("--batch", type=int, default=None, help=f"images per candidate B (default: {d.render.batch})")
-    g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {d.render.steps})")
+    g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default, by model: {by_model('steps')})")
     g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
-                   help=f"sampler (default: {d.render.scheduler})")
-    g.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    g.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: {d.render.cfg})")
+                   help=f"sampler (default, by model: {by_model('scheduler')})")
+    g.add_argument("--width", type=int, default=None,
+                   help="image width in pixels, a multiple of the model's VAE x UNet factor (SD: 64); default: the "
+                        "first target's aspect ratio at the model's native area (micro 64², SD 1.x 512², SD 2.x "
+                        "768², SDXL 1024²); with only --width or --height, the other follows that ratio")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (see --width)")
+    g.add_argument("--size", type=int, default=None, help="square images: --width and --height both this")
+    g.add_argument("--cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale (default, by model: {by_model('cfg')})")
     g.add_argument("--strength", type=float, default=None, help=f"img2img strength (default: {d.render.strength})")
     g.add_argument("--renoise", type=float, default=None,
                    help="hyperbatch branch re-noise for deterministic samplers: eta of the ancestral step a "
@@ -107,8 +122,10 @@ def _optimize_parser(sub):
     g.add_argument("--roots", type=int, default=None,
                    help=f"independent initial latents per candidate in a hyperbatch, a power of two; the rest "
                         f"of the batch branches from them (default: {d.render.roots})")
-    g.add_argument("--max-batch", type=int, default=None,
-                   help=f"most images per UNet call, CFG halves included (default: {d.render.max_batch})")
+    g.add_argument("--max-batch", type=_max_batch, default=None, metavar="N|auto",
+                   help="most images per UNet call, CFG halves included; auto: on a GPU the most its free memory "
+                        "holds (measured by a probe; halved if a call still runs out of memory), elsewhere 256 "
+                        "(default: auto)")
     g.add_argument("--no-hyperbatch", action="store_true", help="plain batches instead of hyperbatches")
     g = p.add_argument_group("loss")
     g.add_argument("--flip-weight", type=float, default=None, help=f"weight of ꟻLIP (default: {d.score.flip_weight})")
@@ -121,6 +138,10 @@ def _optimize_parser(sub):
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None, metavar="FILE.toml", help="read settings from a TOML config first")
     g.add_argument("--out", default=None, help=f"folder for runs (default: {d.out})")
+    g.add_argument("--keep-images", default=None, choices=KEEP_IMAGES,
+                   help=f"best: at 256² and up the run keeps compressed thumbnails of every image and full-size "
+                        f"PNGs of each generation's best candidate (any image re-renders exactly with embedpin "
+                        f"render); all: full-size PNGs of every image (default: {d.keep_images})")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run")
     g.add_argument("--json", action="store_true", help="print one JSON summary object last")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -146,7 +167,8 @@ def config_from_args(a):
         ("optim", "search_seeds"): a.search_seeds, ("optim", "validation_seeds"): a.validation_seeds,
         ("render", "roots"): a.roots,
         ("render", "batch"): a.batch, ("render", "steps"): a.steps, ("render", "scheduler"): a.scheduler,
-        ("render", "size"): a.size, ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
+        ("render", "size"): a.size, ("render", "width"): a.width, ("render", "height"): a.height,
+        ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
         ("render", "max_batch"): a.max_batch, ("render", "renoise"): a.renoise,
         ("render", "hyperbatch"): False if a.no_hyperbatch else None,
         ("score", "targets"): a.target, ("score", "text_target"): a.text_target,
@@ -158,6 +180,8 @@ def config_from_args(a):
             setattr(getattr(cfg, section), key, value)
     if a.out is not None:
         cfg.out = a.out
+    if a.keep_images is not None:
+        cfg.keep_images = a.keep_images
     return cfg.validate()
 
 
@@ -174,8 +198,11 @@ def cmd_optimize(a) -> int:
 
 
 def cmd_render(a) -> int:
-    from embedpin.pinned import render_pinned
+    from embedpin.pinned import render_image, render_pinned
 
+    if a.image:
+        print(f"wrote {render_image(a.source, a.image, a.out, device=a.device)}")
+        return 0
     paths = render_pinned(a.source, seed=a.seed, n=a.n, out=a.out, steps=a.steps, device=a.device, model=a.model,
                           model_config=a.model_config)
     print(f"wrote {len(paths)} image(s) to {a.out}")
@@ -235,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="render with this model instead of the run's (the same family: a "
                    "fine-tune, another copy of the checkpoint)")
     r.add_argument("--model-config", default=None, help="config folder for a single-file --model")
+    r.add_argument("--image", default=None, metavar="PATH",
+                   help="instead: re-render this image of the run's report exactly, at full size (its path inside "
+                        "the run folder, shown in the report's tooltips, e.g. generations/0003/images/c04_i02.webp)")
     r.add_argument("-o", "--out", required=True, help="output folder")
     r.set_defaults(fn=cmd_render)
     e = sub.add_parser("export", help="export a run's pinned conditioning")

@@ -23,6 +23,7 @@ BASES = ("image", "pca", "random")
 WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
 SEED_SCHEDULES = ("rotate", "fixed")
 DTYPES = ("float32", "float16", "bfloat16")
+KEEP_IMAGES = ("best", "all")
 
 
 @dataclass
@@ -55,15 +56,41 @@ class SearchConfig:
     init_embedding: str | None = None  # or at an existing textual-inversion file's vectors (.safetensors)
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model family's users render with: the run's defaults for a model of it (its
+    native size comes from the model itself)."""
+
+    steps: int
+    cfg: float
+    scheduler: str
+
+
+MODEL_DEFAULTS = {  # by Components.profile
+    "micro": ModelDefaults(steps=12, cfg=5.0, scheduler="dpm++2m"),
+    "SD 1.x": ModelDefaults(steps=20, cfg=7.0, scheduler="dpm++2m-karras"),
+    "SD 2.x": ModelDefaults(steps=20, cfg=7.0, scheduler="dpm++2m-karras"),
+    "SDXL": ModelDefaults(steps=25, cfg=6.0, scheduler="dpm++2m-karras"),
+}
+MICRO = MODEL_DEFAULTS["micro"]
+
+
+def by_model(field_name: str) -> str:
+    """``"micro 12, SD 1.x 20, ..."``: a model-dependent default, for --help."""
+    return ", ".join(f"{k} {getattr(v, field_name)}" for k, v in MODEL_DEFAULTS.items())
+
+
 @dataclass
 class RenderConfig:
     batch: int = 8
-    steps: int = 12
-    scheduler: str = "dpm++2m"
-    size: int | None = None      # None: the model's native size
-    cfg: float = 5.0
+    steps: int | None = None     # None: the model's (MODEL_DEFAULTS)
+    scheduler: str | None = None  # None: the model's
+    size: int | None = None      # square shorthand for width = height
+    width: int | None = None     # None: from the first target's aspect ratio at the model's native area
+    height: int | None = None
+    cfg: float | None = None     # None: the model's
     hyperbatch: bool = True
-    max_batch: int = 256
+    max_batch: int | None = None  # images per UNet call; None: auto (GPU: the most that fits, probed; CPU: 256)
     strength: float = 0.6        # img2img strength (with init_image)
     renoise: float | None = None  # eta of a copy's ancestral step at a branch (None: 1 for ODE samplers)
     roots: int = 2               # independent initial latents per candidate in a hyperbatch
@@ -108,16 +135,24 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     out: str = "runs"
+    keep_images: str = "best"  # best: at 256² and up, thumbnails of all, full PNGs of each generation's best; all
 
     def validate(self) -> RunConfig:
         """Check every range a user can get wrong; raise ConfigError with one line."""
         render, search, optim, score, prompt = self.render, self.search, self.optim, self.score, self.prompt
         _check(render.batch >= 1, f"--batch must be >= 1 (got {render.batch})")
-        _check(render.steps >= 1, f"--steps must be >= 1 (got {render.steps})")
-        _check(render.size is None or render.size >= 8, f"--size must be >= 8 (got {render.size})")
-        _check(render.max_batch >= 2, f"--max-batch must be >= 2 (got {render.max_batch})")
+        _check(render.steps is None or render.steps >= 1, f"--steps must be >= 1 (got {render.steps})")
+        for name in ("size", "width", "height"):
+            value = getattr(render, name)
+            _check(value is None or value >= 8, f"--{name} must be >= 8 (got {value})")
+        _check(render.size is None or (render.width is None and render.height is None),
+               "give --size (a square) or --width / --height, not both")
+        _check(render.max_batch is None or render.max_batch >= 2, f"--max-batch must be >= 2 or auto (got "
+                                                                   f"{render.max_batch})")
         _check(0.0 <= render.strength <= 1.0, f"--strength must be in [0, 1] (got {render.strength})")
-        _check(render.cfg >= 0, f"--cfg must be >= 0 (got {render.cfg})")
+        _check(render.cfg is None or render.cfg >= 0, f"--cfg must be >= 0 (got {render.cfg})")
+        _check(self.keep_images in KEEP_IMAGES, f"--keep-images must be one of {', '.join(KEEP_IMAGES)} "
+                                                f"(got {self.keep_images!r})")
         _check(render.renoise is None or render.renoise >= 0, f"--renoise must be >= 0 (got {render.renoise})")
         unknown = [b for b in search.blocks if b not in BLOCKS]
         _check(not unknown, f"unknown search block(s) {unknown}; choose from {', '.join(BLOCKS)}")
@@ -160,6 +195,15 @@ class RunConfig:
                 raise InputError(f"image not found: {image}")
         if self.search.init_embedding and not Path(self.search.init_embedding).is_file():
             raise InputError(f"embedding not found: {self.search.init_embedding}")
+
+    def for_model(self, profile: str, height: int, width: int, max_batch: int) -> RunConfig:
+        """A copy with every model-dependent default filled in (``profile``'s steps, CFG and
+        sampler; the render size; the UNet batch): what the run writes as its config.toml."""
+        d, r = MODEL_DEFAULTS[profile], self.render
+        render = dataclasses.replace(r, steps=r.steps or d.steps, cfg=d.cfg if r.cfg is None else r.cfg,
+                                     scheduler=r.scheduler or d.scheduler, size=None, height=height, width=width,
+                                     max_batch=max_batch)
+        return dataclasses.replace(self, render=render)
 
     def uses_guide(self) -> bool:
         """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""

@@ -14,7 +14,7 @@ metadata. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
@@ -25,36 +25,35 @@ from embedpin.errors import ConfigError, InputError
 from embedpin.guidance.encode import input_widths
 from embedpin.models.embeddings import to_file_layout
 from embedpin.models.loader import load_components
-from embedpin.optimizer.session import pick_device
-from embedpin.render.sampler import RenderPlan, render
-from embedpin.store import PINNED, PinnedRecord, save_png, write_bytes
+from embedpin.optimizer.session import Session, pick_device
+from embedpin.render.sampler import RenderPlan, render, render_one
+from embedpin.store import PINNED, PinnedRecord, Run, load_run, save_png, write_bytes
 
 FORMAT = "embedpin-pinned"
 
 
-def _recipe(config: RunConfig, size: int, best: PinnedRecord, cfg_value: float, family: str,
-            widths: tuple[int, ...]) -> dict:
+def _recipe(config: RunConfig, best: PinnedRecord, cfg_value: float, family: str, widths: tuple[int, ...]) -> dict:
     c = config
     return {"format": FORMAT, "version": 1, "model": c.model.name, "family": family, "widths": list(widths),
             "prompt": c.prompt.prompt,
             "negative": c.prompt.negative, "scheduler": c.render.scheduler, "steps": c.render.steps,
-            "size": size, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
+            "height": c.render.height, "width": c.render.width, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
             "hyperbatch": c.render.hyperbatch, "loss": best.loss, "generation": best.generation,
             "candidate": best.candidate, "params": best.params, "init_word": c.search.init_word,
             "clip_skip": c.prompt.clip_skip, "loss_on": "validation seeds" if best.validation else "search seeds",
             "validation_seeds": c.optim.validation_seeds}
 
 
-def save_pinned(path: Path, config: RunConfig, components, size: int, cond, i: int, best: PinnedRecord) -> None:
-    """Write candidate ``i`` of a generation's Conditioning (rendered at ``size``) as the
-    run's pinned result (atomic), its recipe from the run's config, the model and ``best``."""
+def save_pinned(path: Path, config: RunConfig, components, cond, i: int, best: PinnedRecord) -> None:
+    """Write candidate ``i`` of a generation's Conditioning as the run's pinned result (atomic),
+    its recipe from the run's config (model defaults and size filled in), the model and ``best``."""
     tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
     if cond.pooled_embeds is not None:
         tensors["pooled_prompt_embeds"] = cond.pooled_embeds[i:i + 1]
         tensors["negative_pooled_prompt_embeds"] = cond.negative_pooled[:1]
     if cond.token_vectors is not None:
         tensors["token_vectors"] = cond.token_vectors[i]
-    recipe = _recipe(config, size, best, float(cond.cfg[i]), components.family, input_widths(components))
+    recipe = _recipe(config, best, float(cond.cfg[i]), components.family, input_widths(components))
     write_bytes(path, _to_bytes(tensors, recipe))
 
 
@@ -129,6 +128,11 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
     raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
 
 
+def recipe_size(recipe: dict) -> tuple[int, int]:
+    """(height, width) a pinned result was made at (older recipes: one square ``size``)."""
+    return int(recipe.get("height") or recipe["size"]), int(recipe.get("width") or recipe["size"])
+
+
 def check_family(recipe: dict, components) -> None:
     """A pinned result fits only a model of its own family and text widths (InputError)."""
     family, widths = recipe.get("family"), recipe.get("widths")
@@ -150,8 +154,9 @@ def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path
     tensors, recipe = load_pinned(source)
     comp = load_components(model or recipe["model"], device=pick_device(device), model_config=model_config)
     check_family(recipe, comp)
+    height, width = recipe_size(recipe)
     plan = RenderPlan(batch=1, steps=steps or recipe["steps"], scheduler=recipe["scheduler"],
-                      height=recipe["size"], width=recipe["size"], hyperbatch=False)
+                      height=height, width=width, hyperbatch=False)
     cond = tensors["prompt_embeds"].to(comp.device)
     neg = tensors["negative_prompt_embeds"].to(comp.device)
     pooled = {k: tensors[f].to(comp.device) for k, f in (("pooled", "pooled_prompt_embeds"),
@@ -167,3 +172,50 @@ def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path
         save_png(path, img)
         paths.append(path)
     return paths
+
+
+def _find_image(run: Run, rel: str):
+    """(generation or None, the record holding image ``rel`` (run-relative), its index b)."""
+    parts = PurePosixPath(rel).parts
+    if len(parts) >= 2 and parts[0] == "validation":
+        plain = run.state.plain_validation
+        if plain is not None and rel in plain.images:
+            return None, None, plain.images.index(rel)
+    if len(parts) >= 3 and parts[0] == "generations" and parts[1].isdigit() and int(parts[1]) in run.generations:
+        g = int(parts[1])
+        record, inner = run.generation(g), PurePosixPath(*parts[2:]).as_posix()
+        for c in record.candidates:
+            for names in (c.images, c.full or []):
+                if inner in names:
+                    return g, c, names.index(inner)
+        for v in record.validation or []:
+            if rel in v.images:
+                return g, v, v.images.index(rel)
+    raise InputError(f"{rel}: not an image of this run's report (give its path inside the run folder, as the "
+                     "report's tooltips show it: generations/NNNN/images/cII_iBB.webp)")
+
+
+@torch.no_grad()
+def render_image(run_dir: str | Path, image: str, out: str | Path, device: str = "auto") -> Path:
+    """Re-render one image of a run's report at full size, exactly as the run rendered it: a
+    candidate's image (its generation's search plan, seed and lineage row: the image replays
+    alone, ``render.sampler.render_one``), or a validation render (image b of the plain batch
+    on the validation seeds). Writes ``out/<image name>.png``."""
+    run = load_run(run_dir)
+    rel = Path(image)
+    rel = (rel.resolve().relative_to(run.root.resolve()) if rel.is_absolute() else rel).as_posix()
+    g, record, b = _find_image(run, rel)
+    config = run.config
+    config.model.device = device
+    session = Session.prepare(config)
+    if record is None:
+        cond, plan = session.plain_conditioning(), session.validation
+    else:
+        cond = session.conditioning(record.params)
+        plan = session.search_plan(g) if record.kind is None else session.validation
+    row = torch.as_tensor(record.lineage[b] if record is not None and record.kind is None else [b])
+    img = render_one(session.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, plan, row,
+                     init_image=session.ctx.init_image, strength=cond.strength, **cond.pooled())
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_png(folder / f"{Path(rel).stem}.png", img)

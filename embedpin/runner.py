@@ -50,7 +50,8 @@ from embedpin.store import (
     candidate_image,
     errmap_image,
     generation_dirname,
-    save_png,
+    keeps_previews,
+    save_render,
     target_file,
     validation_image,
 )
@@ -134,7 +135,7 @@ def run(config: RunConfig, quiet: bool = False) -> RunResult:
     session = Session.prepare(config)
     files = {target_file(i): t for i, t in enumerate(session.targets if session.targets is not None else [])}
     files.update({target_file(i, "guide"): g for i, g in enumerate(session.guide)})
-    store = RunStore.create(config, files)
+    store = RunStore.create(session.config, files)  # the config with the model's defaults filled in
     state = store.read_state()
     state.space = session.space.to_dict()
     state.notes = session.notes or None
@@ -249,13 +250,16 @@ def _generation_record(session: Session, folder: Path, opt, g: int, ev: Evaluati
     returns (its record, the validation (records, evaluation) or None)."""
     images = ev.render.images.float().cpu()
     lam, B = images.shape[:2]
+    previews = keeps_previews(session.config)
+    candidates = []
     for i in range(lam):
-        for b in range(B):
-            save_png(folder / candidate_image(i, b), images[i, b])
+        saved = [save_render(folder, candidate_image(i, b), images[i, b], previews, full=i == best_i) for b in range(B)]
+        record = _candidate_record(ev, i, losses, [shown for shown, _ in saved])
+        record.full = [full for _, full in saved] if saved[0][1] else None
+        candidates.append(record)
     record = GenerationRecord(
         generation=g, sigma=float(opt.sigma), best_candidate=best_i, errmaps=_error_maps(session, ev, best_i, folder),
-        seed=session.search_plan(g).seed,
-        candidates=[_candidate_record(ev, i, losses, [candidate_image(i, b) for b in range(B)]) for i in range(lam)])
+        seed=session.search_plan(g).seed, candidates=candidates)
     validated = _validate(session, folder, g, X[best_i], best_i, center) if session.validation is not None else None
     if validated:
         record.validation = validated[0]
@@ -299,11 +303,10 @@ def _validate(session: Session, folder: Path, g: int, best_x: np.ndarray, best_i
     ev = session.validate(np.stack([x for _, _, x in kinds]))
     losses = _finite(ev.score.loss)
     eligible = _eligible(session, ev.distance, losses)
-    records = []
+    records, previews = [], keeps_previews(session.config)
     for k, (kind, index, _) in enumerate(kinds):
-        names = [validation_image(kind, b) for b in range(ev.render.images.shape[1])]
-        for name, img in zip(names, ev.render.images[k].float().cpu()):
-            save_png(folder / name, img)
+        names = [save_render(folder, validation_image(kind, b), img, previews)[0]
+                 for b, img in enumerate(ev.render.images[k].float().cpu())]
         record = _candidate_record(ev, k, losses, [f"generations/{generation_dirname(g)}/{n}" for n in names])
         record.index, record.kind, record.eligible = index, kind, bool(eligible[k])
         records.append(record)
@@ -329,9 +332,9 @@ def _validate_plain(session: Session, store: RunStore, state: RunState) -> None:
     """The plain prompt on the validation seeds: its record (images under ``validation/``),
     and the pinned result until a candidate beats it."""
     cond, out, score = session.validate_plain()
-    names = [validation_image("plain", b) for b in range(out.images.shape[1])]
-    for name, img in zip(names, out.images[0].float().cpu()):
-        save_png(store.root / name, img)
+    previews = keeps_previews(session.config)
+    names = [save_render(store.root, validation_image("plain", b), img, previews)[0]
+             for b, img in enumerate(out.images[0].float().cpu())]
     plain = PlainValidation(
         loss=float(score.loss[0]), flip=None if score.flip is None else _num(score.flip[0]),
         clip=None if score.clip is None else _num(score.clip[0]), image_losses=[_num(x) for x in score.per_image[0]],
@@ -359,15 +362,13 @@ def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> 
         return []
 
     maps = session.scorer.error_maps(ev.render.images[best_i]).float().clamp(0, 1).cpu().numpy()
-    cmap = matplotlib.colormaps["magma"]
-    names = [errmap_image(b) for b in range(len(maps))]
-    for name, m in zip(names, maps):
-        save_png(folder / name, cmap(m)[..., :3].transpose(2, 0, 1))
-    return names
+    cmap, previews = matplotlib.colormaps["magma"], keeps_previews(session.config)
+    return [save_render(folder, errmap_image(b), cmap(m)[..., :3].transpose(2, 0, 1), previews)[0]
+            for b, m in enumerate(maps)]
 
 
 def _write_pinned(session: Session, store: RunStore, cond, i: int, best: PinnedRecord) -> None:
-    save_pinned(store.root / PINNED, session.config, session.components, session.plan.height, cond, i, best)
+    save_pinned(store.root / PINNED, session.config, session.components, cond, i, best)
 
 
 def _report(store: RunStore, g: int | None) -> None:

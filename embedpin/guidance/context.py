@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from embedpin.config import OptimConfig, RenderConfig, SearchConfig
+from embedpin.config import MICRO, OptimConfig, RenderConfig, SearchConfig
 from embedpin.errors import ConfigError
 from embedpin.guidance.blocks import blocks
 from embedpin.guidance.concepts import ConceptMapping, map_concepts
@@ -31,7 +31,6 @@ from embedpin.guidance.deltas import (
 )
 from embedpin.guidance.encode import (
     PromptEncoding,
-    encode_from_embeds,
     encode_image,
     encode_negative,
     encode_prompt,
@@ -79,7 +78,7 @@ class GuidanceOptions:
     vector_basis: str = SearchConfig.basis
     init_word: str = "<|endoftext|>"  # the CLIP tokenizers' padding: placeholders start at the plain prompt
     seed: int = OptimConfig.seed
-    cfg: float = RenderConfig.cfg
+    cfg: float = MICRO.cfg
     strength: float = RenderConfig.strength
 
 

@@ -120,6 +120,12 @@ class Components:
         return self.text_encoder_2 is not None
 
     @property
+    def profile(self) -> str:
+        """Whose defaults the run takes (``embedpin.config.MODEL_DEFAULTS``): the built-in
+        model's, or its family's."""
+        return "micro" if self.name == "micro" else self.family
+
+    @property
     def family(self) -> str:
         """``SDXL``, ``SD 2.x`` (v-prediction or 1024-wide text) or ``SD 1.x``."""
         if self.is_sdxl:

@@ -28,9 +28,11 @@ from embedpin.images import load_image, resize_crop
 from embedpin.models.embeddings import read_textual_inversion
 from embedpin.models.loader import load_components
 from embedpin.optimizer.seeds import search_seed, validation_seed
+from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
+from embedpin.render.size import render_size, size_multiple
 from embedpin.scoring.scorer import Scorer, ScoreResult
-from embedpin.scoring.targets import load_targets
+from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -77,12 +79,27 @@ def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None)
     return ",".join(w for w, _ in ranked)
 
 
-def render_plan(config: RunConfig, size: int) -> RenderPlan:
-    """The search's render plan at ``size`` (square) from the run config."""
+def render_plan(config: RunConfig) -> RenderPlan:
+    """The search's render plan from a run config whose model defaults are filled in
+    (:meth:`RunConfig.for_model`)."""
     settings = config.render
-    return RenderPlan(batch=settings.batch, steps=settings.steps, scheduler=settings.scheduler, height=size, width=size,
-                      seed=config.optim.seed, hyperbatch=settings.hyperbatch, max_batch=settings.max_batch,
-                      renoise=settings.renoise, roots=settings.roots)
+    return RenderPlan(batch=settings.batch, steps=settings.steps, scheduler=settings.scheduler, height=settings.height,
+                      width=settings.width, seed=config.optim.seed, hyperbatch=settings.hyperbatch,
+                      max_batch=settings.max_batch, renoise=settings.renoise, roots=settings.roots)
+
+
+def _aspect(config: RunConfig, init: torch.Tensor | None) -> float | None:
+    """Width / height of the first target (else the init image; None: square)."""
+    first = load_image(expand_paths(config.score.targets)[0]) if config.score.targets else init
+    return None if first is None else first.shape[-1] / first.shape[-2]
+
+
+def for_model(config: RunConfig, comp, init: torch.Tensor | None) -> RunConfig:
+    """The run config with the model's defaults (steps, CFG, sampler), the render size
+    (:func:`~embedpin.render.size.render_size`) and the UNet batch (``auto``: probed) filled in."""
+    height, width = render_size(config.render, comp.default_size, size_multiple(comp), _aspect(config, init))
+    batch = config.render.max_batch or probe_max_batch(comp, height, width)
+    return config.for_model(comp.profile, height, width, batch)
 
 
 def validation_plan(config: RunConfig, plan):
@@ -141,11 +158,12 @@ class Session:
         dtype = getattr(torch, config.model.dtype)
         comp = load_components(config.model.name, device=pick_device(config.model.device), dtype=dtype,
                                clip=config.model.clip, model_config=config.model.model_config)
-        size = config.render.size or comp.default_size
-        plan = render_plan(config, size).validate(comp.vae_scale_factor)
-        targets = load_targets(score.targets, (size, size)).to(comp.device) if score.targets else None
+        config = for_model(config, comp, init)
+        plan = render_plan(config).validate(comp.vae_scale_factor)
+        size = (plan.height, plan.width)
+        targets = load_targets(score.targets, size).to(comp.device) if score.targets else None
         if init is not None:
-            init = resize_crop(init, (size, size)).to(comp.device)
+            init = resize_crop(init, size).to(comp.device)
         notes = []
         if prompt.guide_target and not guide and targets is not None and config.uses_guide():
             if comp.towers:
@@ -194,17 +212,27 @@ class Session:
         return self.evaluate(X, plan=self.validation)
 
     @torch.no_grad()
-    def validate_plain(self):
-        """The plain prompt (as written: its emphasis, no placeholders, no block applied) on the
-        validation seeds: (its Conditioning, RenderResult, ScoreResult)."""
+    def plain_conditioning(self) -> Conditioning:
+        """The plain prompt as written (its emphasis; no placeholders, no block applied), with
+        the negative padded to the same chunks."""
         c, comp = self.config, self.components
         chunks = max(chunk_count(comp, c.prompt.prompt), chunk_count(comp, c.prompt.negative))
         enc = encode_prompt(comp, c.prompt.prompt, c.prompt.clip_skip, chunks=chunks)
         neg = self.ctx.negative if self.ctx.negative.chunks == chunks else \
             encode_negative(comp, c.prompt.negative, c.prompt.clip_skip, chunks)
         strength = torch.tensor([c.render.strength]) if self.ctx.init_image is not None else None
-        cond = Conditioning(enc.hidden, neg.hidden, enc.hidden.new_tensor([c.render.cfg]), strength,
+        return Conditioning(enc.hidden, neg.hidden, enc.hidden.new_tensor([c.render.cfg]), strength,
                             pooled_embeds=enc.pooled, negative_pooled=neg.pooled)
-        out = render(comp, enc.hidden, neg.hidden, cond.cfg, self.validation, init_image=self.ctx.init_image,
-                     strength=strength, **cond.pooled())
+
+    def conditioning(self, params: dict[str, list[float]]) -> Conditioning:
+        """One candidate's conditioning from its decoded parameters (as a record stores them)."""
+        like = self.ctx.plain.hidden
+        return build(self.ctx, {k: torch.tensor([v], dtype=torch.float64).to(like) for k, v in params.items()})
+
+    @torch.no_grad()
+    def validate_plain(self):
+        """The plain prompt on the validation seeds: (its Conditioning, RenderResult, ScoreResult)."""
+        cond = self.plain_conditioning()
+        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, self.validation,
+                     init_image=self.ctx.init_image, strength=cond.strength, **cond.pooled())
         return cond, out, self.scorer(out.images, out.lineage, out.roots)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from embedpin.errors import ModelError
+from embedpin.render.memory import in_chunks
 
 
 def to_denoised(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
@@ -25,7 +26,8 @@ class GuidedDenoiser:
     (Ho & Salimans 2022): ``u + cfg (c - u)`` on the model outputs.
 
     Every latent's unconditional and conditional halves sit side by side in one UNet
-    call; calls hold at most ``max_batch`` images; ``evals`` counts the images evaluated.
+    call; calls hold at most ``max_batch`` images (fewer after an out-of-memory error:
+    :func:`~embedpin.render.memory.in_chunks`); ``evals`` counts the images evaluated.
     Rows of candidates not in ``active`` (img2img rows that have not started) are not
     evaluated; their D is x itself. SDXL's UNet also takes ``added``: (pooled [λ, P],
     negative pooled [1 or λ, P], time ids [1, 6]), batched like the sequences.
@@ -52,17 +54,21 @@ class GuidedDenoiser:
         text = torch.stack([self.negative_pooled[c], self.pooled[c]], 1).flatten(0, 1)
         return {"added_cond_kwargs": {"text_embeds": text, "time_ids": self.time_ids.expand(len(text), -1)}}
 
+    def _pairs(self, x: torch.Tensor, c: torch.Tensor, t: float) -> torch.Tensor:
+        """One UNet call on latents x [m, C, h, w] of candidates c [m], each with its negative
+        and positive half: the guided outputs [m, C, h, w]."""
+        pair = x.unsqueeze(1).expand(-1, 2, *x.shape[1:]).flatten(0, 1).to(self.dtype)
+        ehs = torch.stack([self.negative[c], self.cond[c]], 1).flatten(0, 1)
+        ts = torch.full((len(pair),), t, device=x.device, dtype=torch.float32)
+        out = self.unet(pair, ts, encoder_hidden_states=ehs, **self._added(c)).sample
+        u, v = out.float().unflatten(0, (-1, 2)).unbind(1)
+        self.evals += len(pair)
+        return u + self.cfg[c].view(-1, 1, 1, 1) * (v - u)
+
     def _guided(self, lat: torch.Tensor, t: float, cand: torch.Tensor) -> torch.Tensor:
-        """Guided model output for latents [M, C, h, w] of candidates ``cand`` [M]."""
-        outs = []
-        for x, c in zip(lat.split(self.per_call), cand.split(self.per_call)):
-            pair = x.unsqueeze(1).expand(-1, 2, *x.shape[1:]).flatten(0, 1).to(self.dtype)
-            ehs = torch.stack([self.negative[c], self.cond[c]], 1).flatten(0, 1)
-            ts = torch.full((len(pair),), t, device=x.device, dtype=torch.float32)
-            out = self.unet(pair, ts, encoder_hidden_states=ehs, **self._added(c)).sample
-            u, v = out.float().unflatten(0, (-1, 2)).unbind(1)
-            outs.append(u + self.cfg[c].view(-1, 1, 1, 1) * (v - u))
-            self.evals += len(pair)
+        """Guided model output for latents [M, C, h, w] of candidates ``cand`` [M], in calls of
+        ``per_call`` latents (halved for the rest of the render when one runs out of memory)."""
+        outs, self.per_call = in_chunks(lambda a, b: self._pairs(lat[a:b], cand[a:b], t), len(lat), self.per_call)
         return torch.cat(outs)
 
     def __call__(self, x: torch.Tensor, sigma: float, t: float, active: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from embedpin.render.memory import in_chunks
+
 
 def _scale_shift(vae) -> tuple[float, float]:
     shift = getattr(vae.config, "shift_factor", None)
@@ -15,13 +17,16 @@ def encode(vae, images: torch.Tensor, max_batch: int = 64) -> torch.Tensor:
     shifted and scaled as the UNet expects (Rombach et al. 2022, Sec. 3.1)."""
     scale, shift = _scale_shift(vae)
     dtype = next(vae.parameters()).dtype
-    out = [vae.encode((c * 2 - 1).to(dtype)).latent_dist.mean.float() for c in images.split(max_batch)]
+    out, _ = in_chunks(lambda a, b: vae.encode((images[a:b] * 2 - 1).to(dtype)).latent_dist.mean.float(),
+                       len(images), max_batch)
     return (torch.cat(out) - shift) * scale
 
 
 def decode(vae, latents: torch.Tensor, max_batch: int = 64) -> torch.Tensor:
-    """Latents [N, C, h, w] -> images [N, 3, h*f, w*f] in [0, 1], ``max_batch`` at a time."""
+    """Latents [N, C, h, w] -> images [N, 3, h*f, w*f] in [0, 1], ``max_batch`` at a time
+    (fewer after an out-of-memory error)."""
     scale, shift = _scale_shift(vae)
     dtype = next(vae.parameters()).dtype
-    out = [vae.decode((c / scale + shift).to(dtype)).sample.float() for c in latents.split(max_batch)]
+    out, _ = in_chunks(lambda a, b: vae.decode((latents[a:b] / scale + shift).to(dtype)).sample.float(),
+                       len(latents), max_batch)
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)

@@ -42,7 +42,7 @@ from functools import partial
 
 import torch
 
-from embedpin.config import OptimConfig, RenderConfig
+from embedpin.config import MICRO, OptimConfig, RenderConfig
 from embedpin.errors import ConfigError
 from embedpin.models.components import make_scheduler
 from embedpin.models.schedulers import check_scheduler
@@ -70,14 +70,14 @@ class RenderPlan:
     whose own step noise separates siblings. ``eta`` is DDIM's (0: deterministic).
     """
 
-    batch: int = RenderConfig.batch  # (defaults: the run config's, held once in embedpin.config)
-    steps: int = RenderConfig.steps
-    scheduler: str = RenderConfig.scheduler
+    batch: int = RenderConfig.batch  # (defaults: the run config's, held once in embedpin.config;
+    steps: int = MICRO.steps         # model-dependent ones: the built-in model's)
+    scheduler: str = MICRO.scheduler
     height: int = 64
     width: int = 64
     seed: int = OptimConfig.seed
     hyperbatch: bool = RenderConfig.hyperbatch
-    max_batch: int = RenderConfig.max_batch
+    max_batch: int = 256
     renoise: float | None = RenderConfig.renoise
     eta: float = 0.0
     roots: int = RenderConfig.roots

@@ -17,7 +17,7 @@ from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
 from embedpin.reports.templating import num
-from embedpin.store import CandidateRecord, GenerationRecord, Run, generation_dirname
+from embedpin.store import PREVIEW, CandidateRecord, GenerationRecord, Run, generation_dirname
 
 
 def relpath(rel: str) -> str:
@@ -28,12 +28,17 @@ def relpath(rel: str) -> str:
     return path.as_posix()
 
 
-def image_entry(folder: Path, rel: str, prefix: str = "", **extra) -> dict:
-    """Thumbnail ``folder/rel`` (once) and describe it for a page ``prefix`` above ``folder``."""
+def image_entry(folder: Path, rel: str, prefix: str = "", full: str | None = None, **extra) -> dict:
+    """Describe ``folder/rel`` for a page ``prefix`` above ``folder``: the thumbnail shown (a
+    stored preview itself, else one made once from the image) and the link (``full``, the
+    full-size PNG where one is kept, else the image)."""
     rel = relpath(rel)
-    shown = thumbnail(folder / rel, folder / thumb_relpath(rel))
-    thumb = None if shown is None else prefix + shown.relative_to(folder).as_posix()
-    return dict(href=prefix + rel, thumb=thumb, **extra)
+    if rel.endswith(PREVIEW):
+        thumb = prefix + rel if (folder / rel).is_file() else None
+    else:
+        shown = thumbnail(folder / rel, folder / thumb_relpath(rel))
+        thumb = None if shown is None else prefix + shown.relative_to(folder).as_posix()
+    return dict(href=prefix + relpath(full or rel), thumb=thumb, path=rel, **extra)
 
 
 def vector(values) -> str:
@@ -61,10 +66,10 @@ def candidate_context(folder: Path, c: CandidateRecord, best: int | None) -> dic
     images = list(c.images or [])
     lineage = lineage_array(c.lineage, len(images))
     colours = group_colours(trunk_groups(lineage))
-    losses = list(c.image_losses or [])
-    seeds = list(c.seeds or [])
+    losses, seeds, full = list(c.image_losses or []), list(c.seeds or []), list(c.full or [])
     entries = [
-        image_entry(folder, rel, loss=losses[j] if j < len(losses) else None,
+        image_entry(folder, rel, full=full[j] if j < len(full) else None,
+                    loss=losses[j] if j < len(losses) else None,
                     seed=seeds[j] if j < len(seeds) else None,
                     lineage=lineage[j].tolist(), colours=colours[j])
         for j, rel in enumerate(images)
@@ -78,6 +83,9 @@ def generation_context(run: Run, generation: int, record: GenerationRecord) -> d
     folder = run.generation_dir(generation)
     best = record.best_candidate
     candidates = [candidate_context(folder, c, best) for c in _loss_order(record.candidates)]
+    for c in candidates:
+        for image in c["images"]:
+            image["path"] = f"generations/{generation_dirname(generation)}/{image['path']}"
     errmaps = [image_entry(folder, rel, caption=f"image {j}")
                for j, rel in enumerate(record.errmaps or []) if (folder / relpath(rel)).exists()]
     on_disk = set(run.generations)
@@ -86,7 +94,8 @@ def generation_context(run: Run, generation: int, record: GenerationRecord) -> d
         return f"../{generation_dirname(g)}/index.html" if g in on_disk else None
 
     return dict(
-        run=_run_summary(run), generation=generation, sigma=record.sigma, best_candidate=best,
+        run=_run_summary(run), run_arg=run_argument(run), generation=generation, sigma=record.sigma,
+        best_candidate=best,
         candidates=candidates, errmaps=errmaps, depth=max((len(i["colours"]) for c in candidates
                                                            for i in c["images"]), default=0),
         prev_page=page(generation - 1), next_page=page(generation + 1),
@@ -117,10 +126,14 @@ def config_rows(config: RunConfig | None) -> list[tuple[str, str]]:
             if value is not None and value != []]
 
 
+def run_argument(run: Run) -> str:
+    """The run folder as a user types it in a command (quoted for the shell)."""
+    return shlex.quote(f"runs/{run.id}" if run.root.parent.name == "runs" else str(run.root))
+
+
 def commands(run: Run) -> list[str]:
     """The commands a user copies to export and re-render the pinned conditioning."""
-    where = f"runs/{run.id}" if run.root.parent.name == "runs" else str(run.root)
-    where = shlex.quote(where)
+    where = run_argument(run)
     return [
         f"embedpin export {where} --format textual-inversion -o pinned.safetensors",
         f"embedpin export {where} --format diffusers -o pinned_embeds.safetensors",
