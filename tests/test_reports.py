@@ -288,7 +288,8 @@ def test_recipe_and_settings_come_from_the_typed_run_config():
     run_config.prompt.prompt, run_config.search.blocks, run_config.optim.seed = "a cat", ["delta", "tokens"], 7
     assert recipe(run_config) == dict(prompt="a cat", negative="", model="micro", blocks="delta, tokens", seed=7)
     rows = dict(config_rows(run_config))
-    assert rows["optim.seed"] == "7" and rows["render.steps"] == str(run_config.render.steps) and "model.clip" not in rows
+    assert rows["optim.seed"] == "7" and rows["render.batch"] == str(run_config.render.batch)
+    assert "model.clip" not in rows and "render.steps" not in rows  # unset: empty, or the model's (filled in by a run)
     assert recipe(None) == dict.fromkeys(("prompt", "negative", "model", "blocks", "seed")) and config_rows(None) == []
 
 
