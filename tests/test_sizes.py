@@ -169,8 +169,8 @@ def test_keep_images_all_keeps_every_png(tmp_path):
 
 
 def test_a_call_that_runs_out_of_memory_is_retried_at_half_the_batch():
-    """The fallback of --max-batch auto: a UNet that cannot take more than 4 images per call
-    (it raises the device's out-of-memory error) renders the same images as max_batch 4."""
+    """The fallback of --max-batch auto: a UNet that cannot take more than 2 images per call
+    (it raises the device's out-of-memory error) renders the same images as max_batch 2."""
     from dataclasses import replace
 
     from embedpin.guidance.encode import encode_prompt
@@ -186,18 +186,18 @@ def test_a_call_that_runs_out_of_memory_is_retried_at_half_the_batch():
 
         def forward(self, x, *args, **kwargs):
             self.calls.append(len(x))
-            if len(x) > 4:
+            if len(x) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return self.unet(x, *args, **kwargs)
 
     cond = encode_prompt(comp, "a red star").hidden.expand(3, -1, -1)
     neg = encode_prompt(comp, "").hidden
-    plan = RenderPlan(batch=4, steps=3, seed=1, max_batch=64)
+    plan = RenderPlan(batch=2, steps=2, seed=1, max_batch=64, height=32, width=32)
     small = replace(comp, unet=Small(comp.unet))
     got = render(small, cond, neg, 5.0, plan)
-    want = render(comp, cond, neg, 5.0, replace(plan, max_batch=4))
+    want = render(comp, cond, neg, 5.0, replace(plan, max_batch=2))
     torch.testing.assert_close(got.images, want.images, atol=1e-5, rtol=0)
-    assert max(small.unet.calls) > 4 and small.unet.calls[-1] <= 4 and got.unet_evals == want.unet_evals
+    assert max(small.unet.calls) > 2 and small.unet.calls[-1] <= 2 and got.unet_evals == want.unet_evals
 
 
 def test_in_chunks_halves_only_on_out_of_memory():
@@ -219,3 +219,21 @@ def test_in_chunks_halves_only_on_out_of_memory():
     (10 * 2**30, 2**30, 2**28, 2 * 28), (2**30, 2**30, 2**28, 2), (2**40, 0, 2**20, 256)])
 def test_the_probe_sizes_the_batch_to_the_free_memory(free, fixed, per, want):
     assert batch_for_memory(free, fixed, per) == want
+
+
+def test_half_precision_runs_the_models_in_it_and_keeps_guidance_and_scores_in_float32(tmp_path):
+    from embedpin.api import run_config
+    from embedpin.optimizer.session import Session
+
+    def session(dtype):
+        return Session.prepare(run_config(target=STAR, prompt="a star", dtype=dtype, validation_seeds=4, steps=4,
+                                          out=str(tmp_path)))
+
+    half, full = session("bfloat16"), session("float32")
+    assert half.components.unet.dtype == torch.bfloat16 and half.components.text_encoder.dtype == torch.bfloat16
+    assert next(half.components.clip.parameters()).dtype == torch.float32  # the image tower stays float32
+    assert half.ctx.plain.hidden.dtype == torch.float32 and half.ctx.delta_basis.sequence.dtype == torch.float32
+    ev = half.evaluate(np.zeros((2, half.space.n)), 0)
+    assert ev.render.images.dtype == torch.float32 and ev.score.loss.dtype == torch.float32
+    loss_half, loss_full = (s.validate_plain()[2].loss.item() for s in (half, full))
+    assert abs(loss_half - loss_full) < 0.1 * loss_full  # the same images, up to bfloat16's rounding

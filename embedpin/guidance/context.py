@@ -162,7 +162,7 @@ class GuidanceContext:
     @cached_property
     def tables(self) -> list[torch.Tensor]:
         """Each text encoder's token-embedding table [V, Din_e] (SDXL: two)."""
-        return [te.get_input_embeddings().weight.detach() for te in self.components.text_encoders]
+        return [te.get_input_embeddings().weight.detach().float() for te in self.components.text_encoders]
 
     @cached_property
     def encoder_directions(self) -> list[torch.Tensor]:
@@ -280,7 +280,7 @@ def _word_vector(components, word: str, device) -> torch.Tensor:
     ids = [tok(word, add_special_tokens=False).input_ids for tok in components.tokenizers]
     if not all(ids):
         raise ConfigError(f"init word {word!r} has no tokens")
-    parts = [te.get_input_embeddings()(torch.tensor(i, device=device)).mean(0)
+    parts = [te.get_input_embeddings()(torch.tensor(i, device=device)).float().mean(0)
              for te, i in zip(components.text_encoders, ids)]
     return torch.cat(parts)
 

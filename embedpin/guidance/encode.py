@@ -111,8 +111,9 @@ def _check_skip(text_model, clip_skip: int) -> None:
 
 def _layers(text_model, input_embeds: torch.Tensor, n: int) -> list[torch.Tensor]:
     """A ``CLIPTextModel``'s hidden states after 0..n layers, from input embeddings [λ, L, Din]:
-    positions added, causal attention (``CLIPTextModel.forward``, which only takes ids)."""
-    h = text_model.embeddings(inputs_embeds=input_embeds)
+    positions added, causal attention (``CLIPTextModel.forward``, which only takes ids), in the
+    encoder's dtype."""
+    h = text_model.embeddings(inputs_embeds=input_embeds.to(text_model.final_layer_norm.weight.dtype))
     mask = create_causal_mask(config=text_model.config, inputs_embeds=h, attention_mask=None, **{_cache_arg(): None})
     states = [h]
     for layer in text_model.encoder.layers[:n]:
@@ -140,16 +141,18 @@ def token_embeddings(components, ids: torch.Tensor, ids_2: torch.Tensor | None =
     row 0: their rows are replaced by the placeholders' vectors."""
     tables = [te.get_input_embeddings() for te in components.text_encoders]
     ids_all = [ids] + ([ids if ids_2 is None else ids_2] if components.is_sdxl else [])
-    return torch.cat([t(i.masked_fill(i >= t.num_embeddings, 0)) for t, i in zip(tables, ids_all)], -1)
+    return torch.cat([t(i.masked_fill(i >= t.num_embeddings, 0)).float() for t, i in zip(tables, ids_all)], -1)
 
 
 def encode_from_embeds(components, input_embeds: torch.Tensor, ids: torch.Tensor, ids_2: torch.Tensor | None = None,
                        clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sequence [λ, L, D], pooled [λ, P] or None) from input embeddings [λ, L, Din], for
-    either family (:func:`encode_text_from_embeds`, :func:`encode_sdxl_from_embeds`)."""
+    """(sequence [λ, L, D], pooled [λ, P] or None), float32, from input embeddings [λ, L, Din],
+    for either family (:func:`encode_text_from_embeds`, :func:`encode_sdxl_from_embeds`): the
+    encoders run in the model's dtype, the guidance that follows works in float32."""
     if components.is_sdxl:
-        return encode_sdxl_from_embeds(components, input_embeds, ids_2, clip_skip)
-    return encode_text_from_embeds(components, input_embeds, ids, clip_skip), None
+        sequence, pooled = encode_sdxl_from_embeds(components, input_embeds, ids_2, clip_skip)
+        return sequence.float(), pooled.float()
+    return encode_text_from_embeds(components, input_embeds, ids, clip_skip).float(), None
 
 
 @torch.no_grad()
