@@ -15,6 +15,11 @@ Uses the trained micro model when ``load_components("micro")`` works, else an un
 stand-in (printed warning: its images, and so the diversity figures, mean little).
 
     python benchmarks/hyperbatch.py [--candidates 4] [--seeds 6] [--renoise ETA] [--quick]
+    python benchmarks/hyperbatch.py --arch sd15 --device cuda --dtype float16   # cost only, native size
+
+With ``--arch`` (``sd15`` or ``sdxl``: the published architectures with random weights, from
+``benchmarks/real_scale.py``) only the cost figures are measured, at the model's native size:
+random weights render nothing to compare the diversity of.
 """
 
 from __future__ import annotations
@@ -87,9 +92,16 @@ def flip_metric():
 
 
 def timed_render(comp, cond, neg, cfg, plan):
+    if comp.device.type == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
-    r = render(comp, cond, neg, cfg, plan)
+    r = render(comp, cond, neg, cfg, plan, **POOLED)
+    if comp.device.type == "cuda":
+        torch.cuda.synchronize()
     return r, time.perf_counter() - t
+
+
+POOLED: dict = {}  # SDXL: the pooled embeddings every render of the run takes
 
 
 def decode_time(comp, n: int, plan: RenderPlan) -> float:
@@ -98,14 +110,18 @@ def decode_time(comp, n: int, plan: RenderPlan) -> float:
     t = time.perf_counter()
     with torch.no_grad():
         decode(comp.vae, z, plan.max_batch)
+    if comp.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
-def cost(comp, cond, neg, cfg, batch: int, steps: int, scheduler: str, repeats: int) -> dict[str, float]:
+def cost(comp, cond, neg, cfg, batch: int, steps: int, scheduler: str, repeats: int, size: int = 64,
+         max_batch: int = 256) -> dict[str, float]:
     """Evaluation and wall-time ratios of hyperbatch vs plain renders, interleaved, best of
     ``repeats`` each (the machine may be shared)."""
-    plan = RenderPlan(batch=batch, steps=steps, scheduler=scheduler, seed=0)
-    render(comp, cond[:1], neg, cfg[:1], replace(plan, batch=2, steps=2))  # warm-up
+    plan = RenderPlan(batch=batch, steps=steps, scheduler=scheduler, seed=0, height=size, width=size,
+                      max_batch=max_batch)
+    timed_render(comp, cond, neg, cfg, replace(plan, batch=2, steps=2))  # warm-up
     tp = th = float("inf")
     for _ in range(repeats):
         p, t = timed_render(comp, cond, neg, cfg, plain(plan))
@@ -141,7 +157,14 @@ def main() -> None:
     ap.add_argument("--renoise", type=float, default=None,
                     help="branch re-noise eta for deterministic samplers (default: the renderer's, 1)")
     ap.add_argument("--quick", action="store_true", help="2 candidates (1 at B=64), 1 seed, 3 schedulers")
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default=None,
+                    help="cost only, on a published architecture with random weights, at its native size")
+    ap.add_argument("--size", type=int, default=None, help="with --arch: render size (default: native)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
+    if args.arch:
+        return arch_cost(args)
     if args.quick:
         args.candidates, args.seeds, args.repeats = 2, 1, 1
     torch.manual_seed(0)  # benchmark script only: any unseeded op stays reproducible
@@ -173,6 +196,27 @@ def main() -> None:
         print(f"diversity_{name}: {v:.3f}")
     print(f"diversity_min: {min(div.values()):.3f}")
     print(f"colour_right_ratio_min: {min(quality.values()):.3f}")
+
+
+def arch_cost(args) -> None:
+    """The cost figures on SD 1.5's or SDXL's architecture (random weights) at its native size."""
+    from real_scale import build
+
+    from embedpin.guidance.encode import encode_negative
+    from embedpin.render.memory import probe_max_batch
+
+    comp = build(args.arch).to(args.device, getattr(torch, args.dtype))
+    size = args.size or comp.default_size
+    enc, neg = encode_prompt(comp, "a large red star at the top left"), encode_negative(comp, "")
+    n = 1 if args.quick else args.candidates
+    cond, cfg = enc.hidden.expand(n, -1, -1), torch.full((n,), 5.0)
+    if comp.is_sdxl:
+        POOLED.update(pooled=enc.pooled.expand(n, -1), negative_pooled=neg.pooled)
+    max_batch = probe_max_batch(comp, size, size)
+    print(f"model: random {args.arch} ({args.dtype}, {args.device}) at {size}², max batch {max_batch}")
+    c8 = cost(comp, cond, neg.hidden, cfg, 8, 20, "dpm++2m", args.repeats, size, max_batch)
+    for k, v in c8.items():
+        print(f"{args.arch}_{k}_ratio_b8: {v:.3f}")
 
 
 if __name__ == "__main__":
