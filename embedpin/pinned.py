@@ -22,8 +22,8 @@ from safetensors.torch import load_file, safe_open, save, save_file
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
-from embedpin.guidance.encode import input_widths
 from embedpin.models.loader import load_components
+from embedpin.optimizer.batch import Pinned, RunInfo
 from embedpin.optimizer.session import pick_device
 from embedpin.render.sampler import RenderPlan, render
 from embedpin.store import PINNED, PinnedRecord, save_png, write_bytes
@@ -44,17 +44,12 @@ def _recipe(config: RunConfig, size: int, best: PinnedRecord, cfg_value: float, 
             "validation_seeds": c.optim.validation_seeds}
 
 
-def save_pinned(path: Path, config: RunConfig, components, size: int, cond, i: int, best: PinnedRecord) -> None:
-    """Write candidate ``i`` of a generation's Conditioning (rendered at ``size``) as the
-    run's pinned result (atomic), its recipe from the run's config, the model and ``best``."""
-    tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
-    if cond.pooled_embeds is not None:
-        tensors["pooled_prompt_embeds"] = cond.pooled_embeds[i:i + 1]
-        tensors["negative_pooled_prompt_embeds"] = cond.negative_pooled[:1]
-    if cond.token_vectors is not None:
-        tensors["token_vectors"] = cond.token_vectors[i]
-    recipe = _recipe(config, size, best, float(cond.cfg[i]), components.family, input_widths(components))
-    write_bytes(path, _to_bytes(tensors, recipe))
+def save_pinned(path: Path, config: RunConfig, info: RunInfo, pinned: Pinned, best: PinnedRecord) -> None:
+    """Write a candidate's conditioning (``Session.pinned``: what the evaluator built for it) as
+    the run's pinned result (atomic), its recipe from the run's config, the model's description
+    ``info`` (family, text widths, render size) and ``best``."""
+    recipe = _recipe(config, info.size, best, pinned.cfg, info.family, tuple(info.widths))
+    write_bytes(path, _to_bytes(pinned.tensors, recipe))
 
 
 def _to_bytes(tensors: dict, recipe: dict) -> bytes:
