@@ -26,7 +26,7 @@ Scheduling is one loop over ``ray.wait``: each queued chunk goes to the first id
 Connecting: ``--workers N`` without an address starts a local cluster (shut down at the end);
 ``--ray-address`` (or ``RAY_ADDRESS``) joins one started with ``ray start --head``, after a
 seconds-long probe of the address (Ray's own connect retries for minutes on a wrong one). Ray's
-log lines stay off the terminal (``log_to_driver=False``, WARNING level); its SIGTERM handler
+log lines stay off the terminal (``log_to_driver=False``, ERROR level); its SIGTERM handler
 (exit with cleanup) is kept and the run loop's Ctrl-C handler is installed after it.
 """
 
@@ -373,7 +373,7 @@ def _connect(config: RunConfig, scale: ScaleConfig) -> bool:
         probe(address)
     if ray.is_initialized():
         return False
-    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
         try:
             ray.init(address=address, **quiet)
