@@ -34,12 +34,12 @@ def target_image(comp, folder: str) -> str:
     """The model's render of CAPTION (plain, seed 4242, the run's settings) as a PNG."""
     from embedpin.config import RunConfig
     from embedpin.guidance.encode import encode_prompt
-    from embedpin.optimizer.session import render_plan
+    from embedpin.optimizer.session import for_model, render_plan
     from embedpin.render.sampler import render
     from embedpin.store import save_png
 
-    cfg = RunConfig()
-    plan = replace(render_plan(cfg, comp.default_size), batch=1, hyperbatch=False, seed=4242)
+    cfg = for_model(RunConfig(), comp, None)
+    plan = replace(render_plan(cfg), batch=1, hyperbatch=False, seed=4242)
     img = render(comp, encode_prompt(comp, CAPTION).hidden, encode_prompt(comp, "").hidden, cfg.render.cfg,
                  plan).images[0, 0]
     path = os.path.join(folder, "target.png")

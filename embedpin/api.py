@@ -25,6 +25,7 @@ from embedpin.errors import ConfigError
 from embedpin.store import PINNED
 
 _NOT_SETTINGS = {"help", "resume", "json", "quiet"}  # CLI flags that are not run settings
+SCALE_SETTINGS = {"workers", "ray_address", "worker_timeout", "worker_restarts"}  # where it renders (ScaleConfig)
 
 
 def _optimize_actions() -> dict[str, argparse.Action]:
@@ -69,11 +70,25 @@ def optimize_argv(settings: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _parse(settings: dict[str, Any]) -> argparse.Namespace:
+    from embedpin.cli import build_parser
+
+    return build_parser().parse_args(optimize_argv(settings))
+
+
 def run_config(**settings):
     """The validated :class:`~embedpin.config.RunConfig` that ``optimize(**settings)`` runs."""
-    from embedpin.cli import build_parser, config_from_args
+    from embedpin.cli import config_from_args
 
-    return config_from_args(build_parser().parse_args(optimize_argv(settings)))
+    return config_from_args(_parse(settings))
+
+
+def scale_config(**settings):
+    """The validated :class:`~embedpin.config.ScaleConfig` (``workers``, ``ray_address``, ...) of
+    ``optimize(**settings)`` / ``resume(..., **settings)``; ``ray_address`` defaults to $RAY_ADDRESS."""
+    from embedpin.cli import scale_from_args
+
+    return scale_from_args(_parse(settings))
 
 
 def _with_pinned(result):
@@ -87,17 +102,26 @@ def optimize(target=None, prompt: str | None = None, *, quiet: bool = True, **se
     """Run a pinning search, as ``embedpin optimize`` does; returns the
     :class:`~embedpin.runner.RunResult` (``run_dir``, ``best_loss``, ``validation_loss``,
     ``plain_validation_loss``, …) with ``pinned``: the pinned tensors (``prompt_embeds``, …).
-    ``target``: an image path, a folder, or a list of them (None: self mode)."""
+    ``target``: an image path, a folder, or a list of them (None: self mode). ``workers=N`` /
+    ``ray_address=...`` render on Ray workers (``--workers``, ``--ray-address``)."""
+    from embedpin.cli import config_from_args, scale_from_args
     from embedpin.runner import run
 
-    return _with_pinned(run(run_config(target=target, prompt=prompt, **settings), quiet=quiet))
+    args = _parse(dict(target=target, prompt=prompt, **settings))
+    return _with_pinned(run(config_from_args(args), quiet=quiet, scale=scale_from_args(args)))
 
 
-def resume(run_dir: str | Path, *, quiet: bool = True):
-    """Continue a stopped run from its last committed generation (``embedpin optimize --resume``)."""
+def resume(run_dir: str | Path, *, quiet: bool = True, **scale):
+    """Continue a stopped run from its last committed generation (``embedpin optimize --resume``);
+    ``scale``: ``workers``, ``ray_address``, ``worker_timeout``, ``worker_restarts`` (any number of
+    workers gives the same result)."""
     from embedpin.runner import resume as resume_run
 
-    return _with_pinned(resume_run(run_dir, quiet=quiet))
+    unknown = set(scale) - SCALE_SETTINGS
+    if unknown:
+        raise ConfigError(f"unknown setting(s) for resume: {', '.join(sorted(unknown))}; "
+                          f"it takes {', '.join(sorted(SCALE_SETTINGS))}")
+    return _with_pinned(resume_run(run_dir, quiet=quiet, scale=scale_config(**scale)))
 
 
 def load_pinned(path: str | Path):

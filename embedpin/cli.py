@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from embedpin.errors import ConfigError, EmbedpinError
@@ -18,6 +19,7 @@ from embedpin.errors import ConfigError, EmbedpinError
 EPILOG = """examples:
   embedpin optimize --target examples/target.png --prompt "a small red circle in the center on a plain blue background"
   embedpin optimize --resume runs/0001-a-small-red-circle
+  embedpin optimize --target examples/target.png --prompt "a red circle" --workers 2   # Ray workers, one per GPU
   embedpin export runs/0001-a-small-red-circle --format textual-inversion -o pinned.safetensors
   embedpin render runs/0001-a-small-red-circle --seed 7 -n 8 -o out/
 """
@@ -41,10 +43,10 @@ def _max_batch(text: str) -> int | None:
 
 
 def _optimize_parser(sub):
-    from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, WEIGHTINGS, RunConfig, by_model
+    from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, WEIGHTINGS, RunConfig, ScaleConfig, by_model
     from embedpin.models.schedulers import SCHEDULERS
 
-    d = RunConfig()
+    d, ds = RunConfig(), ScaleConfig()
     p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)")  # (each help text states its default)
     g = p.add_argument_group("inputs")
     g.add_argument("--target", action="append", default=None, metavar="PATH",
@@ -135,6 +137,20 @@ def _optimize_parser(sub):
     g.add_argument("--weighting", default=None, choices=WEIGHTINGS,
                    help=f"hyperbatch weighting over lineage depth (default: {d.score.weighting})")
     g.add_argument("--ppd", type=float, default=None, help=f"ꟻLIP pixels per degree (default: {d.score.ppd})")
+    g = p.add_argument_group("scale-out (Ray; pip install 'embedpin[ray]'; the result does not depend on these, "
+                             "so they are not part of the run's config.toml and work with --resume)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="render on N Ray workers: a local Ray cluster with one worker per GPU (CPU workers where "
+                        "there is no GPU); with --ray-address, N workers on that cluster (default: one per GPU there)."
+                        " 0: in this process (default)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join the Ray cluster at ADDR (started with `ray start --head`; default: $RAY_ADDRESS)")
+    g.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"a worker whose chunk takes longer counts as hung: it is restarted and its candidates re-run "
+                        f"elsewhere; a model load may take this, and at least 600 s (default: {ds.worker_timeout:g})")
+    g.add_argument("--worker-restarts", type=int, default=None, metavar="N",
+                   help=f"restarts of a dead or hung worker (each reloads the model) before it is given up "
+                        f"(default: {ds.worker_restarts})")
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None, metavar="FILE.toml", help="read settings from a TOML config first")
     g.add_argument("--out", default=None, help=f"folder for runs (default: {d.out})")
@@ -185,11 +201,25 @@ def config_from_args(a):
     return cfg.validate()
 
 
+def scale_from_args(a):
+    """The ScaleConfig: --workers, --ray-address (else $RAY_ADDRESS), --worker-timeout, --worker-restarts."""
+    from embedpin.config import ScaleConfig
+
+    scale = ScaleConfig()
+    address = a.ray_address if a.ray_address is not None else os.environ.get("RAY_ADDRESS") or None
+    for key, value in (("workers", a.workers), ("ray_address", address), ("worker_timeout", a.worker_timeout),
+                       ("worker_restarts", a.worker_restarts)):
+        if value is not None:
+            setattr(scale, key, value)
+    return scale.validate()
+
+
 def cmd_optimize(a) -> int:
     config = None if a.resume else config_from_args(a)  # argument errors answer before torch is imported
+    scale = scale_from_args(a)
     from embedpin.runner import resume, run
 
-    result = resume(a.resume, quiet=a.quiet) if a.resume else run(config, quiet=a.quiet)
+    result = resume(a.resume, quiet=a.quiet, scale=scale) if a.resume else run(config, quiet=a.quiet, scale=scale)
     if a.json:
         print(json.dumps(result.summary()))
     elif not a.quiet:

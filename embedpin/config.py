@@ -121,6 +121,31 @@ class OptimConfig:
     validation_seeds: int = 16      # plain renders per validated candidate on seeds the search never uses
 
 
+@dataclass
+class ScaleConfig:
+    """Where a run's candidates are rendered: in this process (``workers`` 0, no address) or on
+    Ray workers (``embedpin.optimizer.ray_workers``). Not part of the recipe: a run renders the
+    same on any number of workers, so these settings are given per invocation (``--workers``,
+    ``--ray-address`` or ``RAY_ADDRESS``, also with ``--resume``) and never written to config.toml."""
+
+    workers: int = 0                # 0: in-process; N: N Ray workers (one per GPU where there are GPUs)
+    ray_address: str | None = None  # join the Ray cluster there (``ray start --head``) instead of starting one
+    worker_timeout: float = 600.0   # seconds one chunk may take before its worker counts as hung (a model load: >= 600)
+    worker_restarts: int = 3        # restarts of a dead or hung worker (each reloads the model) before it is given up
+
+    @property
+    def distributed(self) -> bool:
+        """Whether candidates render on Ray workers."""
+        return self.workers > 0 or self.ray_address is not None
+
+    def validate(self) -> ScaleConfig:
+        _check(self.workers >= 0, f"--workers must be >= 0 (got {self.workers})")
+        _check(self.ray_address is None or bool(self.ray_address.strip()), "--ray-address must not be empty")
+        _check(self.worker_timeout > 0, f"--worker-timeout must be > 0 (got {self.worker_timeout})")
+        _check(self.worker_restarts >= 0, f"--worker-restarts must be >= 0 (got {self.worker_restarts})")
+        return self
+
+
 # Blocks that need guide images ("guidance" stands for those the run's guide images allow).
 GUIDED_BLOCKS = frozenset({"linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image",
                            "header_cap", "concept"})

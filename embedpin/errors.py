@@ -22,3 +22,8 @@ class InputError(EmbedpinError):
 
 class ModelError(EmbedpinError):
     """A model that cannot be found or loaded."""
+
+
+class WorkerError(EmbedpinError):
+    """Scale-out workers that cannot do the work: a Ray cluster that cannot be joined or is too
+    small, or no worker left alive."""

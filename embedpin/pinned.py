@@ -25,6 +25,7 @@ from embedpin.errors import ConfigError, InputError
 from embedpin.guidance.encode import input_widths
 from embedpin.models.embeddings import to_file_layout
 from embedpin.models.loader import load_components
+from embedpin.optimizer.batch import Pinned, RunInfo
 from embedpin.optimizer.session import Session, pick_device
 from embedpin.render.sampler import RenderPlan, render, render_one
 from embedpin.store import PINNED, PinnedRecord, Run, load_run, save_png, write_bytes
@@ -44,17 +45,12 @@ def _recipe(config: RunConfig, best: PinnedRecord, cfg_value: float, family: str
             "validation_seeds": c.optim.validation_seeds}
 
 
-def save_pinned(path: Path, config: RunConfig, components, cond, i: int, best: PinnedRecord) -> None:
-    """Write candidate ``i`` of a generation's Conditioning as the run's pinned result (atomic),
-    its recipe from the run's config (model defaults and size filled in), the model and ``best``."""
-    tensors = {"prompt_embeds": cond.prompt_embeds[i:i + 1], "negative_prompt_embeds": cond.negative_embeds[:1]}
-    if cond.pooled_embeds is not None:
-        tensors["pooled_prompt_embeds"] = cond.pooled_embeds[i:i + 1]
-        tensors["negative_pooled_prompt_embeds"] = cond.negative_pooled[:1]
-    if cond.token_vectors is not None:
-        tensors["token_vectors"] = cond.token_vectors[i]
-    recipe = _recipe(config, best, float(cond.cfg[i]), components.family, input_widths(components))
-    write_bytes(path, _to_bytes(tensors, recipe))
+def save_pinned(path: Path, config: RunConfig, info: RunInfo, pinned: Pinned, best: PinnedRecord) -> None:
+    """Write a candidate's conditioning (``Session.pinned``: what the evaluator built for it) as
+    the run's pinned result (atomic), its recipe from the run's config, the model's description
+    ``info`` (family, text widths) and ``best``."""
+    recipe = _recipe(config, best, pinned.cfg, info.family, tuple(info.widths))
+    write_bytes(path, _to_bytes(pinned.tensors, recipe))
 
 
 def _to_bytes(tensors: dict, recipe: dict) -> bytes:

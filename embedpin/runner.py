@@ -16,6 +16,12 @@ validation loss: what a user rendering it on new seeds is most likely to see, ra
 than the luckiest fit to the search's own noise. The plain prompt is validated once, on
 the same seeds, as the run's reference, and is the pinned result until a candidate beats
 it there: a run never hands back something that does worse than the prompt it was given.
+
+Where candidates render is the evaluator's business (``optimizer.evaluate``: in this process,
+or on Ray workers with ``--workers`` / ``--ray-address``). The loop keeps the optimizer, every
+seed, the store and the reports, and sees only compact batches (``optimizer.batch``), so a run's
+result does not depend on where its candidates rendered. A mistake that ends a run midway (every
+worker lost) leaves it resumable, marked interrupted, with one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -24,18 +30,21 @@ import math
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from embedpin.config import RunConfig
+from embedpin.config import RunConfig, ScaleConfig
+from embedpin.errors import EmbedpinError
+from embedpin.optimizer.batch import Batch
 from embedpin.optimizer.cmaes import CMAES, default_generations
+from embedpin.optimizer.evaluate import Evaluator, open_evaluator
 from embedpin.optimizer.mo import MOCMAES
-from embedpin.optimizer.session import Evaluation, Session
+from embedpin.optimizer.setup import RunSetup
 from embedpin.pinned import save_pinned
 from embedpin.reports.builder import update
 from embedpin.store import (
@@ -52,7 +61,6 @@ from embedpin.store import (
     generation_dirname,
     keeps_previews,
     save_render,
-    target_file,
     validation_image,
 )
 
@@ -62,7 +70,7 @@ class RunResult:
     """best_loss: the pinned result's loss (its validation loss when validation is on);
     validation_loss / plain_validation_loss: the pinned result's and the plain prompt's
     loss on the validation seeds (None without validation); renders: images rendered,
-    validation included."""
+    validation included; workers: per-worker counts on Ray workers (None in-process)."""
 
     run_dir: Path
     best_loss: float
@@ -74,6 +82,7 @@ class RunResult:
     validation_loss: float | None = None
     plain_validation_loss: float | None = None
     pinned: dict | None = field(default=None, repr=False)  # the pinned tensors (filled in by embedpin.api)
+    workers: list[dict] | None = None
 
     def describe(self) -> str:
         """What a person reads at the end: where the run is and how the result did."""
@@ -86,15 +95,16 @@ class RunResult:
         return f"run folder: {self.run_dir}\npinned result: {how}\nreport: {self.run_dir / 'index.html'}"
 
     def summary(self) -> dict:
-        return {"run_dir": str(self.run_dir), "best_loss": self.best_loss, "first_best_loss": self.first_best_loss,
-                "generations": self.generations, "renders": self.renders, "interrupted": self.interrupted,
-                "stop_reason": self.stop_reason, "validation_loss": self.validation_loss,
-                "plain_validation_loss": self.plain_validation_loss}
+        out = {"run_dir": str(self.run_dir), "best_loss": self.best_loss, "first_best_loss": self.first_best_loss,
+               "generations": self.generations, "renders": self.renders, "interrupted": self.interrupted,
+               "stop_reason": self.stop_reason, "validation_loss": self.validation_loss,
+               "plain_validation_loss": self.plain_validation_loss}
+        return out if self.workers is None else {**out, "workers": self.workers}
 
 
-def make_optimizer(session: Session):
-    optim = session.config.optim
-    x0 = session.space.x0()
+def make_optimizer(setup: RunSetup):
+    optim = setup.config.optim
+    x0 = setup.space.x0()
     if optim.max_distance is not None:
         return MOCMAES(x0, optim.sigma0, seed=optim.seed, max_distance=optim.max_distance,
                        **({"lambda_": optim.population} if optim.population else {}))
@@ -105,8 +115,8 @@ def load_optimizer(state: dict):
     return (MOCMAES if "mocmaes" in str(state.get("format", "")) or "parents" in state else CMAES).from_state(state)
 
 
-def total_generations(session: Session, opt) -> int:
-    return session.config.optim.generations or default_generations(opt.n)
+def total_generations(setup: RunSetup, opt) -> int:
+    return setup.config.optim.generations or default_generations(opt.n)
 
 
 class _Interrupt:
@@ -130,36 +140,69 @@ class _Interrupt:
         return False
 
 
-def run(config: RunConfig, quiet: bool = False) -> RunResult:
-    """Start a new run: validate and load everything, then create the run folder and loop."""
-    session = Session.prepare(config)
-    files = {target_file(i): t for i, t in enumerate(session.targets if session.targets is not None else [])}
-    files.update({target_file(i, "guide"): g for i, g in enumerate(session.guide)})
-    store = RunStore.create(session.config, files)  # the config with the model's defaults filled in
-    state = store.read_state()
-    state.space = session.space.to_dict()
-    state.notes = session.notes or None
-    return _loop(session, store, make_optimizer(session), state, quiet)
+def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None,
+        evaluator: Evaluator | None = None) -> RunResult:
+    """Start a new run: validate and load everything (in the workers, with ``scale``), then create
+    the run folder and loop. ``evaluator``: render with this one instead (the caller closes it)."""
+    config.validate()
+    with _evaluator(config, scale, evaluator, quiet) as ev:
+        setup = RunSetup.make(ev.info, ev.device)
+        store = RunStore.create(setup.config, setup.files())  # the config with the model's defaults filled in
+        state = store.read_state()
+        state.space = ev.info.space
+        state.notes = ev.info.notes or None
+        return _loop(setup, ev, store, make_optimizer(setup), state, quiet)
 
 
-def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
-    """Continue a stopped run from its last committed generation."""
+def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None = None,
+           evaluator: Evaluator | None = None) -> RunResult:
+    """Continue a stopped run from its last committed generation (on any number of workers)."""
     store = RunStore.open(run_dir)
     state = store.read_state()
-    session = Session.prepare(store.config())
-    opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(session)
-    return _loop(session, store, opt, state, quiet)
+    config = store.config()
+    with _evaluator(config, scale, evaluator, quiet) as ev:
+        setup = RunSetup.make(ev.info, ev.device)
+        opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(setup)
+        return _loop(setup, ev, store, opt, state, quiet)
 
 
-def _loop(session: Session, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
-    total = total_generations(session, opt)
-    for note in session.notes if not quiet else []:
+@contextmanager
+def _evaluator(config: RunConfig, scale: ScaleConfig | None, given: Evaluator | None, quiet: bool):
+    """``given``, or an evaluator opened for ``scale`` and closed on the way out (its Ray workers
+    stopped, a Ray cluster it started shut down)."""
+    if given is not None:
+        yield given
+        return
+    ev = open_evaluator(config, scale or ScaleConfig(), _notes(quiet))
+    try:
+        yield ev
+    finally:
+        ev.close()
+
+
+def _loop(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
+    """The generations; a mistake that ends the run midway (every worker lost) leaves it marked
+    interrupted, resumable, and is raised again naming the command that continues it."""
+    try:
+        return _generations(setup, ev, store, opt, state, quiet)
+    except EmbedpinError as e:
+        state = store.read_state()
+        state.status, state.stop_reason = "interrupted", f"error: {e}"
+        store.write_state(state)
+        _report(store, None)
+        raise type(e)(f"{e}; the run stays resumable: embedpin optimize --resume {store.root}") from None
+
+
+def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
+    total = total_generations(setup, opt)
+    for note in setup.info.notes if not quiet else []:
         print(f"note: {note}", file=sys.stderr)
+    ev.notify = _notes(quiet)
     state.status = "running"
     store.write_state(state)
     _report(store, None)
-    if session.validation is not None and state.plain_validation is None:
-        _validate_plain(session, store, state)
+    if setup.validation is not None and state.plain_validation is None:
+        _validate_plain(setup, ev, store, state)
         store.write_state(state)
     bar = tqdm(total=total, initial=state.generation, disable=quiet, unit="gen", dynamic_ncols=True)
     reason, interrupted = "generations", False
@@ -170,16 +213,16 @@ def _loop(session: Session, store: RunStore, opt, state: RunState, quiet: bool) 
                 t0 = time.time()
                 X = opt.ask()                                    # 1. ask: X [λ, n]
                 center = opt.stats()["mean"] if g in (0, total - 1) else None  # validated: the start and the end
-                ev = session.evaluate(X, g)                      # 2-5. decode, build, render, score
-                losses = _finite(ev.score.loss)
-                opt.tell(X, losses, ev.distance.double().cpu().numpy())  # 6. tell
-                _commit(session, store, state, opt, g, ev, losses, X, center, t0)  # 7-8. validate, commit
+                batch = ev.evaluate(X, setup.search_plan(g), f"generation {g}")  # 2-5. decode, build, render, score
+                losses = _finite(batch.loss)
+                opt.tell(X, losses, batch.distance)              # 6. tell
+                _commit(setup, ev, store, state, opt, g, batch, losses, X, center, t0)  # 7-8. validate, commit
                 _report(store, g)                                # 8. report
-                _progress(bar, state, quiet)
+                _progress(bar, state, ev, quiet)
                 if stop.requested:
                     reason, interrupted = "interrupted", True
                     break
-                if _converged(session, opt, state):
+                if _converged(setup, opt, state):
                     reason = "converged"
                     break
     except KeyboardInterrupt:
@@ -196,28 +239,35 @@ def _loop(session: Session, store: RunStore, opt, state: RunState, quiet: bool) 
     validated = plain is not None
     return RunResult(store.root, best, hist[0].best if hist else math.nan, state.generation,
                      sum(h.renders for h in hist) + (plain.renders if validated else 0), interrupted, reason,
-                     best if validated and state.best else None, plain.loss if validated else None)
+                     best if validated and state.best else None, plain.loss if validated else None,
+                     workers=ev.workers)
 
 
-def _finite(loss: torch.Tensor) -> np.ndarray:
-    out = loss.double().cpu().numpy()
+def _notes(quiet: bool):
+    """Where an evaluator's notes (a worker lost, restarted) go: above the progress bar, on stderr."""
+    if quiet:
+        return lambda message: None
+    return lambda message: tqdm.write(f"note: {message}", file=sys.stderr)
+
+
+def _finite(loss: np.ndarray) -> np.ndarray:
+    out = np.asarray(loss, dtype=np.float64)
     worst = np.nanmax(np.where(np.isfinite(out), out, np.nan)) if np.isfinite(out).any() else 1e9
     return np.where(np.isfinite(out), out, max(worst * 2, 1e9) if worst > 0 else 1e9)
 
 
-def _converged(session: Session, opt, state: RunState) -> bool:
-    optim = session.config.optim
+def _converged(setup: RunSetup, opt, state: RunState) -> bool:
+    optim = setup.config.optim
     return bool(opt.should_stop(tol_fun=optim.tol_fun, tol_x=optim.tol_x))
 
 
-def _candidate_record(ev: Evaluation, i: int, losses: np.ndarray, images: list[str]) -> CandidateRecord:
-    s = ev.score
+def _candidate_record(batch: Batch, i: int, losses: np.ndarray, images: list[str]) -> CandidateRecord:
     return CandidateRecord(
-        index=i, loss=float(losses[i]), flip=None if s.flip is None else _num(s.flip[i]),
-        clip=None if s.clip is None else _num(s.clip[i]), distance=_num(ev.distance[i]),
-        params={k: [float(x) for x in np.atleast_1d(v[i])] for k, v in ev.params.items()},
-        image_losses=[_num(x) for x in s.per_image[i]], images=images,
-        lineage=ev.render.lineage.tolist(), seeds=ev.render.seeds.tolist())
+        index=i, loss=float(losses[i]), flip=None if batch.flip is None else _num(batch.flip[i]),
+        clip=None if batch.clip is None else _num(batch.clip[i]), distance=_num(batch.distance[i]),
+        params={k: [float(x) for x in np.atleast_1d(v[i])] for k, v in batch.params.items()},
+        image_losses=[_num(x) for x in batch.per_image[i]], images=images,
+        lineage=batch.lineage.tolist(), seeds=batch.seeds.tolist())
 
 
 def _num(x) -> float | None:
@@ -225,18 +275,18 @@ def _num(x) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _commit(session: Session, store: RunStore, state: RunState, opt, g: int, ev: Evaluation, losses: np.ndarray,
-            X: np.ndarray, center: np.ndarray | None, t0: float) -> None:
+def _commit(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, opt, g: int, batch: Batch,
+            losses: np.ndarray, X: np.ndarray, center: np.ndarray | None, t0: float) -> None:
     """Generation g in four steps: build its folder and record (validation included), store
     it as a whole, pin the result it may improve, then write the state that names it."""
     tmp = store.begin_generation(g)
-    eligible = _eligible(session, ev.distance, losses)
+    eligible = _eligible(setup, batch.distance, losses)
     best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
-    record, validated = _generation_record(session, tmp, opt, g, ev, losses, X, best_i, center)
+    record, validated = _generation_record(setup, ev, tmp, opt, g, batch, losses, X, best_i, center)
     store.finish_generation(g, tmp, record)
-    _pin(session, store, state, g, ev, record, eligible[best_i], validated)
+    _pin(setup, ev, store, state, g, X[best_i], record, eligible[best_i], validated)
     stats = opt.stats()
-    state.history.append(_history_entry(session, stats, g, ev, losses, record, validated, t0))
+    state.history.append(_history_entry(setup, ev, stats, g, batch, losses, record, validated, t0))
     if stats["front"] is not None:
         state.pareto = stats["front"]
     state.generation = g + 1
@@ -244,77 +294,89 @@ def _commit(session: Session, store: RunStore, state: RunState, opt, g: int, ev:
     store.write_state(state)
 
 
-def _generation_record(session: Session, folder: Path, opt, g: int, ev: Evaluation, losses: np.ndarray,
+def _generation_record(setup: RunSetup, ev: Evaluator, folder: Path, opt, g: int, batch: Batch, losses: np.ndarray,
                        X: np.ndarray, best_i: int, center: np.ndarray | None):
     """Write the generation's images, error maps and validation renders into ``folder``;
-    returns (its record, the validation (records, evaluation) or None)."""
-    images = ev.render.images.float().cpu()
-    lam, B = images.shape[:2]
-    previews = keeps_previews(session.config)
+    returns (its record, the validation (records, xs, batch) or None)."""
+    lam, B = batch.images.shape[:2]
+    previews = keeps_previews(setup.config)
     candidates = []
     for i in range(lam):
-        saved = [save_render(folder, candidate_image(i, b), images[i, b], previews, full=i == best_i) for b in range(B)]
-        record = _candidate_record(ev, i, losses, [shown for shown, _ in saved])
+        saved = [save_render(folder, candidate_image(i, b), batch.images[i, b], previews, full=i == best_i)
+                 for b in range(B)]
+        record = _candidate_record(batch, i, losses, [shown for shown, _ in saved])
         record.full = [full for _, full in saved] if saved[0][1] else None
         candidates.append(record)
     record = GenerationRecord(
-        generation=g, sigma=float(opt.sigma), best_candidate=best_i, errmaps=_error_maps(session, ev, best_i, folder),
-        seed=session.search_plan(g).seed, candidates=candidates)
-    validated = _validate(session, folder, g, X[best_i], best_i, center) if session.validation is not None else None
+        generation=g, sigma=float(opt.sigma), best_candidate=best_i,
+        errmaps=_error_maps(setup, batch.images[best_i], folder), seed=setup.search_plan(g).seed,
+        candidates=candidates)
+    validated = _validate(setup, ev, folder, g, X[best_i], best_i, center) if setup.validation is not None else None
     if validated:
         record.validation = validated[0]
     return record, validated
 
 
-def _pin(session: Session, store: RunStore, state: RunState, g: int, ev: Evaluation, record: GenerationRecord,
-         eligible: bool, validated) -> None:
+def _pin(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, g: int, best_x: np.ndarray,
+         record: GenerationRecord, eligible: bool, validated) -> None:
     """The pinned result: the validation best (with validation), else the search's best."""
     best_i = record.best_candidate
     best = record.candidates[best_i]
     if validated:
-        _pin_validated(session, store, state, g, *validated)
+        _pin_validated(setup, ev, store, state, g, *validated)
     elif eligible and (state.best is None or best.loss < state.best.loss):
         state.best = PinnedRecord(generation=g, candidate=best_i, loss=best.loss, flip=best.flip, clip=best.clip,
                                   distance=best.distance, params=best.params)
-        _write_pinned(session, store, ev.cond, best_i, state.best)
+        _write_pinned(setup, ev, store, best_x, state.best)
 
 
-def _history_entry(session: Session, stats: dict, g: int, ev: Evaluation, losses: np.ndarray,
+def _history_entry(setup: RunSetup, ev: Evaluator, stats: dict, g: int, batch: Batch, losses: np.ndarray,
                    record: GenerationRecord, validated, t0: float) -> HistoryEntry:
     best_i = record.best_candidate
     best = record.candidates[best_i]
     sorted_l = np.sort(losses)
-    lam, B = ev.render.images.shape[:2]
-    v_renders = len(validated[0]) * session.validation.batch if validated else 0
+    lam, B = batch.images.shape[:2]
+    v_renders = len(validated[0]) * setup.validation.batch if validated else 0
     return HistoryEntry(
         generation=g, best=float(losses[best_i]), median=float(np.median(sorted_l)), worst=float(sorted_l[-1]),
         sigma=stats["sigma"], axis_ratio=stats["axis_ratio"], eigenvalues=stats["eigenvalues"],
         flip=best.flip, clip=best.clip, best_candidate=best_i, best_params=best.params,
         validation={v.kind: v.loss for v in validated[0]} if validated else None,
         seconds=time.time() - t0, renders=int(lam * B) + v_renders, validation_renders=v_renders,
-        unet_evals=int(ev.render.unet_evals))
+        unet_evals=int(batch.unet_evals),
+        workers=None if ev.workers is None else _worker_seconds([batch] + ([validated[2]] if validated else [])))
 
 
-def _validate(session: Session, folder: Path, g: int, best_x: np.ndarray, best_i: int,
-              center: np.ndarray | None) -> tuple[list[CandidateRecord], Evaluation]:
+def _worker_seconds(batches: list[Batch]) -> dict[str, float]:
+    """Seconds each worker spent on a generation's batches (its time split), in worker order."""
+    total: dict[str, float] = {}
+    for b in batches:
+        for name, s in b.seconds.items():
+            total[name] = total.get(name, 0.0) + s
+    return {name: round(total[name], 3) for name in sorted(total)}
+
+
+def _validate(setup: RunSetup, ev: Evaluator, folder: Path, g: int, best_x: np.ndarray, best_i: int,
+              center: np.ndarray | None) -> tuple[list[CandidateRecord], list[np.ndarray], Batch]:
     """Render the generation's best candidate (and the distribution's mean) on the validation
-    seeds; their images go to ``folder/validation/``. Returns (records, the evaluation)."""
+    seeds; their images go to ``folder/validation/``. Returns (records, their xs, the batch)."""
     kinds = [("best", best_i, best_x)] + ([("mean", None, center)] if center is not None else [])
-    ev = session.validate(np.stack([x for _, _, x in kinds]))
-    losses = _finite(ev.score.loss)
-    eligible = _eligible(session, ev.distance, losses)
-    records, previews = [], keeps_previews(session.config)
+    xs = [x for _, _, x in kinds]
+    batch = ev.evaluate(np.stack(xs), setup.validation, f"generation {g} validation")
+    losses = _finite(batch.loss)
+    eligible = _eligible(setup, batch.distance, losses)
+    records, previews = [], keeps_previews(setup.config)
     for k, (kind, index, _) in enumerate(kinds):
         names = [save_render(folder, validation_image(kind, b), img, previews)[0]
-                 for b, img in enumerate(ev.render.images[k].float().cpu())]
-        record = _candidate_record(ev, k, losses, [f"generations/{generation_dirname(g)}/{n}" for n in names])
+                 for b, img in enumerate(batch.images[k])]
+        record = _candidate_record(batch, k, losses, [f"generations/{generation_dirname(g)}/{n}" for n in names])
         record.index, record.kind, record.eligible = index, kind, bool(eligible[k])
         records.append(record)
-    return records, ev
+    return records, xs, batch
 
 
-def _pin_validated(session: Session, store: RunStore, state: RunState, g: int, records: list[CandidateRecord],
-                   ev: Evaluation) -> None:
+def _pin_validated(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, g: int,
+                   records: list[CandidateRecord], xs: list[np.ndarray], batch: Batch) -> None:
     """Pin the lowest validation loss among this generation's validated candidates if it
     beats the pinned result so far (within ``--max-distance`` with the size limiter)."""
     if not any(r.eligible for r in records):
@@ -325,59 +387,63 @@ def _pin_validated(session: Session, store: RunStore, state: RunState, g: int, r
         state.best = PinnedRecord(generation=g, candidate=r.index if r.kind == "best" else "mean", kind=r.kind,
                                   loss=r.loss, flip=r.flip, clip=r.clip, distance=r.distance, params=r.params,
                                   images=r.images, image_losses=r.image_losses, validation=True)
-        _write_pinned(session, store, ev.cond, k, state.best)
+        _write_pinned(setup, ev, store, xs[k], state.best)
 
 
-def _validate_plain(session: Session, store: RunStore, state: RunState) -> None:
+def _validate_plain(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState) -> None:
     """The plain prompt on the validation seeds: its record (images under ``validation/``),
     and the pinned result until a candidate beats it."""
-    cond, out, score = session.validate_plain()
-    previews = keeps_previews(session.config)
+    batch = ev.evaluate_plain(setup.validation)
+    previews = keeps_previews(setup.config)
     names = [save_render(store.root, validation_image("plain", b), img, previews)[0]
-             for b, img in enumerate(out.images[0].float().cpu())]
+             for b, img in enumerate(batch.images[0])]
     plain = PlainValidation(
-        loss=float(score.loss[0]), flip=None if score.flip is None else _num(score.flip[0]),
-        clip=None if score.clip is None else _num(score.clip[0]), image_losses=[_num(x) for x in score.per_image[0]],
-        images=names, seed=session.validation.seed, renders=int(out.images.shape[1]))
+        loss=float(batch.loss[0]), flip=None if batch.flip is None else _num(batch.flip[0]),
+        clip=None if batch.clip is None else _num(batch.clip[0]), image_losses=[_num(x) for x in batch.per_image[0]],
+        images=names, seed=setup.validation.seed, renders=int(batch.images.shape[1]))
     state.plain_validation = plain
     if state.best is None:
         state.best = PinnedRecord(generation=None, candidate="plain", kind="plain", loss=plain.loss, flip=plain.flip,
                                   clip=plain.clip, distance=0.0, params={}, images=names,
                                   image_losses=plain.image_losses, validation=True)
-        _write_pinned(session, store, cond, 0, state.best)
+        _write_pinned(setup, ev, store, None, state.best)
 
 
-def _eligible(session: Session, distance: torch.Tensor, losses: np.ndarray) -> np.ndarray:
+def _eligible(setup: RunSetup, distance: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """Candidates that may become the pinned result: all of them, or with the size limiter
     (``--max-distance``) those within the distance. A generation with none eligible still
     reports its lowest loss but pins nothing."""
-    limit = session.config.optim.max_distance
+    limit = setup.config.optim.max_distance
     if limit is None:
         return np.ones(len(losses), dtype=bool)
-    return distance.double().cpu().numpy() <= limit
+    return np.asarray(distance, dtype=np.float64) <= limit
 
 
-def _error_maps(session: Session, ev: Evaluation, best_i: int, folder: Path) -> list[str]:
-    if session.targets is None:
+def _error_maps(setup: RunSetup, images: np.ndarray, folder: Path) -> list[str]:
+    """The best candidate's ꟻLIP error maps (from its uint8 images) as magma PNGs; none in self mode."""
+    maps = setup.error_maps(images)
+    if maps is None:
         return []
-
-    maps = session.scorer.error_maps(ev.render.images[best_i]).float().clamp(0, 1).cpu().numpy()
-    cmap, previews = matplotlib.colormaps["magma"], keeps_previews(session.config)
+    cmap, previews = matplotlib.colormaps["magma"], keeps_previews(setup.config)
     return [save_render(folder, errmap_image(b), cmap(m)[..., :3].transpose(2, 0, 1), previews)[0]
             for b, m in enumerate(maps)]
 
 
-def _write_pinned(session: Session, store: RunStore, cond, i: int, best: PinnedRecord) -> None:
-    save_pinned(store.root / PINNED, session.config, session.components, cond, i, best)
+def _write_pinned(setup: RunSetup, ev: Evaluator, store: RunStore, x: np.ndarray | None, best: PinnedRecord) -> None:
+    """Pin candidate ``x`` (None: the plain prompt): its conditioning, built by the evaluator."""
+    save_pinned(store.root / PINNED, setup.config, setup.info, ev.pinned(x), best)
 
 
 def _report(store: RunStore, g: int | None) -> None:
     update(store.root, g)
 
 
-def _progress(bar, state: RunState, quiet: bool) -> None:
+def _progress(bar, state: RunState, ev: Evaluator, quiet: bool) -> None:
     h, best = state.history[-1], state.best
-    bar.set_postfix(pinned="-" if best is None else f"{best.loss:.4f}", refresh=False)
+    shown = {"pinned": "-" if best is None else f"{best.loss:.4f}"}
+    if ev.workers is not None:
+        shown["workers"] = "{}/{}".format(*ev.alive())
+    bar.set_postfix(refresh=False, **shown)
     bar.update(1)
     if not quiet:
         val = "".join(f"  val {k} {x:.4f}" for k, x in (h.validation or {}).items())

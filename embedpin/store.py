@@ -113,18 +113,23 @@ def save_figure(path: Path, figure, **params) -> Path:
     figure.savefig(buf, format=Path(path).suffix[1:], **params)
     return write_bytes(path, buf.getvalue())
 
+def to_uint8(images) -> np.ndarray:
+    """Images [..., 3, H, W] (torch or numpy, float in [0, 1]) as uint8 [..., H, W, 3], rounded as
+    their PNGs store them (a single-channel [H, W] stays [H, W])."""
+    arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    arr = (np.clip(np.nan_to_num(arr), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.moveaxis(arr, -3, -1) if arr.ndim >= 3 and arr.shape[-3] in (1, 3) else arr
+
+
 def _pil(image) -> Image.Image:
-    """An image [3, H, W] (torch or numpy, float in [0, 1]; or uint8 [H, W, 3]) as PIL."""
-    arr = image.detach().float().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(np.nan_to_num(arr), 0, 1) * 255 + 0.5).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3):
-        arr = arr.transpose(1, 2, 0)
+    """An image [3, H, W] (torch or numpy, float in [0, 1]), or uint8 [H, W, 3] as :func:`to_uint8`
+    gives, as PIL (the same picture either way)."""
+    arr = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else to_uint8(image)
     return Image.fromarray(arr.squeeze())
 
 
 def save_png(path: str | Path, image) -> Path:
-    """Write an image [3, H, W] (torch or numpy, float in [0, 1]) as PNG, atomically."""
+    """Write an image as PNG, atomically (:func:`_pil`'s inputs)."""
     return save_image(path, _pil(image))
 
 
@@ -256,7 +261,10 @@ class GenerationRecord(Record):
 class HistoryEntry(Record):
     """One committed generation in ``state.json``: loss quantiles, the optimizer's step size,
     axis ratio and covariance spectrum, the best candidate's parts and parameters, the
-    validation losses by kind, time and render counts."""
+    validation losses by kind, time and render counts; on Ray workers, ``workers``: the seconds
+    each worker spent on the generation's renders (``{"w0": 3.1, ...}``)."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("workers",)
 
     generation: int
     best: float
@@ -274,6 +282,7 @@ class HistoryEntry(Record):
     renders: int = 0
     validation_renders: int = 0
     unet_evals: int = 0
+    workers: dict[str, float] | None = None
 
 
 @dataclass

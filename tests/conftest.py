@@ -1,5 +1,31 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """The small run (``micro_run``) in this process, finished: the reference other runs are compared with."""
+    from micro_run import optimize_args, runs
+
+    from embedpin.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(optimize_args(out, "--json")) == 0
+    (run,) = runs(out)
+    return run
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session; yields its address. Token authentication
+    is switched off for it (a test setting: it would write ~/.ray/auth_token)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'embedpin[ray]'; the test extra has it)")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

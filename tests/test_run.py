@@ -11,30 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from micro_run import PROMPT, ROOT, SMALL
+from micro_run import optimize_args as _optimize
+from micro_run import runs as _runs
 
 from embedpin.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a large star in the center"  # no colour, no background: the run must add what star.png has
-SMALL = ["--generations", "3", "--population", "4", "--batch", "4", "--steps", "6", "--validation-seeds", "4",
-         "--quiet"]
-
-
-def _optimize(out, *extra):
-    return ["optimize", "--target", str(ROOT / "examples" / "star.png"), "--prompt", PROMPT, "--out", str(out),
-            *SMALL, *extra]
-
-
-def _runs(out):
-    return sorted(p for p in Path(out).iterdir() if not p.name.startswith(".")) if Path(out).exists() else []
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    assert main(_optimize(out, "--json")) == 0
-    (run,) = _runs(out)
-    return run
+# ``finished`` (conftest): the small run, in this process, shared with tests/test_scale_out.py
 
 
 def _validated(run):

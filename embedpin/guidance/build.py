@@ -51,6 +51,18 @@ class Conditioning:
             return {}
         return {"pooled": self.pooled_embeds, "negative_pooled": self.negative_pooled}
 
+    def tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Candidate ``i``'s conditioning under the names diffusers pipelines take (``prompt_embeds``,
+        ``negative_prompt_embeds``, SDXL's pooled pair), plus its ``token_vectors`` [N, Din], as CPU
+        float32: what a pinned result file holds."""
+        out = {"prompt_embeds": self.prompt_embeds[i:i + 1], "negative_prompt_embeds": self.negative_embeds[:1]}
+        if self.pooled_embeds is not None:
+            out["pooled_prompt_embeds"] = self.pooled_embeds[i:i + 1]
+            out["negative_pooled_prompt_embeds"] = self.negative_pooled[:1]
+        if self.token_vectors is not None:
+            out["token_vectors"] = self.token_vectors[i]
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
 
 def _normalise(ctx: GuidanceContext, params: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
     """Validate names/shapes -> (λ, {name: [λ, size]} on the conditioning's device and dtype)."""

@@ -1,15 +1,19 @@
 """Everything heavy a run holds, prepared once and validated before any run folder exists.
 
 ``Session.prepare(config)`` loads the model, the targets, the guide / init images, builds
-the guidance context, the search space and the scorer. ``Session.evaluate(X, g)`` is the
-unit a scale-out hands to workers: (standardized candidates, generation) -> conditionings,
-images, losses, with no global state. ``Session.validate(X)`` renders candidates as a user
-would (plain batches) on the run's validation seeds, which no search render uses
-(``optimizer.seeds``); ``Session.validate_plain()`` does the same for the plain prompt.
+the guidance context, the search space and the scorer. ``Session.evaluate(X, g)``:
+(standardized candidates, generation) -> conditionings, images, losses as tensors, with no
+global state. ``Session.batch(X, plan)`` is the same as the run loop receives it, wherever the
+session lives (this process or a Ray worker): a compact, numpy-only
+:class:`~embedpin.optimizer.batch.Batch`; ``plain_batch(plan)`` does it for the plain prompt and
+``pinned(x)`` gives the conditioning a pinned result file holds. ``Session.validate(X)`` renders
+candidates as a user would (plain batches) on the run's validation seeds, which no search render
+uses (``optimizer.seeds``); ``Session.validate_plain()`` does the same for the plain prompt.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,7 @@ from embedpin.guidance.tokens import chunk_count
 from embedpin.images import load_image, resize_crop
 from embedpin.models.embeddings import read_textual_inversion
 from embedpin.models.loader import load_components
+from embedpin.optimizer.batch import Batch, Pinned, RunInfo
 from embedpin.optimizer.seeds import search_seed, validation_seed
 from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
@@ -34,6 +39,7 @@ from embedpin.render.size import render_size, size_multiple
 from embedpin.scoring.scorer import Scorer, ScoreResult
 from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
+from embedpin.store import to_uint8
 
 if TYPE_CHECKING:
     from embedpin.models.components import Components
@@ -102,6 +108,20 @@ def for_model(config: RunConfig, comp, init: torch.Tensor | None) -> RunConfig:
     return config.for_model(comp.profile, height, width, batch)
 
 
+def search_plan(config: RunConfig, plan: RenderPlan, generation: int) -> RenderPlan:
+    """The plan of generation ``generation``'s search renders: ``plan`` with its seed (``optimizer.seeds``)."""
+    optim = config.optim
+    return replace(plan, seed=search_seed(optim.seed, generation, optim.search_seeds))
+
+
+def guide_images(config: RunConfig, guide: list, targets: torch.Tensor | None, towers: bool) -> list:
+    """The run's guide images: those given (``--guide``), else with ``--guide-target`` the targets,
+    when a searched block reads guide images and the model has an image tower to read them."""
+    if config.prompt.guide_target and not guide and targets is not None and config.uses_guide() and towers:
+        return list(targets)
+    return guide
+
+
 def validation_plan(config: RunConfig, plan):
     """Plain batches of ``validation_seeds`` images on the run's validation seed (None: off)."""
     n = config.optim.validation_seeds
@@ -144,8 +164,7 @@ class Session:
 
     def search_plan(self, generation: int):
         """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
-        optim = self.config.optim
-        return replace(self.plan, seed=search_seed(optim.seed, generation, optim.search_seeds))
+        return search_plan(self.config, self.plan, generation)
 
     @classmethod
     def prepare(cls, config: RunConfig) -> Session:
@@ -165,12 +184,10 @@ class Session:
         if init is not None:
             init = resize_crop(init, size).to(comp.device)
         notes = []
-        if prompt.guide_target and not guide and targets is not None and config.uses_guide():
-            if comp.towers:
-                guide = list(targets)
-            else:
-                notes.append("no image CLIP tower for this model, so the targets do not guide the prompt (image "
-                             "guidance is off); pass --clip (SD 1.x / SDXL: openai/clip-vit-large-patch14) to use it")
+        if prompt.guide_target and not guide and targets is not None and config.uses_guide() and not comp.towers:
+            notes.append("no image CLIP tower for this model, so the targets do not guide the prompt (image "
+                         "guidance is off); pass --clip (SD 1.x / SDXL: openai/clip-vit-large-patch14) to use it")
+        guide = guide_images(config, guide, targets, bool(comp.towers))
         # 2. per-run precomputation: guidance context, search space, scorer
         vectors = read_textual_inversion(config.search.init_embedding, input_widths(comp), comp.family) \
             if config.search.init_embedding else None
@@ -192,18 +209,51 @@ class Session:
         notes += _cut_text_target(comp, score.text_target)
         return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes)
 
+    def info(self) -> RunInfo:
+        """What the driver needs to know of this session without loading the model itself."""
+        return RunInfo(config=self.config.to_dict(), space=self.space.to_dict(), family=self.components.family,
+                       widths=list(input_widths(self.components)), towers=len(self.components.towers),
+                       notes=list(self.notes), device=str(self.components.device))
+
+    def conditioning(self, params: dict[str, np.ndarray]) -> Conditioning:
+        """The candidates' conditionings from decoded parameters {block: [λ, size]} (a record's
+        stored parameters: ``{block: [values]}`` with λ = 1)."""
+        like = self.ctx.plain.hidden
+        return build(self.ctx, {k: torch.as_tensor(np.atleast_2d(np.asarray(v, dtype=np.float64))).to(like)
+                                for k, v in params.items()})
+
+    def _render(self, cond: Conditioning, plan: RenderPlan) -> tuple[RenderResult, ScoreResult]:
+        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, plan,
+                     init_image=self.ctx.init_image, strength=cond.strength, **cond.pooled())
+        return out, self.scorer(out.images, out.lineage, out.roots)
+
     @torch.no_grad()
     def evaluate(self, X: np.ndarray, generation: int = 0, plan=None) -> Evaluation:
         """Standardized candidates X [λ, n] -> conditionings, renders [λ, B, 3, H, W], losses [λ],
         rendered with generation ``generation``'s search plan (or ``plan``)."""
         params = self.space.decode(X)
-        like = self.ctx.plain.hidden
-        cond = build(self.ctx, {k: torch.as_tensor(v).to(like) for k, v in params.items()})
-        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg,
-                     plan or self.search_plan(generation), init_image=self.ctx.init_image, strength=cond.strength,
-                     **cond.pooled())
-        score = self.scorer(out.images, out.lineage, out.roots)
+        cond = self.conditioning(params)
+        out, score = self._render(cond, plan or self.search_plan(generation))
         return Evaluation(params, cond, out, score, distance(self.ctx, cond))
+
+    def batch(self, X: np.ndarray, plan: RenderPlan, worker: str = "local") -> Batch:
+        """:meth:`evaluate` on ``plan`` as the run loop receives it: a compact :class:`Batch`."""
+        t0 = time.perf_counter()
+        ev = self.evaluate(X, plan=plan)
+        return _compact(ev.params, ev.render, ev.score, ev.distance, worker, t0)
+
+    @torch.no_grad()
+    def plain_batch(self, plan: RenderPlan, worker: str = "local") -> Batch:
+        """The plain prompt rendered on ``plan`` and scored, as a one-candidate :class:`Batch`."""
+        t0 = time.perf_counter()
+        out, score = self._render(self.plain_conditioning(), plan)
+        return _compact({}, out, score, torch.zeros(1), worker, t0)
+
+    @torch.no_grad()
+    def pinned(self, x: np.ndarray | None) -> Pinned:
+        """The conditioning of candidate ``x`` [n] (None: the plain prompt) as a pinned result holds it."""
+        cond = self.plain_conditioning() if x is None else self.conditioning(self.space.decode(np.asarray(x)[None]))
+        return Pinned(cond.tensors(0), float(cond.cfg[0]))
 
     def validate(self, X: np.ndarray) -> Evaluation:
         """Candidates X [k, n] rendered as plain batches on the validation seeds, scored."""
@@ -224,15 +274,24 @@ class Session:
         return Conditioning(enc.hidden, neg.hidden, enc.hidden.new_tensor([c.render.cfg]), strength,
                             pooled_embeds=enc.pooled, negative_pooled=neg.pooled)
 
-    def conditioning(self, params: dict[str, list[float]]) -> Conditioning:
-        """One candidate's conditioning from its decoded parameters (as a record stores them)."""
-        like = self.ctx.plain.hidden
-        return build(self.ctx, {k: torch.tensor([v], dtype=torch.float64).to(like) for k, v in params.items()})
-
     @torch.no_grad()
     def validate_plain(self):
         """The plain prompt on the validation seeds: (its Conditioning, RenderResult, ScoreResult)."""
         cond = self.plain_conditioning()
-        out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, self.validation,
-                     init_image=self.ctx.init_image, strength=cond.strength, **cond.pooled())
-        return cond, out, self.scorer(out.images, out.lineage, out.roots)
+        return (cond, *self._render(cond, self.validation))
+
+
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def _compact(params: dict, out: RenderResult, score: ScoreResult, dist: torch.Tensor, worker: str,
+             t0: float) -> Batch:
+    """An evaluation's tensors as the :class:`Batch` the driver keeps (images as uint8)."""
+    k = out.images.shape[0]
+    return Batch(loss=score.loss.double().cpu().numpy(), flip=_numpy(score.flip), clip=_numpy(score.clip),
+                 per_image=_numpy(score.per_image), distance=dist.double().cpu().numpy(),
+                 params={name: np.asarray(v, dtype=np.float64) for name, v in params.items()},
+                 images=to_uint8(out.images), lineage=_numpy(out.lineage).astype(np.int64),
+                 seeds=_numpy(out.seeds).astype(np.int64), unet_evals=int(out.unet_evals),
+                 seconds={worker: time.perf_counter() - t0}, worker=[worker] * k)

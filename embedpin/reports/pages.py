@@ -191,13 +191,24 @@ def plain_validation_context(run: Run) -> dict | None:
 
 
 def generation_rows(run: Run) -> list[dict]:
-    """One table row per generation (history and/or on disk), with its page link."""
+    """One table row per generation (history and/or on disk), with its page link and, for runs on
+    Ray workers, the worker time split as text (``worker_split``: "w0 3.1 · w1 2.9"; sorted by the
+    slowest worker, ``worker_max``)."""
     rows = {int(h.generation): h.to_json() for h in run.history}
     for g in run.generations:
         rows.setdefault(g, dict(generation=g))
     on_disk = set(run.generations)
-    return [dict(row, page=f"generations/{generation_dirname(g)}/index.html" if g in on_disk else None)
+    return [dict(row, page=f"generations/{generation_dirname(g)}/index.html" if g in on_disk else None,
+                 worker_split=worker_split(row.get("workers")),
+                 worker_max=max(row["workers"].values()) if worker_split(row.get("workers")) else None)
             for g, row in sorted(rows.items())]
+
+
+def worker_split(seconds: dict | None) -> str | None:
+    """``{"w0": 3.12, "w1": 2.9}`` -> ``"w0 3.12 · w1 2.9"`` (None: not run on workers)."""
+    if not isinstance(seconds, dict) or not seconds:
+        return None
+    return " · ".join(f"{name} {num(float(s), 3)}" for name, s in seconds.items())
 
 
 def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
@@ -208,5 +219,6 @@ def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
         targets=targets, guides=guide, best=best_context(run), plain=plain_validation_context(run),
         notes=list(run.state.notes or []),
         plots=plots, gif=gif,
-        generations=generation_rows(run), commands=commands(run),
+        generations=(rows := generation_rows(run)), workers=any(r["worker_split"] for r in rows),
+        commands=commands(run),
     )
