@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from embedpin.errors import ConfigError, EmbedpinError
 
@@ -261,6 +262,19 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_analyze(a) -> int:
+    import json
+
+    from embedpin.analysis import analysis_for, table
+    from embedpin.reports.builder import rebuild
+
+    result, measured = analysis_for(a.run, device=a.device, again=a.again)
+    if measured:
+        rebuild(Path(a.run))  # the run page shows the table
+    print(json.dumps(result.to_json(), indent=1) if a.json else table(result))
+    return 0
+
+
 def cmd_models(a) -> int:
     from embedpin.models.loader import describe_builtin, load_components
 
@@ -306,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild a run's HTML report from its store")
     rp.add_argument("run")
     rp.set_defaults(fn=cmd_report)
+    an = sub.add_parser("analyze", help="which prompt tokens lock the pinned result in: per token its pinned weight, "
+                        "the search's spread along it and the effect of removing, zeroing and doubling it on the "
+                        "validation seeds (3 renders of the validation seeds per token)")
+    an.add_argument("run", help="run folder (finished or stopped)")
+    an.add_argument("--json", action="store_true", help="print the rows as JSON")
+    an.add_argument("--again", action="store_true", help="measure again even if the run folder has this "
+                    "generation's table (analysis.json)")
+    an.add_argument("--device", default="auto")
+    an.set_defaults(fn=cmd_analyze)
     m = sub.add_parser("models", help="list the built-in model; check a --model argument")
     m.add_argument("--model", default=None, help="a --model argument to check: family, native size, prediction "
                    "type, text widths and image towers")

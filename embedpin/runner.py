@@ -47,6 +47,7 @@ from embedpin.optimizer.mo import MOCMAES
 from embedpin.optimizer.setup import RunSetup
 from embedpin.pinned import save_pinned
 from embedpin.reports.builder import update
+from embedpin.reports.pages import folder_argument, usage_commands
 from embedpin.store import (
     PINNED,
     CandidateRecord,
@@ -92,7 +93,11 @@ class RunResult:
                    f"on seeds the search never used")
         else:
             how = f"loss {self.best_loss:.4f} on the search's own seeds"
-        return f"run folder: {self.run_dir}\npinned result: {how}\nreport: {self.run_dir / 'index.html'}"
+        where = folder_argument(self.run_dir)
+        lines = [f"run folder: {self.run_dir}", f"pinned result: {how}", f"report: {self.run_dir / 'index.html'}"]
+        if self.interrupted:
+            lines.append(f"continue it: embedpin optimize --resume {where}")
+        return "\n".join([*lines, "use it:", *(f"  {c}" for c in usage_commands(where))])
 
     def summary(self) -> dict:
         out = {"run_dir": str(self.run_dir), "best_loss": self.best_loss, "first_best_loss": self.first_best_loss,
@@ -151,6 +156,7 @@ def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None
         state = store.read_state()
         state.space = ev.info.space
         state.notes = ev.info.notes or None
+        state.tokens = ev.info.tokens or None
         return _loop(setup, ev, store, make_optimizer(setup), state, quiet)
 
 
@@ -201,6 +207,9 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
     state.status = "running"
     store.write_state(state)
     _report(store, None)
+    if not quiet:
+        print(f"run folder: {store.root}\nreport: {store.root / 'index.html'} (open it now: it refreshes itself "
+              f"while the run goes)", file=sys.stderr, flush=True)
     if setup.validation is not None and state.plain_validation is None:
         _validate_plain(setup, ev, store, state)
         store.write_state(state)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 STATUSES = ("running", "finished", "interrupted")
 STATE, CONFIG, PINNED, GENERATION = "state.json", "config.toml", "pinned.safetensors", "generation.json"
+ANALYSIS = "analysis.json"  # embedpin analyze's token table (embedpin.analysis), read by the report
 
 
 def generation_dirname(generation: int) -> str:
@@ -320,12 +321,55 @@ class PlainValidation(Record):
 
 
 @dataclass
+class TokenRow(Record):
+    """One prompt token of ``embedpin analyze`` (``embedpin.analysis``): its label, whether it is
+    a placeholder, written and pinned weights, the search's spread along it (weight units; None:
+    not searched), the validation-loss change of removing it, zeroing it and doubling it, and
+    its verdict (tight / loose / irrelevant)."""
+
+    index: int
+    token: str
+    placeholder: bool
+    written: float
+    weight: float
+    spread: float | None
+    remove: float
+    zero: float
+    double: float
+    verdict: str
+
+
+@dataclass
+class TokenAnalysis(Record):
+    """``analysis.json``: the token table of the run's pinned result at ``generation`` committed
+    generations, measured against its validation loss ``loss`` on ``seeds`` validation seeds
+    (``plain``: the plain prompt's), with the verdict thresholds (fractions of ``loss``)."""
+
+    NESTED: ClassVar[dict[str, Any]] = {"rows": [TokenRow]}
+
+    generation: int
+    loss: float
+    plain: float | None
+    seeds: int
+    tight: float
+    irrelevant: float
+    rows: list[TokenRow] = field(default_factory=list)
+
+
+def read_analysis(root: Path) -> TokenAnalysis | None:
+    """The run's stored token analysis (None: never measured)."""
+    path = Path(root) / ANALYSIS
+    return TokenAnalysis.from_json(read_json(path), str(path)) if path.is_file() else None
+
+
+@dataclass
 class RunState(Record):
     """``state.json``: status, committed generations, the pinned result, history, the
     Pareto front (``--max-distance``), the optimizer's JSON state, the plain prompt's
-    validation, the search space's description, why the run stopped and notes on its setup."""
+    validation, the search space's description, why the run stopped, notes on its setup and the
+    prompt's token labels (what each token weight weighs)."""
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason", "notes")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason", "notes", "tokens")
     NESTED: ClassVar[dict[str, Any]] = {"best": PinnedRecord, "history": [HistoryEntry],
                                         "plain_validation": PlainValidation}
 
@@ -340,6 +384,7 @@ class RunState(Record):
     space: dict[str, Any] | None = None
     stop_reason: str | None = None
     notes: list[str] | None = None  # what the run's setup means for its result (shown in the report)
+    tokens: list[str] | None = None  # the prompt's token labels, one per token weight (placeholders last)
 
     @classmethod
     def read(cls, path: Path) -> RunState:

@@ -62,7 +62,8 @@ class GuidanceOptions:
     written), initialised at init_word (comma-separated words: one per placeholder, in turn;
     a word's tokens' mean if it splits), in a vector_k-dim
     vector_basis ("pca" or "random"); seed for the random bases; cfg and strength: the values
-    used when those blocks are not searched.
+    used when those blocks are not searched; omit_token: leave the prompt's token of that index
+    out (token analysis: the pinned result without one token).
     """
 
     mapping: str = "alignment-first"
@@ -80,6 +81,7 @@ class GuidanceOptions:
     seed: int = OptimConfig.seed
     cfg: float = MICRO.cfg
     strength: float = RenderConfig.strength
+    omit_token: int | None = None  # token analysis: the prompt without its token of this index
 
 
 @dataclass
@@ -366,7 +368,7 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
         raise ConfigError("empty concept prompt")
     init = _init_vectors(components, o, init_vectors) if o.n_vectors > 0 else None
     chunks = max(chunk_count(components, prompt, o.n_vectors), chunk_count(components, negative))
-    plain = encode_prompt(components, prompt, o.clip_skip, init, chunks)
+    plain = encode_prompt(components, prompt, o.clip_skip, init, chunks, o.omit_token)
     ctx = GuidanceContext(components=components, options=o, prompt=prompt, plain=plain,
                           negative=encode_negative(components, negative, o.clip_skip, chunks),
                           vector_init=None if init is None else init.to(plain.input_embeds))

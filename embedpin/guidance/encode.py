@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 
 from embedpin.errors import ConfigError, InputError, ModelError
 from embedpin.guidance.deltas import emphasis
-from embedpin.guidance.tokens import tokenize
+from embedpin.guidance.tokens import token_label, tokenize
 from embedpin.models.clip import clip_pixels
 
 
@@ -68,6 +68,11 @@ class PromptEncoding:
     @property
     def chunks(self) -> int:
         return self.ids.shape[1] // self.window
+
+    @property
+    def labels(self) -> list[str]:
+        """Each weight's token as a person reads it (:func:`~embedpin.guidance.tokens.token_label`)."""
+        return [token_label(self.token_strings[p]) for p in self.positions.tolist()]
 
     @property
     def weighted(self) -> bool:
@@ -185,12 +190,13 @@ def _cache_arg() -> str:
 
 @torch.no_grad()
 def encode_prompt(components, prompt: str, clip_skip: int = 0, placeholders: torch.Tensor | None = None,
-                  chunks: int | None = None) -> PromptEncoding:
+                  chunks: int | None = None, omit: int | None = None) -> PromptEncoding:
     """Tokenize (:func:`~embedpin.guidance.tokens.tokenize`: emphasis, 75-token chunks) and
     encode ``prompt`` -> :class:`PromptEncoding` ([1, 77 c, D]; SDXL: [1, 77 c, 2048] and
     pooled [1, 1280]), with ``placeholders`` [N, Din] after it (token vectors) and at least
-    ``chunks`` chunks (empty ones pad it, as they pad the shorter of prompt and negative)."""
-    t = tokenize(components, prompt, 0 if placeholders is None else len(placeholders), chunks)
+    ``chunks`` chunks (empty ones pad it, as they pad the shorter of prompt and negative);
+    ``omit``: the index of a prompt token to leave out."""
+    t = tokenize(components, prompt, 0 if placeholders is None else len(placeholders), chunks, omit)
     embeds = token_embeddings(components, t.ids, t.ids_2)
     if placeholders is not None:
         embeds[:, t.placeholders] = placeholders.to(embeds)

@@ -45,6 +45,14 @@ class Tokens:
         return self.ids.shape[1] // self.window
 
 
+def token_label(token: str) -> str:
+    """A token string as a person reads it: CLIP's word-end mark dropped (``"star</w>"`` ->
+    ``"star"``), a piece that does not end a word marked with a trailing ``-`` (``"sta-"``)."""
+    if token.endswith("</w>"):
+        return token[:-4]
+    return token if token.startswith("<") and token.endswith(">") else f"{token}-"
+
+
 def _fragment_ids(tokenizer, prompt: str) -> list[tuple[list[int], float]]:
     """(token ids, weight) per emphasis fragment; a BREAK is ``([], BREAK)``."""
     return [([], w) if w == BREAK else (tokenizer(text, add_special_tokens=False).input_ids, w)
@@ -75,23 +83,38 @@ def _ids(tokenizer, chunks: list[list[tuple[int, float]]], window: int, n_chunks
     return out
 
 
+def _omit(fragments: list[tuple[list[int], float]], k: int | None) -> list[tuple[list[int], float]]:
+    """The fragments without the prompt's ``k``-th token (None: all of them; token analysis)."""
+    if k is None:
+        return fragments
+    out, seen = [], 0
+    for ids, w in fragments:
+        out.append(([i for j, i in enumerate(ids) if seen + j != k], w))
+        seen += len(ids)
+    if not 0 <= k < seen:
+        raise ValueError(f"the prompt has {seen} tokens, cannot leave out token {k}")
+    return out
+
+
 def chunk_count(components, prompt: str, n_placeholders: int = 0) -> int:
     """How many chunks ``prompt`` (with ``n_placeholders`` after it) takes."""
     tok = components.tokenizer
     return len(_chunked(_fragment_ids(tok, prompt), n_placeholders, int(tok.model_max_length) - 2))
 
 
-def tokenize(components, prompt: str, n_placeholders: int = 0, chunks: int | None = None) -> Tokens:
+def tokenize(components, prompt: str, n_placeholders: int = 0, chunks: int | None = None,
+             omit: int | None = None) -> Tokens:
     """``prompt`` (A1111 emphasis syntax) and ``n_placeholders`` placeholders -> :class:`Tokens`
-    of at least ``chunks`` chunks (more if the prompt needs them)."""
+    of at least ``chunks`` chunks (more if the prompt needs them); ``omit``: leave the prompt's
+    token of that index out (as if it had not been written)."""
     tok = components.tokenizer
     window = int(tok.model_max_length)
-    fragments = _fragment_ids(tok, prompt)
+    fragments = _omit(_fragment_ids(tok, prompt), omit)
     rows = _chunked(fragments, n_placeholders, window - 2)
     n_chunks = max(len(rows), chunks or 1)
     ids_2 = None
     if components.is_sdxl:
-        second = _fragment_ids(components.tokenizer_2, prompt)
+        second = _omit(_fragment_ids(components.tokenizer_2, prompt), omit)
         if [len(i) for i, _ in second] != [len(i) for i, _ in fragments]:
             raise ModelError("the two SDXL tokenizers split this prompt into different tokens")
         ids_2 = _ids(components.tokenizer_2, _chunked(second, n_placeholders, window - 2), window, n_chunks)

@@ -30,7 +30,8 @@ class RunInfo:
     the run config with the model's defaults and the render size filled in (``RunConfig.to_dict``;
     what config.toml keeps), the search space's JSON description, the model family and text
     encoder widths (a pinned file's recipe), how many image towers it has, the notes on what the
-    setup means for the result, and the device the renders run on."""
+    setup means for the result, the device the renders run on and the labels of the prompt's
+    tokens (placeholders included; one per token weight)."""
 
     config: dict
     space: dict
@@ -39,6 +40,7 @@ class RunInfo:
     towers: int
     notes: list[str]
     device: str
+    tokens: list[str] = field(default_factory=list)
 
 
 @dataclass

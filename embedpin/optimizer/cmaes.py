@@ -252,6 +252,12 @@ class CMAES:
         """Number of completed ``tell`` calls."""
         return int(self._es.update_count)
 
+    def spread(self) -> tuple[np.ndarray, np.ndarray]:
+        """(centre [n], standard deviation [n]) of the search distribution N(m, σ²C) along each
+        coordinate: σ·sqrt(C_ii) (how tightly the search holds each parameter)."""
+        es = self._es
+        return np.asarray(es.centroid, dtype=float).copy(), float(es.sigma) * np.sqrt(np.diag(es.C))
+
     def stats(self) -> dict[str, Any]:
         """What a run records per generation: sigma, axis_ratio, eigenvalues [n], the mean
         [n] (the distribution's centre, decodable as a candidate) and front (None: one objective)."""

@@ -206,6 +206,15 @@ class MOCMAES:
         """Never: the front keeps improving until the generation budget is spent."""
         return None
 
+    def spread(self) -> tuple[np.ndarray, np.ndarray]:
+        """(centre [n], standard deviation [n]) per coordinate of the lowest-loss parent's
+        distribution N(x_k, σ_k² A_k A_kᵀ) (each parent has its own; the front's low-loss end is
+        what the pinned result comes from)."""
+        es = self._es
+        k = int(np.argmin(self._parent_objectives()[:, 0])) if self._evaluated else 0
+        A = np.asarray(es.A[k], dtype=float)
+        return np.asarray(es.parents[k], dtype=float).copy(), float(es.sigmas[k]) * np.sqrt((A * A).sum(1))
+
     def stats(self) -> dict[str, Any]:
         """What a run records per generation: sigma (the parents' mean), the Pareto front as
         [{loss, distance}] by distance; no single distribution, so no axis ratio or mean."""

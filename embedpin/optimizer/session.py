@@ -213,7 +213,7 @@ class Session:
         """What the driver needs to know of this session without loading the model itself."""
         return RunInfo(config=self.config.to_dict(), space=self.space.to_dict(), family=self.components.family,
                        widths=list(input_widths(self.components)), towers=len(self.components.towers),
-                       notes=list(self.notes), device=str(self.components.device))
+                       notes=list(self.notes), device=str(self.components.device), tokens=self.ctx.plain.labels)
 
     def conditioning(self, params: dict[str, np.ndarray]) -> Conditioning:
         """The candidates' conditionings from decoded parameters {block: [λ, size]} (a record's
@@ -221,6 +221,21 @@ class Session:
         like = self.ctx.plain.hidden
         return build(self.ctx, {k: torch.as_tensor(np.atleast_2d(np.asarray(v, dtype=np.float64))).to(like)
                                 for k, v in params.items()})
+
+    def context_without(self, k: int | None, vectors: torch.Tensor | None) -> GuidanceContext:
+        """This run's guidance context with the placeholders at ``vectors`` [N, Din] (a pinned
+        result's; None: no placeholders) and the prompt's token ``k`` left out (None: none; token
+        analysis). Leave a placeholder out by leaving its row out of ``vectors``."""
+        c, comp = self.config, self.components
+        options = replace(self.ctx.options, n_vectors=0 if vectors is None else len(vectors), omit_token=k)
+        return make_context(comp, c.prompt.prompt, c.prompt.negative,
+                            guide=[g[None].to(comp.device) for g in self.guide] or None,
+                            concepts=c.prompt.concepts, init_image=self.ctx.init_image, options=options,
+                            init_vectors=vectors)
+
+    def render_scored(self, cond: Conditioning, plan: RenderPlan) -> tuple[RenderResult, ScoreResult]:
+        """Render ``cond``'s candidates on ``plan`` and score them."""
+        return self._render(cond, plan)
 
     def _render(self, cond: Conditioning, plan: RenderPlan) -> tuple[RenderResult, ScoreResult]:
         out = render(self.components, cond.prompt_embeds, cond.negative_embeds, cond.cfg, plan,

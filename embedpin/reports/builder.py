@@ -18,17 +18,34 @@ from embedpin.reports import plots
 from embedpin.reports.images import animation, frame
 from embedpin.reports.pages import generation_context, run_context
 from embedpin.reports.templating import render
-from embedpin.store import Run, load_run, write_text
+from embedpin.store import Run, load_run, read_analysis, write_text
 
 ASSETS = "report"  # per-page folder of plots, thumbnails and frames
-RUN_PLOTS = (  # (file, title, plotter, source)
-    ("loss.png", "best / median / worst loss", plots.loss_plot, "history"),
-    ("validation.png", "search vs validation loss", plots.validation_plot, "validation"),
-    ("sigma.png", "sigma and axis ratio", plots.sigma_plot, "history"),
-    ("spectrum.png", "eigenvalue spectrum", plots.spectrum_plot, "history"),
-    ("components.png", "ꟻLIP and CLIP components", plots.components_plot, "history"),
-    ("pareto.png", "Pareto front", plots.pareto_plot, "pareto"),
-    ("params.png", "best candidate's parameters", plots.params_plot, "history"),
+RUN_PLOTS = (  # (file, title, plotter, source, caption: how to read it)
+    ("loss.png", "best / median / worst loss", plots.loss_plot, "history",
+     "The generation's candidates on the search seeds: falling lines mean the search is finding better conditionings; "
+     "a wide best-to-worst gap means it is still exploring."),
+    ("validation.png", "search vs validation loss", plots.validation_plot, "validation",
+     "The same candidates on seeds the search never used, as plain batches (what you will see): below the plain "
+     "prompt's line means the pinned result holds on new seeds; far above the search loss means it fits the search "
+     "seeds only."),
+    ("sigma.png", "sigma and axis ratio", plots.sigma_plot, "history",
+     "Step size and the covariance's axis ratio: a shrinking sigma means the search is converging; a growing axis "
+     "ratio means some directions matter much more than others."),
+    ("spectrum.png", "eigenvalue spectrum", plots.spectrum_plot, "history",
+     "The covariance's eigenvalues per generation: spread-out lines mean the search has learnt which directions "
+     "matter."),
+    ("components.png", "ꟻLIP and CLIP components", plots.components_plot, "history",
+     "Each loss term of the generation's best candidate (lower is closer to the target)."),
+    ("pareto.png", "Pareto front", plots.pareto_plot, "pareto",
+     "Loss against distance from the plain prompt (--max-distance): each point is a trade-off; the left end stays "
+     "closest to your prompt."),
+    ("params.png", "best candidate's parameters", plots.params_plot, "history",
+     "The best candidate's parameters per generation, one colour per block: flat lines mean settled values."),
+    ("tokens.png", "token analysis", plots.token_plot, "analysis",
+     "Per prompt token (pinned weight and verdict under it): how much worse the pinned result gets on the validation "
+     "seeds with the token's weight at 0, doubled, or the token removed. Bars above the dashed line: the result "
+     "hinges on that token (tight); bars near 0: it does not (loose or irrelevant)."),
 )
 
 
@@ -83,10 +100,10 @@ def write_frame(run: Run, generation: int, context: dict) -> bool:
 def write_run(run: Run) -> Path:
     """Write the run page ``index.html`` with its plots and the best-over-generations GIF."""
     assets = run.root / ASSETS
-    sources = {"history": run.history, "pareto": run.pareto,
+    sources = {"history": run.history, "pareto": run.pareto, "analysis": read_analysis(run.root),
                "validation": {"history": run.history, "plain": run.state.plain_validation}}
-    written = [dict(src=f"{ASSETS}/{name}", title=title)
-               for name, title, plot, source in RUN_PLOTS if plot(sources[source], assets / name)]
+    written = [dict(src=f"{ASSETS}/{name}", title=title, caption=caption, name=name)
+               for name, title, plot, source, caption in RUN_PLOTS if plot(sources[source], assets / name)]
     frames = [run.generation_dir(g) / ASSETS / "frame.png" for g in run.generations]
     for g, path in zip(run.generations, frames):
         if not path.exists():

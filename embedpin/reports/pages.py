@@ -17,7 +17,7 @@ from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
 from embedpin.reports.templating import num
-from embedpin.store import PREVIEW, CandidateRecord, GenerationRecord, Run, generation_dirname
+from embedpin.store import PREVIEW, CandidateRecord, GenerationRecord, Run, generation_dirname, read_analysis
 
 
 def relpath(rel: str) -> str:
@@ -46,12 +46,23 @@ def vector(values) -> str:
     return ", ".join(num(float(v)) for v in np.ravel(np.asarray(values, dtype=np.float64)))
 
 
-def params_rows(params: dict | None) -> list[tuple[str, str]]:
-    """``{name: [floats]}`` -> ``[(name, "v0, v1, …")]`` in the store's order."""
+def params_rows(params: dict | None, tokens: list[str] | None = None) -> list[tuple[str, str]]:
+    """``{name: [floats]}`` -> ``[(name, "v0, v1, …")]`` in the store's order; token weights
+    with each token beside its weight (``"a 0.98 · star 1.2"``) when ``tokens`` names them."""
     try:
-        return [(str(name), vector(values)) for name, values in (params or {}).items()]
+        return [(str(name), token_weights(values, tokens) if name == "token_weights" else vector(values))
+                for name, values in (params or {}).items()]
     except (TypeError, ValueError):
         raise InputError("malformed parameters in run store: expected {name: [numbers]}") from None
+
+
+def token_weights(values, tokens: list[str] | None) -> str:
+    """Token weights as ``"token weight · …"`` (a bare vector when the tokens are unknown or do
+    not match in number)."""
+    weights = np.ravel(np.asarray(values, dtype=np.float64))
+    if not tokens or len(tokens) != len(weights):
+        return vector(weights)
+    return " · ".join(f"{t} {num(float(w))}" for t, w in zip(tokens, weights))
 
 
 def _loss_order(candidates: list[CandidateRecord]) -> list[CandidateRecord]:
@@ -61,7 +72,7 @@ def _loss_order(candidates: list[CandidateRecord]) -> list[CandidateRecord]:
     return sorted(candidates, key=key)
 
 
-def candidate_context(folder: Path, c: CandidateRecord, best: int | None) -> dict:
+def candidate_context(folder: Path, c: CandidateRecord, best: int | None, tokens: list[str] | None = None) -> dict:
     """One candidate card: its scores, parameters and image grid with lineage colours."""
     images = list(c.images or [])
     lineage = lineage_array(c.lineage, len(images))
@@ -75,14 +86,14 @@ def candidate_context(folder: Path, c: CandidateRecord, best: int | None) -> dic
         for j, rel in enumerate(images)
     ]
     return dict(index=c.index, loss=c.loss, flip=c.flip, clip=c.clip, distance=c.distance,
-                params=params_rows(c.params), images=entries, is_best=c.index == best)
+                params=params_rows(c.params, tokens), images=entries, is_best=c.index == best)
 
 
 def generation_context(run: Run, generation: int, record: GenerationRecord) -> dict:
     """Everything the generation page shows, paths relative to ``generations/NNNN/``."""
     folder = run.generation_dir(generation)
     best = record.best_candidate
-    candidates = [candidate_context(folder, c, best) for c in _loss_order(record.candidates)]
+    candidates = [candidate_context(folder, c, best, run.state.tokens) for c in _loss_order(record.candidates)]
     for c in candidates:
         for image in c["images"]:
             image["path"] = f"generations/{generation_dirname(generation)}/{image['path']}"
@@ -126,19 +137,31 @@ def config_rows(config: RunConfig | None) -> list[tuple[str, str]]:
             if value is not None and value != []]
 
 
+def folder_argument(root: Path) -> str:
+    """A run folder as a user types it in a command (quoted for the shell): ``runs/<id>`` for
+    a run under a ``runs`` folder (the default), else its path."""
+    root = Path(root)
+    return shlex.quote(f"runs/{root.name}" if root.parent.name == "runs" else str(root))
+
+
 def run_argument(run: Run) -> str:
-    """The run folder as a user types it in a command (quoted for the shell)."""
-    return shlex.quote(f"runs/{run.id}" if run.root.parent.name == "runs" else str(run.root))
+    """The run folder as a user types it in a command (:func:`folder_argument`)."""
+    return folder_argument(run.root)
 
 
-def commands(run: Run) -> list[str]:
-    """The commands a user copies to export and re-render the pinned conditioning."""
-    where = run_argument(run)
+def usage_commands(where: str) -> list[str]:
+    """The commands that export, re-render and analyze the pinned result of the run at ``where``."""
     return [
         f"embedpin export {where} --format textual-inversion -o pinned.safetensors",
         f"embedpin export {where} --format diffusers -o pinned_embeds.safetensors",
         f"embedpin render {where} --seed 7 -n 8 -o out/",
+        f"embedpin analyze {where}",
     ]
+
+
+def commands(run: Run) -> list[str]:
+    """The commands a user copies to export and re-render the pinned conditioning."""
+    return usage_commands(run_argument(run))[:3]
 
 
 def targets_context(run: Run) -> tuple[list[dict], dict | None]:
@@ -172,7 +195,7 @@ def best_context(run: Run) -> dict | None:
         images = _image_entries(run.root, "", best.images, best.image_losses)
     elif g in run.generations and (found := run.generation(g).candidate(best.candidate)) is not None:
         images = _image_entries(run.generation_dir(g), prefix, found.images, found.image_losses)
-    return dict(generation=g, candidate=best.candidate, loss=best.loss, params=params_rows(best.params),
+    return dict(generation=g, candidate=best.candidate, loss=best.loss, params=params_rows(best.params, run.state.tokens),
                 images=images, page=prefix + "index.html", validated=bool(best.validation))
 
 
@@ -211,14 +234,28 @@ def worker_split(seconds: dict | None) -> str | None:
     return " · ".join(f"{name} {num(float(s), 3)}" for name, s in seconds.items())
 
 
+def analysis_context(run: Run) -> dict | None:
+    """``embedpin analyze``'s table for the run page (None: not measured), with whether it is
+    older than the run's last generation."""
+    a = read_analysis(run.root)
+    if a is None:
+        return None
+    scale = max(abs(a.loss), 1e-12) / 100
+    rows = [dict(r.to_json(), pct={k: getattr(r, k) / scale for k in ("remove", "zero", "double")}) for r in a.rows]
+    return dict(generation=a.generation, loss=a.loss, plain=a.plain, seeds=a.seeds, tight=100 * a.tight,
+                irrelevant=100 * a.irrelevant, rows=rows, stale=a.generation != run.count)
+
+
 def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
     """Everything the run page shows, paths relative to ``runs/<id>/``."""
     targets, guide = targets_context(run)
+    token_plot = next((p for p in plots if p.get("name") == "tokens.png"), None)
     return dict(
+        analysis=analysis_context(run), token_plot=token_plot, run_arg=run_argument(run),
+        plots=[p for p in plots if p is not token_plot], analyze=f"embedpin analyze {run_argument(run)}",
         run=_run_summary(run), live=run.live, recipe=recipe(run.config), config_rows=config_rows(run.config),
         targets=targets, guides=guide, best=best_context(run), plain=plain_validation_context(run),
-        notes=list(run.state.notes or []),
-        plots=plots, gif=gif,
+        notes=list(run.state.notes or []), gif=gif,
         generations=(rows := generation_rows(run)), workers=any(r["worker_split"] for r in rows),
         commands=commands(run),
     )

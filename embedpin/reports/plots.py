@@ -185,3 +185,24 @@ def histogram_plot(losses: np.ndarray, image_losses: np.ndarray, dst: Path) -> b
     if losses.size:
         ax.hist(losses, bins=bins, color="tab:blue", alpha=0.8, label="per candidate")
     return _save(fig, ax, dst)
+
+
+def token_plot(analysis, dst: Path) -> bool:
+    """``embedpin analyze``'s table as a chart over the prompt's tokens: per token the change of
+    the validation loss (% of the pinned loss) at weight 0, at 2× and with the token removed; the
+    pinned weight and verdict under each token; the "tight" threshold as a dashed line."""
+    rows = list(getattr(analysis, "rows", None) or [])
+    if not rows:
+        return False
+    scale = max(abs(analysis.loss), 1e-12) / 100
+    x = np.arange(len(rows))
+    fig, ax = _axes("which tokens lock the result in", xlabel="", ylabel="validation loss change, % of pinned")
+    fig.set_size_inches(max(5.4, 0.6 * len(rows) + 1.5), 3.6)
+    ax.set_position((0.1, 0.22, 0.86, 0.68))
+    for k, (key, label) in enumerate((("zero", "weight 0"), ("double", "weight 2×"), ("remove", "removed"))):
+        ax.bar(x + (k - 1) * 0.27, [getattr(r, key) / scale for r in rows], width=0.27, color=f"C{k}", label=label,
+               alpha=0.6 if key == "remove" else 0.9)
+    ax.axhline(100 * analysis.tight, color="black", ls="--", lw=0.8, label=f"tight ≥ {100 * analysis.tight:g}%")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xticks(x, [f"{r.token}\n{r.weight:.2f}\n{r.verdict}" for r in rows], fontsize=7)
+    return _save(fig, ax, dst)
