@@ -15,6 +15,7 @@ from PIL import Image
 from embedpin.cli import main
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
+from embedpin.models.clip import clip_image_embeds
 from embedpin.scoring.flip import DEFAULT_PPD, flip_loss
 from embedpin.scoring.masks import bounding_box, fill, load_masks, masked_mean
 from embedpin.scoring.scorer import Scorer
@@ -100,11 +101,18 @@ def test_grey_is_a_weight():
     assert fill(target, render, mask)[0, 0].tolist() == [[1.0, 0.5], [0.0, 0.0]]
 
 
-def test_clip_sees_the_masks_bounding_box():
+def test_clip_sees_the_masks_bounding_box(components):
     mask = torch.zeros(1, 8, 10)
     mask[0, 2:5, 3] = 0.5
     mask[0, 4, 7] = 1
     assert bounding_box(mask) == (slice(2, 5), slice(3, 8))
+    g = torch.Generator().manual_seed(5)
+    target, images = torch.rand(1, 3, *SIZE, generator=g), torch.rand(4, 3, *SIZE, generator=g)
+    box = torch.zeros(1, 1, *SIZE)
+    box[..., 3:11, 4:16] = 1  # a rectangle: CLIP compares the crops themselves
+    got = Scorer(components, target, flip_weight=0.0, clip_weight=1.0, masks=box).clip_masked(images)
+    crops = clip_image_embeds(components, torch.cat((images[..., 3:11, 4:16], target[..., 3:11, 4:16])))
+    assert torch.allclose(got, 1 - crops[:4] @ crops[4], atol=1e-6)
 
 
 # --- loading and validation -----------------------------------------------------------
@@ -158,6 +166,13 @@ def test_mask_counts_and_files_are_checked(tmp_path):
         load_masks([str(tmp_path / "bad.png")], [t], SIZE)
 
 
+def test_the_python_api_takes_masks(tmp_path):
+    from embedpin.api import run_config
+
+    mask = _save(tmp_path / "m.png", np.full((8, 8), 255, np.uint8), "L")
+    assert run_config(target=[STAR, STAR], mask=mask, prompt="x").score.masks == [mask]
+
+
 def test_masks_round_trip_through_config_toml(tmp_path):
     cfg = _config(["a.png", "b.png"], ["ma.png", "mb.png"])
     (tmp_path / "config.toml").write_text(cfg.to_toml())
@@ -195,7 +210,7 @@ def test_a_masked_run_keeps_the_mask_beside_its_target_and_the_report_shows_it(t
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 255  # the star's centre; a different size than star.png (64x64)
     path = _save(tmp_path / "centre.png", mask, "L")
-    assert main(_argv(tmp_path / "runs", "--mask", path)) == 0
+    assert main([a for a in _argv(tmp_path / "runs", "--mask", path) if a != "--quiet"]) == 0  # notes show
     assert "note: mask centre.png resized from 32x32" in capsys.readouterr().err
     (run,) = _runs(tmp_path / "runs")
     saved = np.asarray(Image.open(run / "targets" / "mask_00.png"))

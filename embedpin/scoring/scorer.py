@@ -131,24 +131,25 @@ class Scorer:
     def clip_per_image(self, images: torch.Tensor) -> torch.Tensor:
         """Mean CLIP cosine distance [λ, B] to the targets (images, text), or to batch-mates."""
         flat = images.flatten(0, 1)
-        embeds = clip_image_embeds(self.components, flat).to(images.device)
-        if self.targets is None and not self.clip_targets:
-            return _off_diagonal_mean(pairwise_cosine_distance(embeds.view(*images.shape[:2], -1)))
-        terms = [cosine_distance(embeds, t) for t in self.clip_targets]
-        if self.masks is not None:
-            terms.insert(0, self.clip_masked(flat))
+        terms = [self.clip_masked(flat)] if self.masks is not None else []
+        if self.clip_targets or self.targets is None:  # (masked targets embed their own crops)
+            embeds = clip_image_embeds(self.components, flat).to(images.device)
+            if self.targets is None and not self.clip_targets:
+                return _off_diagonal_mean(pairwise_cosine_distance(embeds.view(*images.shape[:2], -1)))
+            terms += [cosine_distance(embeds, t) for t in self.clip_targets]
         return torch.stack(terms).mean(0).view(images.shape[:2])
 
     def clip_masked(self, images: torch.Tensor) -> torch.Tensor:
         """Mean CLIP cosine distance [N] of images [N, 3, H, W] to the masked targets: per target,
         the images and the target filled from each of them, both cropped to the mask's bounding
-        box (one slice for the whole batch), then embedded as CLIP preprocesses any image."""
+        box (one slice for the whole batch), then embedded as CLIP preprocesses any image. A mask
+        white all over its box (a rectangle) needs no fill: the target's crop is embedded once."""
         terms = []
         for target, mask in zip(self.targets, self.masks):
             rows, cols = bounding_box(mask)
-            crop = images[..., rows, cols]
-            filled = fill(target[..., rows, cols], crop, mask[..., rows, cols])
-            pair = clip_image_embeds(self.components, torch.cat((crop, filled))).to(images.device)
+            crop, m = images[..., rows, cols], mask[..., rows, cols]
+            filled = target[None, :, rows, cols] if bool((m >= 1).all()) else fill(target[:, rows, cols], crop, m)
+            pair = clip_image_embeds(self.components, torch.cat((crop, filled.to(crop)))).to(images.device)
             terms.append(1 - (pair[:len(crop)] * pair[len(crop):]).sum(-1))
         return torch.stack(terms).mean(0)
 
