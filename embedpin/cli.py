@@ -53,6 +53,10 @@ def _optimize_parser(sub):
     g.add_argument("--target", action="append", default=None, metavar="PATH",
                    help="target image file or folder (repeatable); omitted: self mode, pin to lower "
                         "variation across seeds")
+    g.add_argument("--mask", action="append", default=None, metavar="MASK",
+                   help="which part of the target to pin: white = pin, black = ignore, grey = a weight between; "
+                        "once for all targets or once per target, in target order (repeatable; resized with "
+                        "its target; default: none, the whole image counts)")
     g.add_argument("--prompt", default=None, help="the prompt to pin")
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--guide", action="append", default=None, metavar="IMAGE",
@@ -188,7 +192,7 @@ def config_from_args(a):
         ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
         ("render", "max_batch"): a.max_batch, ("render", "renoise"): a.renoise,
         ("render", "hyperbatch"): False if a.no_hyperbatch else None,
-        ("score", "targets"): a.target, ("score", "text_target"): a.text_target,
+        ("score", "targets"): a.target, ("score", "masks"): a.mask, ("score", "text_target"): a.text_target,
         ("score", "flip_weight"): a.flip_weight, ("score", "clip_weight"): a.clip_weight,
         ("score", "std_weight"): a.std_weight, ("score", "weighting"): a.weighting, ("score", "ppd"): a.ppd,
     }

@@ -99,6 +99,7 @@ class RenderConfig:
 @dataclass
 class ScoreConfig:
     targets: list[str] = field(default_factory=list)  # files / folders; empty = self mode
+    masks: list[str] = field(default_factory=list)    # white = pin, black = ignore: none, one for all, or one per target
     text_target: str | None = None
     flip_weight: float = 1.0
     clip_weight: float = 0.0
@@ -206,8 +207,19 @@ class RunConfig:
         _check(not (GUIDED_BLOCKS & set(search.blocks)) or guides,
                "the guidance blocks need a --guide image (or --target with --guide-target)")
         _check(not score.targets or score.flip_weight > 0 or score.clip_weight > 0, "targets need a loss weight")
+        self._check_masks()
         self._check_files()
         return self
+
+    def _check_masks(self) -> None:
+        """--mask: with targets, one for all of them or one per target (counted here when every
+        target is a file; the loader counts a folder's images again)."""
+        masks, targets = self.score.masks, self.score.targets
+        _check(not masks or bool(targets), "--mask needs --target: a mask selects the part of a target image to pin")
+        countable = all(Path(t).is_file() for t in targets)
+        _check(not countable or len(masks) in (0, 1, len(targets)),
+               f"give one --mask for all targets or one per target, in target order (got {len(masks)} masks for "
+               f"{len(targets)} targets)")
 
     def _check_files(self) -> None:
         """Input files exist, checked before torch is imported (the loaders check again, with
@@ -215,6 +227,9 @@ class RunConfig:
         for t in self.score.targets:
             if not Path(t).exists():
                 raise InputError(f"target not found: {t}")
+        for m in self.score.masks:
+            if not Path(m).is_file():
+                raise InputError(f"mask not found: {m}")
         for image in [*self.prompt.guide, *([self.prompt.init_image] if self.prompt.init_image else [])]:
             if not Path(image).is_file():
                 raise InputError(f"image not found: {image}")

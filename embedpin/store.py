@@ -7,7 +7,7 @@ Layout::
       config.toml            the RunConfig (everything needed to reproduce the run)
       state.json             status, committed generation count, pinned result, history, optimizer
       pinned.safetensors     the pinned conditioning + its recipe (metadata)
-      targets/target_TT.png  targets/guide_GG.png
+      targets/target_TT.png  targets/mask_TT.png (its --mask, at the render size)  targets/guide_GG.png
       validation/plain_iBB.png
       generations/NNNN/      generation.json, images/cII_iBB.png, validation/, errmaps/
 
@@ -54,7 +54,8 @@ def generation_dirname(generation: int) -> str:
 
 
 def target_file(i: int, kind: str = "target") -> str:
-    """``targets/target_TT.png`` (``kind`` "guide": ``targets/guide_GG.png``), relative to the run."""
+    """``targets/target_TT.png`` (``kind`` "mask": target TT's mask ``targets/mask_TT.png``; "guide":
+    ``targets/guide_GG.png``), relative to the run."""
     return f"targets/{kind}_{i:02d}.png"
 
 

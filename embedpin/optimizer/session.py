@@ -36,6 +36,7 @@ from embedpin.optimizer.seeds import search_seed, validation_seed
 from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
 from embedpin.render.size import render_size, size_multiple
+from embedpin.scoring.masks import load_masks
 from embedpin.scoring.scorer import Scorer, ScoreResult
 from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
@@ -181,9 +182,10 @@ class Session:
         plan = render_plan(config).validate(comp.vae_scale_factor)
         size = (plan.height, plan.width)
         targets = load_targets(score.targets, size).to(comp.device) if score.targets else None
+        masks = load_masks(score.masks, score.targets, size) if score.masks else None
         if init is not None:
             init = resize_crop(init, size).to(comp.device)
-        notes = []
+        notes = list(masks.notes) if masks else []
         if prompt.guide_target and not guide and targets is not None and config.uses_guide() and not comp.towers:
             notes.append("no image CLIP tower for this model, so the targets do not guide the prompt (image "
                          "guidance is off); pass --clip (SD 1.x / SDXL: openai/clip-vit-large-patch14) to use it")
@@ -204,7 +206,8 @@ class Session:
             raise ConfigError("the CLIP loss needs an image CLIP model: pass --clip")
         scorer = Scorer(comp, targets, flip_weight=score.flip_weight, clip_weight=score.clip_weight,
                         text_target=score.text_target, std_weight=score.std_weight,
-                        hyperbatch_weighting=score.weighting, hyperbatch_scale=score.weighting_scale, ppd=score.ppd)
+                        hyperbatch_weighting=score.weighting, hyperbatch_scale=score.weighting_scale, ppd=score.ppd,
+                        masks=masks.masks.to(comp.device) if masks else None)
         notes += [ctx.guidance_note] if ctx.guidance_note else []
         notes += _cut_text_target(comp, score.text_target)
         return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes)

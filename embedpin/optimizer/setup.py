@@ -4,7 +4,7 @@ The run loop keeps the optimizer, every render seed, the run store and the repor
 lives with the evaluator (in this process or in Ray workers, ``optimizer.evaluate``). From the
 evaluator's :class:`~embedpin.optimizer.batch.RunInfo` and the config, :class:`RunSetup` rebuilds
 the search space (from its JSON description), the render plans with their seeds (the same
-functions a ``Session`` uses), and loads the targets and guide images itself (for the run folder
+functions a ``Session`` uses), and loads the targets, their masks and guide images itself (for the run folder
 and the report's ꟻLIP error maps, computed from the uint8 images the evaluator returns with a
 ꟻLIP-only scorer that needs no model).
 """
@@ -22,6 +22,7 @@ from embedpin.images import load_image
 from embedpin.optimizer.batch import RunInfo
 from embedpin.optimizer.session import guide_images, render_plan, search_plan, validation_plan
 from embedpin.render.sampler import RenderPlan
+from embedpin.scoring.masks import load_masks
 from embedpin.scoring.scorer import Scorer
 from embedpin.scoring.targets import load_targets
 from embedpin.space import SearchSpace
@@ -40,6 +41,7 @@ class RunSetup:
     validation: RenderPlan | None   # the validation renders (None: validation off)
     targets: torch.Tensor | None
     device: str = "cpu"
+    masks: torch.Tensor | None = None  # [T, 1, H, W], one per target (None: no --mask)
 
     @classmethod
     def make(cls, info: RunInfo, device: str = "cpu") -> RunSetup:
@@ -48,24 +50,27 @@ class RunSetup:
         plan = render_plan(config)
         size = (plan.height, plan.width)
         targets = load_targets(config.score.targets, size) if config.score.targets else None
+        masks = load_masks(config.score.masks, config.score.targets, size).masks if config.score.masks else None
         return cls(config, info, SearchSpace.from_dict(info.space), plan, validation_plan(config, plan), targets,
-                   device)
+                   device, masks)
 
     def search_plan(self, generation: int) -> RenderPlan:
         return search_plan(self.config, self.plan, generation)
 
     def files(self) -> dict[str, torch.Tensor]:
-        """The images a new run folder starts with: targets and guide images (``store.target_file``)."""
+        """The images a new run folder starts with: targets, their masks and guide images (``store.target_file``)."""
         targets = self.targets if self.targets is not None else []
+        masks = self.masks if self.masks is not None else []
         guide = guide_images(self.config, [load_image(g) for g in self.config.prompt.guide], self.targets,
                              self.info.towers > 0)
         return {**{target_file(i): t for i, t in enumerate(targets)},
+                **{target_file(i, "mask"): m for i, m in enumerate(masks)},
                 **{target_file(i, "guide"): g for i, g in enumerate(guide)}}
 
     @cached_property
     def _flip(self) -> Scorer:
         return Scorer(None, self.targets.to(self.device), flip_weight=1.0, clip_weight=0.0,
-                      ppd=self.config.score.ppd)
+                      ppd=self.config.score.ppd, masks=None if self.masks is None else self.masks.to(self.device))
 
     def error_maps(self, images: np.ndarray) -> np.ndarray | None:
         """ꟻLIP error maps [B, H, W] in [0, 1] of uint8 images [B, H, W, 3] against the targets

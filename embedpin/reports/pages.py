@@ -17,7 +17,15 @@ from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
 from embedpin.reports.templating import num
-from embedpin.store import PREVIEW, CandidateRecord, GenerationRecord, Run, generation_dirname, read_analysis
+from embedpin.store import (
+    PREVIEW,
+    CandidateRecord,
+    GenerationRecord,
+    Run,
+    generation_dirname,
+    read_analysis,
+    target_file,
+)
 
 
 def relpath(rel: str) -> str:
@@ -165,13 +173,21 @@ def commands(run: Run) -> list[str]:
 
 
 def targets_context(run: Run) -> tuple[list[dict], dict | None]:
-    """Target and guide thumbnails (thumbnails live under ``report/thumbs/targets/``)."""
+    """Target and guide thumbnails (thumbnails live under ``report/thumbs/targets/``); a target
+    with a mask carries it as ``mask``."""
     folder = run.root / "targets"
     shown = (".png", ".jpg", ".jpeg", ".webp")
     files = sorted(p for p in folder.glob("target_*") if p.suffix.lower() in shown)
-    targets = [dict(_target(run, p), name=p.stem) for p in files]
+    targets = [dict(_target(run, p), name=p.stem, mask=_mask(run, p)) for p in files]
     guides = sorted(p for p in folder.glob("guide*") if p.suffix.lower() in shown)
     return targets, [dict(_target(run, p), name=p.stem) for p in guides]
+
+
+def _mask(run: Run, target: Path) -> dict | None:
+    """The thumbnail entry of a target's mask (``store.target_file(i, "mask")``), None without one."""
+    index = target.stem.rpartition("_")[2]
+    path = run.root / target_file(int(index), "mask") if index.isdigit() else None
+    return dict(_target(run, path), name=path.stem) if path is not None and path.is_file() else None
 
 
 def _target(run: Run, path: Path) -> dict:

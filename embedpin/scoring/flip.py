@@ -25,6 +25,7 @@ from embedpin.scoring.color import (
     srgb_to_linear,
     ycxcz_to_linear,
 )
+from embedpin.scoring.masks import fill, masked_mean
 
 DEFAULT_PPD = 0.7 * (3840 / 0.7) * math.pi / 180  # 67.02: 0.7 m wide 4K monitor seen from 0.7 m
 QC, PC, PT, GW, QF = 0.7, 0.4, 0.95, 0.082, 0.5  # FLIP's constants (paper, Table 1)
@@ -218,6 +219,27 @@ def flip_cross(test: torch.Tensor, reference: torch.Tensor | FlipReference,
     out = [_combine(_expand(feats[i:i + step], 1), _expand(ref, 0)) for i in range(0, len(test), step)]
     out = torch.cat(out if return_maps else [m.mean((-2, -1)) for m in out])
     return out.to(test.dtype)
+
+
+def flip_cross_masked(test: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, ppd: float = DEFAULT_PPD,
+                      return_maps: bool = False) -> torch.Tensor:
+    """Masked ꟻLIP [N, T] of every test image [N, 3, H, W] against every target [T, 3, H, W]
+    under its mask [T, 1, H, W] (:mod:`embedpin.scoring.masks`): per pair, the target's
+    ignored part is filled from the test image and the error map averaged under the mask;
+    with ``return_maps`` the weighted maps m·err [N, T, H, W]. The filled targets depend on
+    the test image, so their features are computed per pair (chunks of test images bound
+    the memory)."""
+    step = _chunk(12 * (1 + len(targets)) * test.shape[-1] * test.shape[-2])
+    out = []
+    for i in range(0, len(test), step):
+        part = test[i:i + step]
+        feats = flip_features(part, ppd)
+        cols = []
+        for target, mask in zip(targets, masks):
+            maps = _combine(feats, flip_features(fill(target, part, mask), ppd))
+            cols.append(maps * mask.to(maps) if return_maps else masked_mean(maps, mask))
+        out.append(torch.stack(cols, 1))
+    return torch.cat(out).to(test.dtype)
 
 
 def pairwise_flip(images: torch.Tensor, ppd: float = DEFAULT_PPD) -> torch.Tensor:

@@ -8,6 +8,12 @@ image is compared with the other images of its own candidate's batch (pairwise, 
 low loss means the prompt gives consistent images across seeds; a text target still
 applies to the CLIP term). Per-image losses are aggregated by
 :func:`embedpin.scoring.aggregate.aggregate`.
+
+With target masks (:mod:`embedpin.scoring.masks`) each target's ignored part is filled
+from the render being scored: ꟻLIP compares the render with that filled target and averages
+the error under the mask; CLIP compares the two cropped to the mask's bounding box. The
+filled targets depend on the render, so their ꟻLIP features and CLIP embeddings are
+computed per render (white masks ignore nothing and keep the unmasked, precomputed path).
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from embedpin.models.clip import clip_image_embeds, clip_text_embeds, require_cl
 from embedpin.models.components import Components
 from embedpin.scoring.aggregate import WEIGHTINGS, WORST_LOSS, aggregate
 from embedpin.scoring.clip_loss import cosine_distance, pairwise_cosine_distance
-from embedpin.scoring.flip import FlipReference, flip_cross, flip_features, flip_pairs, pairwise_flip
+from embedpin.scoring.flip import (
+    FlipReference,
+    flip_cross,
+    flip_cross_masked,
+    flip_features,
+    flip_pairs,
+    pairwise_flip,
+)
+from embedpin.scoring.masks import bounding_box, fill, is_blank
 
 
 @dataclass
@@ -57,7 +71,8 @@ class Scorer:
                  flip_weight: float = ScoreConfig.flip_weight, clip_weight: float = ScoreConfig.clip_weight,
                  text_target: str | None = None, std_weight: float = ScoreConfig.std_weight,
                  hyperbatch_weighting: str = ScoreConfig.weighting,
-                 hyperbatch_scale: float = ScoreConfig.weighting_scale, ppd: float = ScoreConfig.ppd):
+                 hyperbatch_scale: float = ScoreConfig.weighting_scale, ppd: float = ScoreConfig.ppd,
+                 masks: torch.Tensor | None = None):
         if flip_weight < 0 or clip_weight < 0 or flip_weight + clip_weight <= 0:
             raise ConfigError("loss weights must be >= 0 with at least one of flip/clip weight > 0")
         if hyperbatch_weighting not in WEIGHTINGS:
@@ -68,15 +83,19 @@ class Scorer:
                               f"{std_weight}, {hyperbatch_scale}")
         if targets is not None and (targets.dim() != 4 or targets.shape[1] != 3 or len(targets) == 0):
             raise ValueError(f"targets must be [T, 3, H, W], got {tuple(targets.shape)}")
+        if masks is not None and (targets is None or masks.shape != (len(targets), 1, *targets.shape[-2:])):
+            raise ValueError(f"masks must be [T, 1, H, W] for targets {None if targets is None else tuple(targets.shape)}"
+                             f", got {tuple(masks.shape)}")
         self.components, self.targets = components, targets
+        self.masks = None if is_blank(masks) else masks  # [T, 1, H, W]; None: no pixel ignored
         self.flip_weight, self.clip_weight = float(flip_weight), float(clip_weight)
         self.std_weight, self.weighting, self.scale = float(std_weight), hyperbatch_weighting, float(hyperbatch_scale)
         self.ppd = float(ppd)
-        self.flip_ref = flip_features(targets, ppd) if targets is not None else None
-        self.clip_targets: list[torch.Tensor] = []
+        self.flip_ref = flip_features(targets, ppd) if targets is not None and self.masks is None else None
+        self.clip_targets: list[torch.Tensor] = []  # [T, D] image and/or [1, D] text embeddings (unmasked)
         if clip_weight > 0:
             require_clip(components)  # fails early, with a ConfigError, when there is no CLIP
-            if targets is not None:
+            if targets is not None and self.masks is None:
                 self.clip_targets.append(clip_image_embeds(components, targets))
             if text_target:
                 self.clip_targets.append(clip_text_embeds(components, [text_target]))
@@ -84,7 +103,7 @@ class Scorer:
     @property
     def self_mode(self) -> bool:
         """Whether some term compares images with their batch-mates (no target for it)."""
-        return (self.flip_weight > 0 and self.targets is None) or (self.clip_weight > 0 and not self.clip_targets)
+        return self.targets is None and (self.flip_weight > 0 or (self.clip_weight > 0 and not self.clip_targets))
 
     def _check(self, images: torch.Tensor) -> None:
         if images.dim() != 5 or images.shape[2] != 3:
@@ -102,18 +121,37 @@ class Scorer:
 
     def flip_per_image(self, images: torch.Tensor) -> torch.Tensor:
         """Mean ꟻLIP error [λ, B] of each image to the targets, or to its batch-mates."""
-        if self.flip_ref is None:
+        if self.targets is None:
             return _off_diagonal_mean(pairwise_flip(images, self.ppd))
         flat = images.flatten(0, 1)
+        if self.masks is not None:
+            return flip_cross_masked(flat, self.targets, self.masks, self.ppd).mean(-1).view(images.shape[:2])
         return flip_cross(flat, self._reference(images.device), self.ppd).mean(-1).view(images.shape[:2])
 
     def clip_per_image(self, images: torch.Tensor) -> torch.Tensor:
         """Mean CLIP cosine distance [λ, B] to the targets (images, text), or to batch-mates."""
-        embeds = clip_image_embeds(self.components, images.flatten(0, 1)).to(images.device)
-        if not self.clip_targets:
-            return _off_diagonal_mean(pairwise_cosine_distance(embeds.view(*images.shape[:2], -1)))
-        terms = [cosine_distance(embeds, t) for t in self.clip_targets]
+        flat = images.flatten(0, 1)
+        terms = [self.clip_masked(flat)] if self.masks is not None else []
+        if self.clip_targets or self.targets is None:  # (masked targets embed their own crops)
+            embeds = clip_image_embeds(self.components, flat).to(images.device)
+            if self.targets is None and not self.clip_targets:
+                return _off_diagonal_mean(pairwise_cosine_distance(embeds.view(*images.shape[:2], -1)))
+            terms += [cosine_distance(embeds, t) for t in self.clip_targets]
         return torch.stack(terms).mean(0).view(images.shape[:2])
+
+    def clip_masked(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean CLIP cosine distance [N] of images [N, 3, H, W] to the masked targets: per target,
+        the images and the target filled from each of them, both cropped to the mask's bounding
+        box (one slice for the whole batch), then embedded as CLIP preprocesses any image. A mask
+        white all over its box (a rectangle) needs no fill: the target's crop is embedded once."""
+        terms = []
+        for target, mask in zip(self.targets, self.masks):
+            rows, cols = bounding_box(mask)
+            crop, m = images[..., rows, cols], mask[..., rows, cols]
+            filled = target[None, :, rows, cols] if bool((m >= 1).all()) else fill(target[:, rows, cols], crop, m)
+            pair = clip_image_embeds(self.components, torch.cat((crop, filled.to(crop)))).to(images.device)
+            terms.append(1 - (pair[:len(crop)] * pair[len(crop):]).sum(-1))
+        return torch.stack(terms).mean(0)
 
     def __call__(self, images: torch.Tensor, lineage: torch.Tensor | None = None,
                  roots: torch.Tensor | None = None) -> ScoreResult:
@@ -130,6 +168,8 @@ class Scorer:
     def error_maps(self, images: torch.Tensor) -> torch.Tensor:
         """ꟻLIP error maps [N, H, W] in [0, 1] of images [N, 3, H, W]: mean over the targets,
         or (self mode) over the other given images."""
+        if self.masks is not None:
+            return flip_cross_masked(images, self.targets, self.masks, self.ppd, return_maps=True).mean(1)
         if self.flip_ref is not None:
             return flip_cross(images, self._reference(images.device), self.ppd, return_maps=True).mean(1)
         n, dev = len(images), images.device
