@@ -58,7 +58,7 @@ def _status(actor) -> dict:
 def _pid_when_busy(actor, prefix: str) -> int:
     """The worker's pid once it has started a chunk whose label starts with ``prefix`` (it says so)."""
     def busy():
-        status = ray.get(actor.status.remote(), timeout=30)
+        status = ray.get(actor.status.remote(), timeout=120)
         return status["pid"] if (status["busy"] or "").startswith(prefix) else None
     return _until(busy, f"a worker busy with {prefix!r}")
 

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from embedpin.config import RunConfig, ScaleConfig
+from embedpin.errors import ConfigError
 from embedpin.optimizer.batch import Batch, Pinned, RunInfo
 from embedpin.optimizer.session import Session
 from embedpin.render.sampler import RenderPlan
@@ -77,7 +78,12 @@ def open_evaluator(config: RunConfig, scale: ScaleConfig, notify: Callable[[str]
     ``notify``: where they say what happens to them). A user mistake in the config (a missing
     target, a bad model) raises here, before any run folder exists."""
     if scale.validate().distributed:
-        from embedpin.optimizer.ray_workers import RayEvaluator
+        try:
+            from embedpin.optimizer.ray_workers import RayEvaluator
+        except ImportError as e:
+            if "ray" not in str(e.name or ""):
+                raise
+            raise ConfigError("--workers / --ray-address need Ray: pip install 'embedpin[ray]'") from None
 
         return RayEvaluator(config, scale, notify)
     return LocalEvaluator(Session.prepare(config))

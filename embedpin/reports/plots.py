@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from embedpin.store import HistoryEntry, PlainValidation, save_figure
 
@@ -40,6 +40,16 @@ def _axes(title: str, xlabel: str = "generation", ylabel: str = "", right: float
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.3)
     return fig, ax
+
+
+def _log_y(ax) -> None:
+    """A log y axis whose tick labels stay short (``0.45``, not ``4.5 × 10⁻¹``: those overflow the
+    plot's margin when the range is under a decade)."""
+    ax.set_yscale("log")
+    short = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(short)
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(short if hi < 10 * lo else NullFormatter())  # minor labels within a decade only
 
 
 def _save(fig: Figure, ax, dst: Path, legend: bool = True) -> bool:
@@ -97,14 +107,14 @@ def sigma_plot(history: list[HistoryEntry], dst: Path) -> bool:
     fig, ax = _axes("step size and axis ratio", ylabel="sigma", right=0.86)
     ax.plot(g, sigma, color="tab:blue", lw=1.5, label="sigma")
     if (sigma[np.isfinite(sigma)] > 0).all():
-        ax.set_yscale("log")
+        _log_y(ax)
     if not np.isnan(ratio).all():
         ax2 = ax.twinx()
         ax2.plot(g, ratio, color="tab:green", lw=1, ls="--", label="axis ratio")
         ax2.set_ylabel("axis ratio", fontsize=9)
         ax2.tick_params(labelsize=8)
         if (ratio[np.isfinite(ratio)] > 0).all():
-            ax2.set_yscale("log")
+            _log_y(ax2)
         fig.legend(fontsize=8, loc="upper right", bbox_to_anchor=(0.86, 0.9))
         return _save(fig, ax, dst, legend=False)
     return _save(fig, ax, dst)
@@ -123,7 +133,7 @@ def spectrum_plot(history: list[HistoryEntry], dst: Path) -> bool:
     fig, ax = _axes("covariance eigenvalue spectrum", ylabel="eigenvalue")
     ax.plot(series(history, "generation"), spectrum, color="tab:purple", lw=0.8, alpha=0.7)
     if np.isfinite(spectrum).any():
-        ax.set_yscale("log")
+        _log_y(ax)
     return _save(fig, ax, dst, legend=False)
 
 
