@@ -305,3 +305,30 @@ def test_max_distance_pins_the_best_loss_within_the_distance(tmp_path):
     assert front and [d for _, d in front] == sorted(d for _, d in front)
     assert all(not (l2 <= l1 and d2 <= d1 and (l2, d2) != (l1, d1)) for l1, d1 in front for l2, d2 in front)
     assert (run / "report" / "pareto.png").is_file()
+
+
+def test_the_terminal_says_where_the_run_is_and_its_commands_work(tmp_path, capsys, monkeypatch):
+    """A run with the progress bar names its report when it starts, and ends with the run folder,
+    the pinned figure beside the plain prompt's and the commands to use the result — each of
+    which runs as printed."""
+    import shlex
+
+    tiny = ["--generations", "1", "--population", "2", "--batch", "2", "--steps", "2", "--validation-seeds", "2"]
+    assert main(["optimize", "--target", str(ROOT / "examples" / "star.png"), "--prompt", PROMPT,
+                 "--out", str(tmp_path / "runs"), *tiny]) == 0
+    out, err = capsys.readouterr()
+    (run,) = _runs(tmp_path / "runs")
+    assert err.splitlines()[0] == f"run folder: {run}"
+    assert err.splitlines()[1].startswith(f"report: {run / 'index.html'} (open it now")
+    lines = out.strip().splitlines()
+    lines = lines[lines.index(f"run folder: {run}"):]  # after the generations' lines
+    assert "against the plain prompt's" in lines[1] and "on seeds the search never used" in lines[1]
+    commands = [line.strip() for line in lines[lines.index("use it:") + 1:]]
+    assert [shlex.split(c)[:2] for c in commands] == [["embedpin", "export"]] * 2 + [["embedpin", "render"],
+                                                                                      ["embedpin", "analyze"]]
+    monkeypatch.chdir(tmp_path)  # the printed folder is runs/<id>, relative to where the user ran it
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0, command
+    capsys.readouterr()
+    assert (tmp_path / "pinned.safetensors").is_file() and (tmp_path / "pinned_embeds.safetensors").is_file()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 8
