@@ -214,3 +214,28 @@ def test_generation_page_in_chromium(run_dir, tools):
     assert evaluate(tools, session, "document.querySelectorAll('meta[http-equiv=refresh]').length") == 0
     shot = tools.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
     assert_not_blank(base64.b64decode(shot))
+
+
+def test_a_real_analysed_run_in_chromium(finished, tmp_path, tools):
+    """The shared small run, token analysis included: its pages load clean, the token chart
+    loads, the table names every token, and the generation page shows tokens beside weights."""
+    import shutil
+
+    from embedpin.cli import main
+
+    run = shutil.copytree(finished, tmp_path / finished.name)
+    assert main(["analyze", str(run), "--json"]) == 0
+    rows = [r["token"] for r in json.loads((run / "analysis.json").read_text())["rows"]]
+    session = open_page(tools, (run / "index.html").as_uri())
+    assert problems(tools.events) == []
+    broken = "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"
+    assert evaluate(tools, session, broken) == []
+    assert evaluate(tools, session, "[...document.images].some(i => i.src.endsWith('report/tokens.png'))")
+    shown = evaluate(tools, session, """[...document.querySelectorAll('table')].find(t => t.querySelector('th')
+        .textContent === 'token').querySelectorAll('tbody tr td:first-child')""" + ".length")
+    assert shown == len(rows) and "star" in rows
+    assert_not_blank(base64.b64decode(tools.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]))
+    session = open_page(tools, (run / "generations" / "0002" / "index.html").as_uri())
+    assert problems(tools.events) == []
+    text = evaluate(tools, session, "document.body.innerText")
+    assert "star " in text and "<v0> " in text  # "token weight" pairs beside each candidate
