@@ -172,14 +172,14 @@ def measure(arch: str, size: int, dtype: str, device: str, out: Path, generation
     instrument(comp, stages)
     loop = runner_module._loop
 
-    def measured_loop(session, store, opt, state, quiet):  # time only the last generation
+    def measured_loop(setup, ev, store, opt, state, quiet):  # time only the last generation
         nonlocal per_generation
-        total = session.config.optim.generations
-        session.config.optim.generations = total - 1
-        loop(session, store, opt, state, quiet)
-        session.config.optim.generations, stages.on = total, True
+        total = setup.config.optim.generations
+        setup.config.optim.generations = total - 1
+        loop(setup, ev, store, opt, state, quiet)
+        setup.config.optim.generations, stages.on = total, True
         t = time.perf_counter()
-        result = loop(session, store, opt, store.read_state(), quiet)
+        result = loop(setup, ev, store, opt, store.read_state(), quiet)
         per_generation = time.perf_counter() - t
         stages.on = False
         return result
