@@ -67,22 +67,24 @@ _EVALUATORS = itertools.count()  # numbers this process's evaluators: actor name
 class Worker:
     """One render worker: a Session prepared in the actor from the run's config dict.
 
-    A mistake in the config (a missing target, a bad model) is kept and raised by :meth:`ready`,
-    so the driver reports it as the one-line error it is, instead of Ray restarting the actor."""
+    The session is prepared by the first :meth:`ready` call, not in the constructor: an actor
+    with a concurrency group runs its methods on a thread of its own, and torch work done on two
+    threads of one process (the constructor's and the methods') gives each its own OpenMP team,
+    whose spinning threads then compete for the cores (measured on 2 CPU cores: the micro UNet
+    1.5x slower than with one thread doing it all). A mistake in the config (a missing target,
+    a bad model) is raised by :meth:`ready`, so the driver reports it as the one-line error it
+    is, instead of Ray restarting the actor."""
 
     def __init__(self, config: dict, name: str, device: str):
-        self.name, self.busy, self.error, self.session = name, None, None, None
-        try:
-            cfg = RunConfig.from_dict(config)
-            cfg.model.device = device
-            self.session = Session.prepare(cfg)
-        except Exception as e:  # noqa: BLE001 - raised again, as it is, by ready()
-            self.error = e
+        self.config, self.name, self.device, self.busy, self.session = config, name, device, None, None
 
     def ready(self) -> tuple[RunInfo, int]:
-        """(the run's description, this process's pid) once the session is loaded."""
-        if self.error is not None:
-            raise self.error
+        """(the run's description, this process's pid) once the session is loaded (here, on the
+        thread every later call runs on)."""
+        if self.session is None:
+            cfg = RunConfig.from_dict(self.config)
+            cfg.model.device = self.device
+            self.session = Session.prepare(cfg)
         return self.session.info(), os.getpid()
 
     def evaluate(self, X: np.ndarray, plan: RenderPlan, label: str) -> Batch:
