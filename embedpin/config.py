@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,7 @@ class RunConfig:
                "the guidance blocks need a --guide image (or --target with --guide-target)")
         _check(not score.targets or score.flip_weight > 0 or score.clip_weight > 0, "targets need a loss weight")
         self._check_masks()
+        self._absolute_paths()
         self._check_files()
         return self
 
@@ -220,6 +222,19 @@ class RunConfig:
         _check(not countable or len(masks) in (0, 1, len(targets)),
                f"give one --mask for all targets or one per target, in target order (got {len(masks)} masks for "
                f"{len(targets)} targets)")
+
+    def _absolute_paths(self) -> None:
+        """Every input path that exists, made absolute (not resolved through links): the run's
+        config.toml then names the same files whatever folder ``--resume``, ``analyze`` or
+        ``render`` later run from. Paths that do not exist stay as typed, for the error message."""
+        def absolute(path):
+            return os.path.abspath(path) if path and path != "micro" and Path(path).exists() else path
+        model, prompt, search, score = self.model, self.prompt, self.search, self.score
+        model.name, model.model_config = absolute(model.name), absolute(model.model_config)
+        model.clip = [absolute(p) for p in model.clip]
+        prompt.guide, prompt.init_image = [absolute(p) for p in prompt.guide], absolute(prompt.init_image)
+        search.init_embedding = absolute(search.init_embedding)
+        score.targets, score.masks = [absolute(p) for p in score.targets], [absolute(p) for p in score.masks]
 
     def _check_files(self) -> None:
         """Input files exist, checked before torch is imported (the loaders check again, with

@@ -314,8 +314,9 @@ def test_the_terminal_says_where_the_run_is_and_its_commands_work(tmp_path, caps
     import shlex
 
     tiny = ["--generations", "1", "--population", "2", "--batch", "2", "--steps", "2", "--validation-seeds", "2"]
-    assert main(["optimize", "--target", str(ROOT / "examples" / "star.png"), "--prompt", PROMPT,
-                 "--out", str(tmp_path / "runs"), *tiny]) == 0
+    monkeypatch.chdir(ROOT)  # the target as a path relative to where the run starts
+    assert main(["optimize", "--target", "examples/star.png", "--prompt", PROMPT, "--out", str(tmp_path / "runs"),
+                 *tiny]) == 0
     out, err = capsys.readouterr()
     (run,) = _runs(tmp_path / "runs")
     assert err.splitlines()[0] == f"run folder: {run}"
@@ -326,7 +327,8 @@ def test_the_terminal_says_where_the_run_is_and_its_commands_work(tmp_path, caps
     commands = [line.strip() for line in lines[lines.index("use it:") + 1:]]
     assert [shlex.split(c)[:2] for c in commands] == [["embedpin", "export"]] * 2 + [["embedpin", "render"],
                                                                                       ["embedpin", "analyze"]]
-    monkeypatch.chdir(tmp_path)  # the printed folder is runs/<id>, relative to where the user ran it
+    monkeypatch.chdir(tmp_path)  # the printed folder is runs/<id>, relative to where the user ran it (the run's
+    # config.toml names its target by an absolute path, so analyze finds it from here)
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0, command
     capsys.readouterr()
