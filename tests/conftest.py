@@ -21,6 +21,21 @@ def finished(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def finished_analysed(finished, tmp_path_factory):
+    """A copy of ``finished`` with its token analysis measured (``analyze``) and its report rebuilt:
+    (the run folder, the analysis)."""
+    import shutil
+
+    from embedpin.analysis import analyze
+    from embedpin.reports.builder import rebuild
+
+    run = shutil.copytree(finished, tmp_path_factory.mktemp("analysed") / finished.name)
+    analysis = analyze(run)
+    rebuild(run)
+    return run, analysis
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster (2 CPUs) for the whole session; yields its address. Token authentication
     is switched off for it (a test setting: it would write ~/.ray/auth_token)."""

@@ -98,13 +98,10 @@ def test_analyze_keeps_its_table_and_the_report_shows_it(analysed, capsys):
     assert " · star " in generation
 
 
-def test_placeholders_are_analysed_too(finished, tmp_path):
+def test_placeholders_are_analysed_too(finished_analysed):
     """The shared small run searches two placeholder vectors: they are rows of the table, and
     removing one renders the prompt with the other alone."""
-    from embedpin.analysis import analyze
-
-    run = shutil.copytree(finished, tmp_path / finished.name)
-    a = analyze(run)
+    run, a = finished_analysed
     assert [r.placeholder for r in a.rows][-2:] == [True, True]
     assert [r.token for r in a.rows][-2:] == ["<v0>", "<v1>"]
     assert all(np.isfinite([r.remove, r.zero, r.double]).all() for r in a.rows)

@@ -216,16 +216,11 @@ def test_generation_page_in_chromium(run_dir, tools):
     assert_not_blank(base64.b64decode(shot))
 
 
-def test_a_real_analysed_run_in_chromium(finished, tmp_path, tools):
+def test_a_real_analysed_run_in_chromium(finished_analysed, tools):
     """The shared small run, token analysis included: its pages load clean, the token chart
     loads, the table names every token, and the generation page shows tokens beside weights."""
-    import shutil
-
-    from embedpin.cli import main
-
-    run = shutil.copytree(finished, tmp_path / finished.name)
-    assert main(["analyze", str(run), "--json"]) == 0
-    rows = [r["token"] for r in json.loads((run / "analysis.json").read_text())["rows"]]
+    run, analysis = finished_analysed
+    rows = [r.token for r in analysis.rows]
     session = open_page(tools, (run / "index.html").as_uri())
     assert problems(tools.events) == []
     broken = "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"

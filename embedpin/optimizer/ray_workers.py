@@ -1,7 +1,7 @@
 """Ray workers: a generation's candidates rendered across GPUs and nodes, with one machine's result.
 
 One actor per GPU (``num_gpus=1``; CPU actors where the cluster has no GPU or ``--device cpu``)
-builds its own ``Session`` in its constructor from the run's config (a small dict): the model,
+builds its own ``Session`` from the run's config (a small dict), in its first ``ready`` call: the model,
 targets and guidance context are loaded in the worker, never pickled from the driver. The driver
 (``embedpin.runner``) keeps the optimizer, every seed, the store and the reports; per evaluation
 :class:`RayEvaluator` splits the candidates into contiguous chunks, one per alive worker, sends
