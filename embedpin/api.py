@@ -137,8 +137,8 @@ def export(run_dir: str | Path, format: str = "diffusers", output: str | Path = 
     (``embedpin export``); returns the file written."""
     from embedpin.pinned import export_run
 
-    path, lost = export_run(run_dir, format, output, token=token)
-    if lost:
-        warnings.warn(f"the embedding alone does not carry the run's {', '.join(lost)} (they are in its "
+    done = export_run(run_dir, format, output, token=token)
+    if done.lost:
+        warnings.warn(f"the embedding alone does not carry the run's {', '.join(done.lost)} (they are in its "
                       "metadata); format='diffusers' is the exact pinned result", stacklevel=2)
-    return path
+    return done.path

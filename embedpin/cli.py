@@ -44,7 +44,7 @@ def _max_batch(text: str) -> int | None:
 
 
 def _optimize_parser(sub):
-    from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, WEIGHTINGS, RunConfig, ScaleConfig, by_model
+    from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, PLACEMENTS, WEIGHTINGS, RunConfig, ScaleConfig, by_model
     from embedpin.models.schedulers import SCHEDULERS
 
     d, ds = RunConfig(), ScaleConfig()
@@ -94,6 +94,20 @@ def _optimize_parser(sub):
                    help="start the token vectors at an existing textual-inversion embedding (A1111 / ComfyUI / kohya "
                         "/ embedpin .safetensors of this model's family; its rows set the number of vectors, and "
                         "they are used even when token_vectors is not searched)")
+    g.add_argument("--placement", default=None, choices=PLACEMENTS,
+                   help=f"where the token vectors stand in the prompt you will use: after its words (\"<prompt> "
+                        f"<pinned>\") or before them (\"<pinned> <prompt>\": the text encoder is causal, so only "
+                        f"there can they change the words' states; default: {d.search.placement})")
+    g.add_argument("--inversion-steps", type=int, default=None, metavar="N",
+                   help=f"before the search, fit the token vectors to the targets by gradient descent on the model's "
+                        f"own denoising loss (textual inversion, in the prompt as you will use it) for N steps; "
+                        f"the search then starts there. 0: off, gradient-free only (default: "
+                        f"{d.search.inversion_steps})")
+    g.add_argument("--inversion-batch", type=int, default=None, metavar="N",
+                   help=f"noised target samples per inversion step (default: {d.search.inversion_batch})")
+    g.add_argument("--inversion-lr", type=float, default=None,
+                   help=f"inversion step size, in typical token-embedding coordinates (default: "
+                        f"{d.search.inversion_lr})")
     g = p.add_argument_group("optimizer")
     g.add_argument("--population", type=int, default=None, help="candidates per generation (default: 4 + 3 ln N)")
     g.add_argument("--generations", type=int, default=None, help="generations (default: 16 floor(ln N))")
@@ -183,6 +197,8 @@ def config_from_args(a):
         ("search", "blocks"): [b.strip() for b in a.blocks.split(",") if b.strip()] if a.blocks else None,
         ("search", "basis"): a.basis, ("search", "rank"): a.rank, ("search", "n_vectors"): a.vectors,
         ("search", "init_word"): a.init_word, ("search", "init_embedding"): a.init_embedding,
+        ("search", "placement"): a.placement, ("search", "inversion_steps"): a.inversion_steps,
+        ("search", "inversion_batch"): a.inversion_batch, ("search", "inversion_lr"): a.inversion_lr,
         ("optim", "population"): a.population, ("optim", "generations"): a.generations,
         ("optim", "sigma0"): a.sigma0, ("optim", "seed"): a.seed, ("optim", "max_distance"): a.max_distance,
         ("optim", "search_seeds"): a.search_seeds, ("optim", "validation_seeds"): a.validation_seeds,
@@ -247,10 +263,10 @@ def cmd_render(a) -> int:
 def cmd_export(a) -> int:
     from embedpin.pinned import export_run
 
-    path, lost = export_run(a.run, a.format, a.output, token=a.token)
-    print(f"wrote {path}")
-    if lost:
-        print(f"note: the embedding alone renders '<prompt> {a.token}' without the run's {', '.join(lost)} "
+    done = export_run(a.run, a.format, a.output, token=a.token)
+    print("\n".join(done.describe()))
+    if done.lost:
+        print(f"note: the embedding alone renders '{done.usage}' without the run's {', '.join(done.lost)} "
               "(a textual-inversion file cannot carry them; they are in its metadata). "
               "For the exact pinned result use --format diffusers.", file=sys.stderr)
     return 0

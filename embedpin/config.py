@@ -25,6 +25,7 @@ WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
 SEED_SCHEDULES = ("rotate", "fixed")
 DTYPES = ("float32", "float16", "bfloat16")
 KEEP_IMAGES = ("best", "all")
+PLACEMENTS = ("after", "before")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class SearchConfig:
     n_vectors: int = 2           # textual-inversion placeholder tokens
     init_word: str = "auto"      # token vectors start here: a word, words "a,b" (one per vector), or "auto"
     init_embedding: str | None = None  # or at an existing textual-inversion file's vectors (.safetensors)
+    placement: str = "after"     # where the placeholders stand in the usage prompt: after | before its words
+    inversion_steps: int = 300   # gradient textual inversion of the token vectors before the search (0: off)
+    inversion_batch: int = 16    # (target, timestep, noise) samples per inversion step
+    inversion_lr: float = 0.3    # Adam's step per coordinate, in typical coordinates of the token table
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,11 @@ class RunConfig:
         _check(search.basis in BASES, f"--basis must be one of {', '.join(BASES)} (got {search.basis!r})")
         _check(search.rank >= 1, f"--rank must be >= 1 (got {search.rank})")
         _check(search.n_vectors >= 1, f"--vectors must be >= 1 (got {search.n_vectors})")
+        _check(search.placement in PLACEMENTS, f"--placement must be one of {', '.join(PLACEMENTS)} "
+                                               f"(got {search.placement!r})")
+        _check(search.inversion_steps >= 0, f"--inversion-steps must be >= 0 (got {search.inversion_steps})")
+        _check(search.inversion_batch >= 1, f"--inversion-batch must be >= 1 (got {search.inversion_batch})")
+        _check(search.inversion_lr > 0, f"--inversion-lr must be > 0 (got {search.inversion_lr})")
         _check(optim.population is None or optim.population >= 2, f"--population must be >= 2 (got {optim.population})")
         _check(optim.generations is None or optim.generations >= 1, f"--generations must be >= 1 (got {optim.generations})")
         _check(optim.sigma0 > 0, f"--sigma0 must be > 0 (got {optim.sigma0})")

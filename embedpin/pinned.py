@@ -14,6 +14,7 @@ metadata. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -22,35 +23,46 @@ from safetensors.torch import load_file, safe_open, save, save_file
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
+from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.guidance.encode import input_widths
 from embedpin.models.embeddings import to_file_layout
 from embedpin.models.loader import load_components
 from embedpin.optimizer.batch import Pinned, RunInfo
 from embedpin.optimizer.session import Session, pick_device
 from embedpin.render.sampler import RenderPlan, render, render_one
-from embedpin.store import PINNED, PinnedRecord, Run, load_run, save_png, write_bytes
+from embedpin.store import PINNED, FileRecord, PinnedRecord, Run, load_run, save_png, write_bytes
 
 FORMAT = "embedpin-pinned"
 
 
 def _recipe(config: RunConfig, best: PinnedRecord, cfg_value: float, family: str, widths: tuple[int, ...]) -> dict:
     c = config
-    return {"format": FORMAT, "version": 1, "model": c.model.name, "family": family, "widths": list(widths),
+    return {"format": FORMAT, "version": 2, "model": c.model.name, "family": family, "widths": list(widths),
             "prompt": c.prompt.prompt,
             "negative": c.prompt.negative, "scheduler": c.render.scheduler, "steps": c.render.steps,
             "height": c.render.height, "width": c.render.width, "cfg": cfg_value, "seed": c.optim.seed, "batch": c.render.batch,
             "hyperbatch": c.render.hyperbatch, "loss": best.loss, "generation": best.generation,
             "candidate": best.candidate, "params": best.params, "init_word": c.search.init_word,
+            "placement": c.search.placement,
             "clip_skip": c.prompt.clip_skip, "loss_on": "validation seeds" if best.validation else "search seeds",
             "validation_seeds": c.optim.validation_seeds}
 
 
-def save_pinned(path: Path, config: RunConfig, info: RunInfo, pinned: Pinned, best: PinnedRecord) -> None:
+def save_pinned(path: Path, config: RunConfig, info: RunInfo, pinned: Pinned, best: PinnedRecord,
+                file: tuple[Pinned, FileRecord] | None = None, plain_loss: float | None = None) -> None:
     """Write a candidate's conditioning (``Session.pinned``: what the evaluator built for it) as
     the run's pinned result (atomic), its recipe from the run's config, the model's description
-    ``info`` (family, text widths) and ``best``."""
-    recipe = _recipe(config, best, pinned.cfg, info.family, tuple(info.widths))
-    write_bytes(path, _to_bytes(pinned.tensors, recipe))
+    ``info`` (family, text widths) and ``best``; with ``file`` (the run's textual-inversion
+    file: its conditioning and record), its vectors as ``file_vectors`` and its figures in the
+    recipe's ``file``; ``plain_loss``: the plain prompt's validation loss."""
+    recipe = {**_recipe(config, best, pinned.cfg, info.family, tuple(info.widths)), "plain_loss": plain_loss}
+    tensors = dict(pinned.tensors)
+    if file is not None:
+        held, record = file
+        tensors["file_vectors"] = held.tensors["token_vectors"]
+        recipe["file"] = {"loss": record.loss, "flip": record.flip, "generation": record.generation,
+                          "kind": record.kind, "cfg": held.cfg}
+    write_bytes(path, _to_bytes(tensors, recipe))
 
 
 def _to_bytes(tensors: dict, recipe: dict) -> bytes:
@@ -80,25 +92,48 @@ def load_pinned(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, recipe
 
 
-CARRIED = ("token_vectors", "cfg", "strength")  # the file itself, and the recipe's sampling settings
-
-
 def not_carried(recipe: dict) -> list[str]:
     """Searched blocks that a textual-inversion file cannot carry (they act on the encoder's
-    output): all but :data:`CARRIED`, token weights only where some weight is not 1."""
+    output): all but :data:`~embedpin.guidance.blocks.FILE_BLOCKS`, token weights only where some weight is not 1."""
     def moved(name: str, values: list[float]) -> bool:
         return name != "token_weights" or any(abs(v - 1.0) > 1e-6 for v in values)
 
-    return [n for n, v in recipe.get("params", {}).items() if n not in CARRIED and moved(n, v)]
+    return [n for n, v in recipe.get("params", {}).items() if n not in FILE_BLOCKS and moved(n, v)]
 
 
-def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> tuple[Path, list[str]]:
-    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file;
-    returns the file and what of the result it does not carry.
+@dataclass
+class Exported:
+    """What ``export`` wrote: the file; for a textual-inversion file, the prompt to use it with,
+    the CFG scale, what of the whole result it does not carry (blocks), and its validation loss
+    beside the whole result's and the plain prompt's (None where the run did not measure it)."""
 
-    The textual-inversion file holds the token vectors only; what else the run searched
-    (:func:`not_carried`) is listed in its metadata, values included, and the diffusers
-    export is the exact pinned conditioning."""
+    path: Path
+    usage: str | None = None
+    cfg: float | None = None
+    lost: list[str] = field(default_factory=list)
+    file_loss: float | None = None
+    result_loss: float | None = None
+    plain_loss: float | None = None
+
+    def describe(self) -> list[str]:
+        """What a person reads after exporting."""
+        lines = [f"wrote {self.path}"]
+        if self.usage is not None:
+            lines.append(f"use it with the prompt: {self.usage}   (CFG {self.cfg:g}; the file's name, or the token "
+                         f"you load it under, stands for the token)")
+        if self.file_loss is not None:
+            lines.append(f"file_validation_loss {self.file_loss:.4f} on the run's validation seeds: the whole "
+                         f"result {self.result_loss:.4f}, the plain prompt {self.plain_loss:.4f}")
+        return lines
+
+
+def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> Exported:
+    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file.
+
+    The textual-inversion file is the run's file (``file_vectors``: its best validated
+    candidate held all in token vectors, measured as a user renders it); runs from before
+    it existed export the pinned result's token vectors, listing in the metadata what else it
+    searched (:func:`not_carried`). The diffusers export is the exact pinned conditioning."""
     tensors, recipe = load_pinned(run)
     out = Path(output)
     if not out.parent.exists():
@@ -107,21 +142,42 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
         keep = {k: v for k, v in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds",
                                                            "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
         save_file(keep, str(out), metadata={"embedpin": json.dumps(recipe)})
-        return out, []
-    if fmt == "textual-inversion":
-        if recipe.get("candidate") == "plain":
-            raise ConfigError("no candidate of this run beat the plain prompt on the validation seeds, so there "
-                              "is no embedding to export: the prompt as written is the result")
-        if "token_vectors" not in tensors:
-            raise ConfigError("this run did not search token vectors, so it has no textual-inversion form; "
-                              "use --format diffusers, or run with --blocks token_vectors")
-        usage = f"{recipe['prompt']} {token}".strip()
-        lost = not_carried(recipe)
-        layout = to_file_layout(tensors["token_vectors"], recipe.get("widths") or [], recipe.get("family", "SD 1.x"))
-        save_file(layout, str(out),
-                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, "not_carried": lost})})
-        return out, lost
-    raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
+        return Exported(out)
+    if fmt != "textual-inversion":
+        raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
+    vectors, cfg, lost, file = _file_vectors(tensors, recipe)
+    usage = usage_prompt(recipe, token)
+    done = Exported(out, usage, cfg, lost, file and file["loss"], recipe.get("loss"), recipe.get("plain_loss"))
+    layout = to_file_layout(vectors, recipe.get("widths") or [], recipe.get("family", "SD 1.x"))
+    meta = {**recipe, "token": token, "usage": usage, "cfg": cfg, "not_carried": lost,
+            "file_validation_loss": done.file_loss}
+    save_file(layout, str(out), metadata={"embedpin": json.dumps(meta)})
+    return done
+
+
+def _file_vectors(tensors: dict, recipe: dict) -> tuple[torch.Tensor, float, list[str], dict | None]:
+    """(vectors, CFG, blocks not carried, the file's figures) of a run's textual-inversion file."""
+    if "file_vectors" in tensors:
+        file = recipe["file"]
+        return tensors["file_vectors"], float(file["cfg"]), [], file
+    if recipe.get("version", 1) >= 2 and recipe.get("loss_on") == "validation seeds" \
+            and "token_vectors" in recipe.get("params", {}):
+        raise ConfigError("no textual-inversion form of this run's results beat the plain prompt on the validation "
+                          "seeds: use the prompt as written, or --format diffusers for the whole pinned result")
+    if recipe.get("candidate") == "plain":
+        raise ConfigError("no candidate of this run beat the plain prompt on the validation seeds, so there "
+                          "is no embedding to export: the prompt as written is the result")
+    if "token_vectors" not in tensors:
+        raise ConfigError("this run did not search token vectors, so it has no textual-inversion form; "
+                          "use --format diffusers, or run with --blocks token_vectors")
+    return tensors["token_vectors"], float(recipe["cfg"]), not_carried(recipe), None
+
+
+def usage_prompt(recipe: dict, token: str) -> str:
+    """The prompt a textual-inversion file is used with: the run's prompt with the token where the
+    run put its placeholders (after the words, or before them)."""
+    parts = [recipe["prompt"], token] if recipe.get("placement", "after") == "after" else [token, recipe["prompt"]]
+    return " ".join(p for p in parts if p.strip())
 
 
 def recipe_size(recipe: dict) -> tuple[int, int]:

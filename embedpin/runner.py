@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -40,19 +40,24 @@ from tqdm import tqdm
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import EmbedpinError
+from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.optimizer.batch import Batch
 from embedpin.optimizer.cmaes import CMAES, default_generations
 from embedpin.optimizer.evaluate import Evaluator, open_evaluator
+from embedpin.optimizer.inversion import NoGradient
 from embedpin.optimizer.mo import MOCMAES
 from embedpin.optimizer.setup import RunSetup
 from embedpin.pinned import save_pinned
 from embedpin.reports.builder import update
 from embedpin.reports.pages import folder_argument, usage_commands
 from embedpin.store import (
+    INVERSION,
     PINNED,
     CandidateRecord,
+    FileRecord,
     GenerationRecord,
     HistoryEntry,
+    InversionRecord,
     PinnedRecord,
     PlainValidation,
     RunState,
@@ -61,8 +66,10 @@ from embedpin.store import (
     errmap_image,
     generation_dirname,
     keeps_previews,
+    read_vectors,
     save_render,
     validation_image,
+    write_vectors,
 )
 
 
@@ -70,7 +77,9 @@ from embedpin.store import (
 class RunResult:
     """best_loss: the pinned result's loss (its validation loss when validation is on);
     validation_loss / plain_validation_loss: the pinned result's and the plain prompt's
-    loss on the validation seeds (None without validation); renders: images rendered,
+    loss on the validation seeds (None without validation); file_validation_loss: the
+    textual-inversion file's, rendered from the file and its usage prompt alone (None: no
+    file beat the plain prompt, or no validation); renders: images rendered,
     validation included; workers: per-worker counts on Ray workers (None in-process)."""
 
     run_dir: Path
@@ -82,6 +91,7 @@ class RunResult:
     stop_reason: str = ""
     validation_loss: float | None = None
     plain_validation_loss: float | None = None
+    file_validation_loss: float | None = None
     pinned: dict | None = field(default=None, repr=False)  # the pinned tensors (filled in by embedpin.api)
     workers: list[dict] | None = None
 
@@ -94,7 +104,13 @@ class RunResult:
         else:
             how = f"loss {self.best_loss:.4f} on the search's own seeds"
         where = folder_argument(self.run_dir)
-        lines = [f"run folder: {self.run_dir}", f"pinned result: {how}", f"report: {self.run_dir / 'index.html'}"]
+        lines = [f"run folder: {self.run_dir}", f"pinned result: {how}"]
+        if self.file_validation_loss is not None and self.plain_validation_loss:
+            lines.append(f"textual-inversion file alone: validation loss {self.file_validation_loss:.4f} "
+                         f"({self.file_validation_loss / self.plain_validation_loss:.2f}x the plain prompt's)")
+        elif self.validation_loss is not None:
+            lines.append("textual-inversion file: none beat the plain prompt on the validation seeds")
+        lines.append(f"report: {self.run_dir / 'index.html'}")
         if self.interrupted:
             lines.append(f"continue it: embedpin optimize --resume {where}")
         return "\n".join([*lines, "use it:", *(f"  {c}" for c in usage_commands(where))])
@@ -103,7 +119,7 @@ class RunResult:
         out = {"run_dir": str(self.run_dir), "best_loss": self.best_loss, "first_best_loss": self.first_best_loss,
                "generations": self.generations, "renders": self.renders, "interrupted": self.interrupted,
                "stop_reason": self.stop_reason, "validation_loss": self.validation_loss,
-               "plain_validation_loss": self.plain_validation_loss}
+               "plain_validation_loss": self.plain_validation_loss, "file_validation_loss": self.file_validation_loss}
         return out if self.workers is None else {**out, "workers": self.workers}
 
 
@@ -213,6 +229,7 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
     if setup.validation is not None and state.plain_validation is None:
         _validate_plain(setup, ev, store, state)
         store.write_state(state)
+    _inversion(setup, ev, store, state, quiet)
     bar = tqdm(total=total, initial=state.generation, disable=quiet, unit="gen", dynamic_ncols=True)
     reason, interrupted = "generations", False
     try:
@@ -249,7 +266,51 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
     return RunResult(store.root, best, hist[0].best if hist else math.nan, state.generation,
                      sum(h.renders for h in hist) + (plain.renders if validated else 0), interrupted, reason,
                      best if validated and state.best else None, plain.loss if validated else None,
-                     workers=ev.workers)
+                     state.file.loss if state.file else None, workers=ev.workers)
+
+
+def _inversion(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, quiet: bool) -> None:
+    """The gradient stage before the search (``--inversion-steps``): fit the token vectors to the
+    targets once, keep them in the run folder, and start the search there; a resumed run reads
+    them back (a run stopped during the stage does it again: it is a function of the config)."""
+    path = store.root / INVERSION
+    if state.inversion is not None:
+        if state.inversion.steps:
+            ev.use_vectors(read_vectors(path))
+        return
+    if state.generation > 0:
+        return
+    losses: list[float] = []
+    steps = setup.config.search.inversion_steps
+    bar = tqdm(total=steps, disable=quiet, unit="step", desc="inversion", dynamic_ncols=True, leave=False)
+
+    def progress(step: int, loss: float) -> None:
+        losses.append(loss)
+        bar.set_postfix(refresh=False, loss=f"{loss:.4f}")
+        bar.update(1)
+
+    t0 = time.time()
+    try:
+        vectors = ev.invert(progress)
+    except NoGradient as e:
+        state.inversion = InversionRecord(steps=0, seconds=round(time.time() - t0, 3), note=f"{e}: gradient-free only")
+        store.write_state(state)
+        _notes(quiet)(f"{e}; the search goes on gradient-free from the init words")
+        return
+    finally:
+        bar.close()
+    if vectors is None:
+        return
+    write_vectors(path, vectors)
+    tenth = max(1, len(losses) // 10)
+    state.inversion = InversionRecord(steps=len(losses), seconds=round(time.time() - t0, 3),
+                                      loss_start=float(np.mean(losses[:tenth])), loss_end=float(np.mean(losses[-tenth:])))
+    store.write_state(state)
+    ev.use_vectors(vectors)
+    if not quiet:
+        tqdm.write(f"inversion: {len(losses)} steps in {state.inversion.seconds:.0f}s, denoising loss "
+                   f"{state.inversion.loss_start:.4f} -> {state.inversion.loss_end:.4f}; the search starts there",
+                   file=sys.stderr)
 
 
 def _notes(quiet: bool):
@@ -291,7 +352,7 @@ def _commit(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, op
     tmp = store.begin_generation(g)
     eligible = _eligible(setup, batch.distance, losses)
     best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
-    record, validated = _generation_record(setup, ev, tmp, opt, g, batch, losses, X, best_i, center)
+    record, validated = _generation_record(setup, ev, tmp, opt, g, batch, losses, X, best_i, center, state)
     store.finish_generation(g, tmp, record)
     _pin(setup, ev, store, state, g, X[best_i], record, eligible[best_i], validated)
     stats = opt.stats()
@@ -304,7 +365,7 @@ def _commit(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, op
 
 
 def _generation_record(setup: RunSetup, ev: Evaluator, folder: Path, opt, g: int, batch: Batch, losses: np.ndarray,
-                       X: np.ndarray, best_i: int, center: np.ndarray | None):
+                       X: np.ndarray, best_i: int, center: np.ndarray | None, state: RunState):
     """Write the generation's images, error maps and validation renders into ``folder``;
     returns (its record, the validation (records, xs, batch) or None)."""
     lam, B = batch.images.shape[:2]
@@ -320,7 +381,8 @@ def _generation_record(setup: RunSetup, ev: Evaluator, folder: Path, opt, g: int
         generation=g, sigma=float(opt.sigma), best_candidate=best_i,
         errmaps=_error_maps(setup, batch.images[best_i], folder), seed=setup.search_plan(g).seed,
         candidates=candidates)
-    validated = _validate(setup, ev, folder, g, X[best_i], best_i, center) if setup.validation is not None else None
+    validated = _validate(setup, ev, folder, g, X[best_i], best_i, center, state) \
+        if setup.validation is not None else None
     if validated:
         record.validation = validated[0]
     return record, validated
@@ -335,8 +397,8 @@ def _pin(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, g: in
         _pin_validated(setup, ev, store, state, g, *validated)
     elif eligible and (state.best is None or best.loss < state.best.loss):
         state.best = PinnedRecord(generation=g, candidate=best_i, loss=best.loss, flip=best.flip, clip=best.clip,
-                                  distance=best.distance, params=best.params)
-        _write_pinned(setup, ev, store, best_x, state.best)
+                                  distance=best.distance, params=best.params, x=[float(v) for v in best_x])
+        _write_pinned(setup, ev, store, state)
 
 
 def _history_entry(setup: RunSetup, ev: Evaluator, stats: dict, g: int, batch: Batch, losses: np.ndarray,
@@ -366,10 +428,22 @@ def _worker_seconds(batches: list[Batch]) -> dict[str, float]:
 
 
 def _validate(setup: RunSetup, ev: Evaluator, folder: Path, g: int, best_x: np.ndarray, best_i: int,
-              center: np.ndarray | None) -> tuple[list[CandidateRecord], list[np.ndarray], Batch]:
+              center: np.ndarray | None, state: RunState) -> tuple[list[CandidateRecord], list[np.ndarray], Batch]:
     """Render the generation's best candidate (and the distribution's mean) on the validation
-    seeds; their images go to ``folder/validation/``. Returns (records, their xs, the batch)."""
+    seeds; where the best is about to become the pinned result but lives partly outside its
+    token vectors, also its textual-inversion form (``Session.file_candidate``). Their images go
+    to ``folder/validation/``. Returns (records, their xs, the batches' totals)."""
     kinds = [("best", best_i, best_x)] + ([("mean", None, center)] if center is not None else [])
+    records, xs, batch = _validated(setup, ev, folder, g, kinds)
+    best = records[0]
+    if best.eligible and best.loss < _pinned_loss(state) and _carries(setup) and not file_exact(setup, best.params):
+        more, x_more, file_batch = _validated(setup, ev, folder, g, [("file", None, ev.file_candidate(best_x))])
+        records, xs, batch = records + more, xs + x_more, _totals([batch, file_batch])
+    return records, xs, batch
+
+
+def _validated(setup: RunSetup, ev: Evaluator, folder: Path, g: int, kinds: list) -> tuple:
+    """Candidates ``kinds`` [(kind, index, x)] rendered on the validation seeds: (records, xs, batch)."""
     xs = [x for _, _, x in kinds]
     batch = ev.evaluate(np.stack(xs), setup.validation, f"generation {g} validation")
     losses = _finite(batch.loss)
@@ -384,19 +458,60 @@ def _validate(setup: RunSetup, ev: Evaluator, folder: Path, g: int, best_x: np.n
     return records, xs, batch
 
 
+def _totals(batches: list[Batch]) -> Batch:
+    """One batch's worth of the figures the history keeps (seconds per worker, UNet evaluations)."""
+    first = batches[0]
+    seconds: dict[str, float] = {}
+    for b in batches:
+        for name, t in b.seconds.items():
+            seconds[name] = seconds.get(name, 0.0) + t
+    return replace(first, seconds=seconds, unet_evals=sum(b.unet_evals for b in batches))
+
+
+def _pinned_loss(state: RunState) -> float:
+    return math.inf if state.best is None or state.best.loss is None else state.best.loss
+
+
+def _carries(setup: RunSetup) -> bool:
+    """Whether the run's results can have a textual-inversion form (it searches token vectors)."""
+    return "token_vectors" in setup.space.slices
+
+
+def file_exact(setup: RunSetup, params: dict[str, list[float]]) -> bool:
+    """Whether a candidate with decoded ``params`` is all in its token vectors: every block a
+    textual-inversion file cannot carry (``guidance.blocks.FILE_BLOCKS``) at its default."""
+    defaults = {b.name: b.default for b in setup.space.blocks}
+    return "token_vectors" in params and all(
+        abs(v - defaults[name]) <= 1e-9 for name, values in params.items() if name not in FILE_BLOCKS for v in values)
+
+
 def _pin_validated(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, g: int,
                    records: list[CandidateRecord], xs: list[np.ndarray], batch: Batch) -> None:
     """Pin the lowest validation loss among this generation's validated candidates if it
-    beats the pinned result so far (within ``--max-distance`` with the size limiter)."""
-    if not any(r.eligible for r in records):
-        return
-    k = min(range(len(records)), key=lambda j: records[j].loss if records[j].eligible else math.inf)
-    r = records[k]
-    if state.best is None or r.loss < state.best.loss:
-        state.best = PinnedRecord(generation=g, candidate=r.index if r.kind == "best" else "mean", kind=r.kind,
-                                  loss=r.loss, flip=r.flip, clip=r.clip, distance=r.distance, params=r.params,
-                                  images=r.images, image_losses=r.image_losses, validation=True)
-        _write_pinned(setup, ev, store, xs[k], state.best)
+    beats the pinned result so far (within ``--max-distance`` with the size limiter), and keep
+    the lowest all-in-vectors one as the run's textual-inversion file if it beats the file so
+    far and the plain prompt."""
+    changed = False
+    eligible = [k for k, r in enumerate(records) if r.eligible]
+    if eligible:
+        k = min(eligible, key=lambda j: records[j].loss)
+        r = records[k]
+        if r.loss < _pinned_loss(state):
+            state.best = PinnedRecord(generation=g, candidate=r.index if r.kind == "best" else r.kind, kind=r.kind,
+                                      loss=r.loss, flip=r.flip, clip=r.clip, distance=r.distance, params=r.params,
+                                      images=r.images, image_losses=r.image_losses, validation=True,
+                                      x=[float(v) for v in xs[k]])
+            changed = True
+    exact = [k for k in eligible if file_exact(setup, records[k].params)]
+    if exact:
+        k = min(exact, key=lambda j: records[j].loss)
+        r, plain = records[k], state.plain_validation
+        if r.loss < (math.inf if state.file is None else state.file.loss) and (plain is None or r.loss < plain.loss):
+            state.file = FileRecord(generation=g, kind=r.kind, loss=r.loss, x=[float(v) for v in xs[k]], flip=r.flip,
+                                    clip=r.clip, params=r.params, images=r.images, image_losses=r.image_losses)
+            changed = True
+    if changed:
+        _write_pinned(setup, ev, store, state)
 
 
 def _validate_plain(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState) -> None:
@@ -415,7 +530,7 @@ def _validate_plain(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunS
         state.best = PinnedRecord(generation=None, candidate="plain", kind="plain", loss=plain.loss, flip=plain.flip,
                                   clip=plain.clip, distance=0.0, params={}, images=names,
                                   image_losses=plain.image_losses, validation=True)
-        _write_pinned(setup, ev, store, None, state.best)
+        _write_pinned(setup, ev, store, state)
 
 
 def _eligible(setup: RunSetup, distance: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -438,9 +553,15 @@ def _error_maps(setup: RunSetup, images: np.ndarray, folder: Path) -> list[str]:
             for b, m in enumerate(maps)]
 
 
-def _write_pinned(setup: RunSetup, ev: Evaluator, store: RunStore, x: np.ndarray | None, best: PinnedRecord) -> None:
-    """Pin candidate ``x`` (None: the plain prompt): its conditioning, built by the evaluator."""
-    save_pinned(store.root / PINNED, setup.config, setup.info, ev.pinned(x), best)
+def _write_pinned(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState) -> None:
+    """The run's pinned result and textual-inversion file: their conditionings, built by the
+    evaluator, in ``pinned.safetensors``."""
+    best, file = state.best, state.file
+    x = best.x if best.x is not None else (setup.space.encode(best.params) if best.params else None)
+    pinned = ev.pinned(None if x is None else np.asarray(x))
+    plain = state.plain_validation
+    save_pinned(store.root / PINNED, setup.config, setup.info, pinned, best,
+                None if file is None else (ev.pinned(np.asarray(file.x)), file), plain and plain.loss)
 
 
 def _report(store: RunStore, g: int | None) -> None:
@@ -449,7 +570,8 @@ def _report(store: RunStore, g: int | None) -> None:
 
 def _progress(bar, state: RunState, ev: Evaluator, quiet: bool) -> None:
     h, best = state.history[-1], state.best
-    shown = {"pinned": "-" if best is None else f"{best.loss:.4f}"}
+    shown = {"pinned": "-" if best is None else f"{best.loss:.4f}", "file": "-" if state.file is None else
+             f"{state.file.loss:.4f}"}
     if ev.workers is not None:
         shown["workers"] = "{}/{}".format(*ev.alive())
     bar.set_postfix(refresh=False, **shown)
@@ -458,5 +580,6 @@ def _progress(bar, state: RunState, ev: Evaluator, quiet: bool) -> None:
         val = "".join(f"  val {k} {x:.4f}" for k, x in (h.validation or {}).items())
         plain = state.plain_validation
         ref = f" (plain {plain.loss:.4f})" if plain else ""
+        ref += f"  file {state.file.loss:.4f}" if state.file else ""
         bar.write(f"gen {h.generation:4d}  best {h.best:.4f}  median {h.median:.4f}{val}{ref}  "
                   f"sigma {h.sigma:.3g}  ({h.seconds:.1f}s)")

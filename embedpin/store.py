@@ -7,6 +7,7 @@ Layout::
       config.toml            the RunConfig (everything needed to reproduce the run)
       state.json             status, committed generation count, pinned result, history, optimizer
       pinned.safetensors     the pinned conditioning + its recipe (metadata)
+      inversion.safetensors  the token vectors textual inversion fitted before the search (its start)
       targets/target_TT.png  targets/mask_TT.png (its --mask, at the render size)  targets/guide_GG.png
       validation/plain_iBB.png
       generations/NNNN/      generation.json, images/cII_iBB.png, validation/, errmaps/
@@ -46,6 +47,7 @@ STATE_VERSION = 1
 STATUSES = ("running", "finished", "interrupted")
 STATE, CONFIG, PINNED, GENERATION = "state.json", "config.toml", "pinned.safetensors", "generation.json"
 ANALYSIS = "analysis.json"  # embedpin analyze's token table (embedpin.analysis), read by the report
+INVERSION = "inversion.safetensors"  # the token vectors the gradient stage fitted (the search's start)
 
 
 def generation_dirname(generation: int) -> str:
@@ -89,6 +91,25 @@ def write_bytes(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_vectors(path: Path, vectors: np.ndarray) -> Path:
+    """Token vectors [N, Din] as a safetensors file (``vectors``), atomically."""
+    from safetensors.numpy import save
+
+    return write_bytes(path, save({"vectors": np.ascontiguousarray(vectors, dtype=np.float32)}))
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    """Token vectors [N, Din] written by :func:`write_vectors` (an InputError if unreadable)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))["vectors"]
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise InputError(f"{path}: the run's inversion vectors cannot be read ({e}); remove 'inversion' from "
+                         "state.json to fit them again") from None
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -291,9 +312,10 @@ class HistoryEntry(Record):
 class PinnedRecord(Record):
     """The pinned result in ``state.json``: where it comes from (generation and candidate
     index, "mean", or "plain" for the plain prompt) and its figures; a validated one keeps
-    its validation renders (``images`` relative to the run, ``image_losses``)."""
+    its validation renders (``images`` relative to the run, ``image_losses``); ``x``: its
+    standardized search vector."""
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("kind", "images", "image_losses", "validation")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("kind", "images", "image_losses", "validation", "x")
 
     generation: int | None
     candidate: int | str | None
@@ -306,6 +328,28 @@ class PinnedRecord(Record):
     images: list[str] | None = None
     image_losses: list[float | None] | None = None
     validation: bool | None = None
+    x: list[float] | None = None  # its standardized search vector (None: the plain prompt)
+
+
+@dataclass
+class FileRecord(Record):
+    """The run's textual-inversion file in ``state.json``: the validated candidate that holds
+    all of its result in its token vectors (every other block at its default, CFG and
+    strength in the recipe) with the lowest validation loss, when it beats the plain prompt.
+    ``kind``: "best" / "mean" (a search candidate), or "file" (a pinned result's vectors fitted
+    to its conditioning, ``Session.file_candidate``); ``x``: its standardized search vector."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("images", "image_losses")
+
+    generation: int
+    kind: str
+    loss: float
+    x: list[float]
+    flip: float | None = None
+    clip: float | None = None
+    params: dict[str, list[float]] = field(default_factory=dict)
+    images: list[str] | None = None
+    image_losses: list[float | None] | None = None
 
 
 @dataclass
@@ -319,6 +363,21 @@ class PlainValidation(Record):
     images: list[str] = field(default_factory=list)
     seed: int | None = None
     renders: int = 0
+
+
+@dataclass
+class InversionRecord(Record):
+    """The gradient stage before the search (``optimizer.inversion``): its steps, seconds and
+    denoising loss over its first and last tenth of steps; the vectors are in ``INVERSION``
+    (0 steps and a ``note``: the model gave no gradient, the search started at the init words)."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("note",)
+
+    steps: int
+    seconds: float
+    loss_start: float | None = None
+    loss_end: float | None = None
+    note: str | None = None  # why it did not run (a model that gives no gradient)
 
 
 @dataclass
@@ -368,11 +427,13 @@ class RunState(Record):
     """``state.json``: status, committed generations, the pinned result, history, the
     Pareto front (``--max-distance``), the optimizer's JSON state, the plain prompt's
     validation, the search space's description, why the run stopped, notes on its setup and the
-    prompt's token labels (what each token weight weighs)."""
+    prompt's token labels (what each token weight weighs), the gradient stage's record and the
+    textual-inversion file's."""
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason", "notes", "tokens")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("space", "stop_reason", "notes", "tokens", "inversion", "file")
     NESTED: ClassVar[dict[str, Any]] = {"best": PinnedRecord, "history": [HistoryEntry],
-                                        "plain_validation": PlainValidation}
+                                        "plain_validation": PlainValidation, "inversion": InversionRecord,
+                                        "file": FileRecord}
 
     version: int = STATE_VERSION
     status: str = "running"
@@ -386,6 +447,8 @@ class RunState(Record):
     stop_reason: str | None = None
     notes: list[str] | None = None  # what the run's setup means for its result (shown in the report)
     tokens: list[str] | None = None  # the prompt's token labels, one per token weight (placeholders last)
+    inversion: InversionRecord | None = None  # the gradient stage, once done (its vectors: INVERSION)
+    file: FileRecord | None = None  # the textual-inversion file: the best validated all-in-vectors candidate
 
     @classmethod
     def read(cls, path: Path) -> RunState:

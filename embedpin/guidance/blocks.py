@@ -33,6 +33,7 @@ TOKEN_WEIGHTS = (0.0, 2.0, 1.0, 0.2)
 DELTA = (-1.0, 1.0, 0.0, 0.05)
 TOKEN_VECTORS = (-1.0, 1.0, 0.0, 0.25)
 BLOCK_NAMES = (*SCALARS, "token_weights", "delta", "token_vectors")
+FILE_BLOCKS = ("token_vectors", "cfg", "strength")  # what a textual-inversion file (vectors) and its recipe carry
 
 
 def requirement(ctx, name: str) -> str | None:

@@ -63,7 +63,8 @@ class GuidanceOptions:
     a word's tokens' mean if it splits), in a vector_k-dim
     vector_basis ("pca" or "random"); seed for the random bases; cfg and strength: the values
     used when those blocks are not searched; omit_token: leave the prompt's token of that index
-    out (token analysis: the pinned result without one token).
+    out (token analysis: the pinned result without one token); placeholders_first: the
+    placeholders stand before the prompt's words (``"<pin> <prompt>"``) instead of after them.
     """
 
     mapping: str = "alignment-first"
@@ -82,6 +83,7 @@ class GuidanceOptions:
     cfg: float = MICRO.cfg
     strength: float = RenderConfig.strength
     omit_token: int | None = None  # token analysis: the prompt without its token of this index
+    placeholders_first: bool = False  # the placeholders stand before the prompt's words, not after
 
 
 @dataclass
@@ -368,7 +370,7 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
         raise ConfigError("empty concept prompt")
     init = _init_vectors(components, o, init_vectors) if o.n_vectors > 0 else None
     chunks = max(chunk_count(components, prompt, o.n_vectors), chunk_count(components, negative))
-    plain = encode_prompt(components, prompt, o.clip_skip, init, chunks, o.omit_token)
+    plain = encode_prompt(components, prompt, o.clip_skip, init, chunks, o.omit_token, o.placeholders_first)
     ctx = GuidanceContext(components=components, options=o, prompt=prompt, plain=plain,
                           negative=encode_negative(components, negative, o.clip_skip, chunks),
                           vector_init=None if init is None else init.to(plain.input_embeds))

@@ -89,7 +89,6 @@ def _window(components) -> int:
     return int(components.tokenizer.model_max_length)
 
 
-@torch.no_grad()
 def encode_text_from_embeds(components, input_embeds: torch.Tensor, ids: torch.Tensor | None = None,
                             clip_skip: int = 0) -> torch.Tensor:
     """Run the text encoder from input token embeddings [λ, L, Din] -> hidden states [λ, L, D],
@@ -160,7 +159,6 @@ def encode_from_embeds(components, input_embeds: torch.Tensor, ids: torch.Tensor
     return encode_text_from_embeds(components, input_embeds, ids, clip_skip).float(), None
 
 
-@torch.no_grad()
 def encode_sdxl_from_embeds(components, input_embeds: torch.Tensor, ids_2: torch.Tensor,
                             clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's conditioning from both encoders' token embeddings side by side [λ, L, D1 + D2]:
@@ -190,13 +188,15 @@ def _cache_arg() -> str:
 
 @torch.no_grad()
 def encode_prompt(components, prompt: str, clip_skip: int = 0, placeholders: torch.Tensor | None = None,
-                  chunks: int | None = None, omit: int | None = None) -> PromptEncoding:
+                  chunks: int | None = None, omit: int | None = None, first: bool = False) -> PromptEncoding:
     """Tokenize (:func:`~embedpin.guidance.tokens.tokenize`: emphasis, 75-token chunks) and
     encode ``prompt`` -> :class:`PromptEncoding` ([1, 77 c, D]; SDXL: [1, 77 c, 2048] and
     pooled [1, 1280]), with ``placeholders`` [N, Din] after it (token vectors) and at least
     ``chunks`` chunks (empty ones pad it, as they pad the shorter of prompt and negative);
-    ``omit``: the index of a prompt token to leave out."""
-    t = tokenize(components, prompt, 0 if placeholders is None else len(placeholders), chunks, omit)
+    ``omit``: the index of a prompt token to leave out; ``first``: the placeholders stand before
+    the prompt's words (``"<pin> <prompt>"``), where the causal encoder lets them change every
+    word's state."""
+    t = tokenize(components, prompt, 0 if placeholders is None else len(placeholders), chunks, omit, first)
     embeds = token_embeddings(components, t.ids, t.ids_2)
     if placeholders is not None:
         embeds[:, t.placeholders] = placeholders.to(embeds)

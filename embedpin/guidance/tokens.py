@@ -59,12 +59,15 @@ def _fragment_ids(tokenizer, prompt: str) -> list[tuple[list[int], float]]:
             for text, w in parse_emphasis(prompt)]
 
 
-def _chunked(fragments: list[tuple[list[int], float]], n_placeholders: int, body: int) -> list[list[tuple[int, float]]]:
+def _chunked(fragments: list[tuple[list[int], float]], n_placeholders: int, body: int,
+             first: bool = False) -> list[list[tuple[int, float]]]:
     """Token rows (id, weight; placeholder j's id is -1 - j) cut into chunks of at most ``body``
-    tokens, a BREAK ending one early; at least one (possibly empty) chunk."""
+    tokens, a BREAK ending one early; at least one (possibly empty) chunk. The placeholders
+    follow the prompt, or with ``first`` precede it."""
     chunks: list[list[tuple[int, float]]] = [[]]
     rows = [(i, w) for ids, w in fragments for i in (ids if w != BREAK else [None])]
-    for i, w in [*rows, *((-1 - j, 1.0) for j in range(n_placeholders))]:
+    pins = [(-1 - j, 1.0) for j in range(n_placeholders)]
+    for i, w in ([*pins, *rows] if first else [*rows, *pins]):
         if (i is None and chunks[-1]) or len(chunks[-1]) == body:
             chunks.append([])
         if i is not None:
@@ -97,29 +100,32 @@ def _omit(fragments: list[tuple[list[int], float]], k: int | None) -> list[tuple
 
 
 def chunk_count(components, prompt: str, n_placeholders: int = 0) -> int:
-    """How many chunks ``prompt`` (with ``n_placeholders`` after it) takes."""
+    """How many chunks ``prompt`` (with ``n_placeholders`` beside it) takes."""
     tok = components.tokenizer
     return len(_chunked(_fragment_ids(tok, prompt), n_placeholders, int(tok.model_max_length) - 2))
 
 
 def tokenize(components, prompt: str, n_placeholders: int = 0, chunks: int | None = None,
-             omit: int | None = None) -> Tokens:
-    """``prompt`` (A1111 emphasis syntax) and ``n_placeholders`` placeholders -> :class:`Tokens`
-    of at least ``chunks`` chunks (more if the prompt needs them); ``omit``: leave the prompt's
-    token of that index out (as if it had not been written)."""
+             omit: int | None = None, first: bool = False) -> Tokens:
+    """``prompt`` (A1111 emphasis syntax) and ``n_placeholders`` placeholders after it (``first``:
+    before it, ``"<pin> <prompt>"``) -> :class:`Tokens` of at least ``chunks`` chunks (more if the
+    prompt needs them); ``omit``: leave the prompt's token of that index out (as if it had not
+    been written). ``positions`` and ``weights`` list the prompt's tokens first, then the
+    placeholders, wherever they stand."""
     tok = components.tokenizer
     window = int(tok.model_max_length)
     fragments = _omit(_fragment_ids(tok, prompt), omit)
-    rows = _chunked(fragments, n_placeholders, window - 2)
+    rows = _chunked(fragments, n_placeholders, window - 2, first)
     n_chunks = max(len(rows), chunks or 1)
     ids_2 = None
     if components.is_sdxl:
         second = _omit(_fragment_ids(components.tokenizer_2, prompt), omit)
         if [len(i) for i, _ in second] != [len(i) for i, _ in fragments]:
             raise ModelError("the two SDXL tokenizers split this prompt into different tokens")
-        ids_2 = _ids(components.tokenizer_2, _chunked(second, n_placeholders, window - 2), window, n_chunks)
-    positions = [c * window + 1 + k for c, chunk in enumerate(rows) for k in range(len(chunk))]
-    flat = [item for chunk in rows for item in chunk]
+        ids_2 = _ids(components.tokenizer_2, _chunked(second, n_placeholders, window - 2, first), window, n_chunks)
+    placed = sorted(((c * window + 1 + k, item) for c, chunk in enumerate(rows) for k, item in enumerate(chunk)),
+                    key=lambda row: row[1][0] < 0)  # the prompt's tokens, then the placeholders (stable)
+    positions, flat = [p for p, _ in placed], [item for _, item in placed]
     ids = _ids(tok, rows, window, n_chunks)
     strings = tok.convert_ids_to_tokens([i if i < len(tok) else tok.pad_token_id or 0 for i in ids])
     for p, (i, _) in zip(positions, flat):

@@ -22,6 +22,7 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
+from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
 from embedpin.guidance.emphasis import BREAK, parse_emphasis
@@ -32,6 +33,7 @@ from embedpin.images import load_image, resize_crop
 from embedpin.models.embeddings import read_textual_inversion
 from embedpin.models.loader import load_components
 from embedpin.optimizer.batch import Batch, Pinned, RunInfo
+from embedpin.optimizer.inversion import InversionSettings, fit_coefficients, invert
 from embedpin.optimizer.seeds import search_seed, validation_seed
 from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
@@ -68,7 +70,8 @@ def guidance_options(config: RunConfig, init_word: str | None = None, n_vectors:
         clip_skip=config.prompt.clip_skip, delta_basis=search.basis, delta_k=search.rank,
         n_vectors=n_vectors, vector_k=search.rank,
         vector_basis="random" if search.basis == "random" else "pca", init_word=init_word or search.init_word,
-        seed=config.optim.seed, cfg=config.render.cfg, strength=config.render.strength)
+        seed=config.optim.seed, cfg=config.render.cfg, strength=config.render.strength,
+        placeholders_first=search.placement == "before")
 
 
 def auto_init_words(config: RunConfig, components, targets: torch.Tensor | None) -> str:
@@ -162,6 +165,7 @@ class Session:
     guide: list[torch.Tensor]
     validation: RenderPlan | None = None  # the validation renders' plan; None: validation off
     notes: list[str] = field(default_factory=list)  # what the setup means for the result (stderr, report)
+    masks: torch.Tensor | None = None  # [T, 1, H, W] on the device, one per target (None: no --mask)
 
     def search_plan(self, generation: int):
         """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
@@ -210,7 +214,54 @@ class Session:
                         masks=masks.masks.to(comp.device) if masks else None)
         notes += [ctx.guidance_note] if ctx.guidance_note else []
         notes += _cut_text_target(comp, score.text_target)
-        return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes)
+        return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes,
+                   masks.masks.to(comp.device) if masks else None)
+
+    def inverts(self) -> bool:
+        """Whether the run fits its token vectors by gradient first (``--inversion-steps``): token
+        vectors searched, target images to fit them to."""
+        search = self.config.search
+        return search.inversion_steps > 0 and "token_vectors" in search.blocks and self.targets is not None
+
+    def invert(self, progress=None) -> np.ndarray:
+        """The token vectors [N, Din] fitted to the targets by textual inversion
+        (:mod:`embedpin.optimizer.inversion`), from the run's init vectors, with the run's seed."""
+        search = self.config.search
+        settings = InversionSettings(steps=search.inversion_steps, batch=search.inversion_batch,
+                                     lr=search.inversion_lr, seed=self.config.optim.seed)
+        vectors = invert(self.ctx, self.targets, settings, self.masks, progress)
+        return vectors.detach().float().cpu().numpy()
+
+    @torch.no_grad()
+    def file_candidate(self, x: np.ndarray) -> np.ndarray:
+        """Candidate ``x`` [n] as a textual-inversion file can hold it: its token-vector
+        coefficients fitted so the usage prompt alone encodes like x's conditioning
+        (:func:`~embedpin.optimizer.inversion.fit_coefficients`), the blocks a file's recipe
+        carries (CFG, strength) kept, every other block at its default."""
+        space = self.space
+        params = space.decode(np.asarray(x)[None])
+        cond = self.conditioning(params)
+        block = next(b for b in space.blocks if b.name == "token_vectors")
+        start = torch.as_tensor(params["token_vectors"][0]).to(cond.prompt_embeds)
+        with torch.enable_grad():
+            coeffs = fit_coefficients(self.ctx, cond.prompt_embeds, cond.pooled_embeds, start, bound=block.upper)
+        out = np.zeros(space.n)
+        for name in FILE_BLOCKS:
+            if name in space.slices:
+                out[space.slices[name]] = np.asarray(x)[space.slices[name]]
+        out[space.slices["token_vectors"]] = block.to_x(coeffs.double().cpu().numpy().clip(block.lower + 1e-6,
+                                                                                             block.upper - 1e-6))
+        return out
+
+    def use_vectors(self, vectors: np.ndarray | None) -> None:
+        """Start the token vectors (the search's x = 0) at ``vectors`` [N, Din] (an inversion's)
+        instead of the init words; the search space keeps its shape."""
+        if vectors is None:
+            return
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        if self.ctx.vector_init is not None and torch.equal(v.to(self.ctx.vector_init), self.ctx.vector_init):
+            return
+        self.ctx = self.context_without(None, v)
 
     def info(self) -> RunInfo:
         """What the driver needs to know of this session without loading the model itself."""

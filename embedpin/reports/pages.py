@@ -221,6 +221,21 @@ def _image_entries(folder: Path, prefix: str, images: list[str] | None, losses: 
             for j, rel in enumerate(images or [])]
 
 
+def file_context(run: Run) -> dict | None:
+    """The run's textual-inversion file: its validation loss and images, the prompt it is used
+    with (None: none has beaten the plain prompt, or the run has no token vectors)."""
+    file = run.state.file
+    if file is None:
+        return None
+    config = run.config
+    prompt = config.prompt.prompt if config else ""
+    before = config is not None and config.search.placement == "before"
+    usage = " ".join(p for p in (["<pinned>", prompt] if before else [prompt, "<pinned>"]) if p)
+    return dict(loss=file.loss, generation=file.generation, kind=file.kind, usage=usage,
+                page=f"generations/{generation_dirname(file.generation)}/index.html",
+                images=_image_entries(run.root, "", file.images, file.image_losses))
+
+
 def plain_validation_context(run: Run) -> dict | None:
     """The plain prompt on the validation seeds: its loss and images (None without validation)."""
     plain = run.state.plain_validation
@@ -271,6 +286,7 @@ def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
         plots=[p for p in plots if p is not token_plot], analyze=f"embedpin analyze {run_argument(run)}",
         run=_run_summary(run), live=run.live, recipe=recipe(run.config), config_rows=config_rows(run.config),
         targets=targets, guides=guide, best=best_context(run), plain=plain_validation_context(run),
+        file=file_context(run), carries=any(b.get("name") == "token_vectors" for b in (run.state.space or {}).get("blocks", [])),
         notes=list(run.state.notes or []), gif=gif,
         generations=(rows := generation_rows(run)), workers=any(r["worker_split"] for r in rows),
         commands=commands(run),
