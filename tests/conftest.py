@@ -36,6 +36,23 @@ def finished_analysed(finished, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd_checkpoints(request):
+    """{name: path} of real-width single-file checkpoints (``sd_checkpoints.SPECS``: SD 1.x, SD 2.x,
+    SDXL), made once and kept in pytest's cache between sessions, keyed by what makes them."""
+    from sd_checkpoints import SPECS, cache_key, write
+
+    folder = request.config.cache.mkdir(f"sd-checkpoints-{cache_key()}")
+    out = {}
+    for name, spec in SPECS.items():
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            write(spec["shipped"], path.with_suffix(".tmp"), levels=spec["levels"], text_layers=spec["text_layers"])
+            path.with_suffix(".tmp").rename(path)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster (2 CPUs) for the whole session; yields its address. Token authentication
     is switched off for it (a test setting: it would write ~/.ray/auth_token)."""
