@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
@@ -93,8 +93,8 @@ def not_carried(recipe: dict) -> list[str]:
 
 
 def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> tuple[Path, list[str]]:
-    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file;
-    returns the file and what of the result it does not carry.
+    """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file
+    (written whole or not at all); returns the file and what of the result it does not carry.
 
     The textual-inversion file holds the token vectors only; what else the run searched
     (:func:`not_carried`) is listed in its metadata, values included, and the diffusers
@@ -106,7 +106,7 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
     if fmt == "diffusers":
         keep = {k: v for k, v in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds",
                                                            "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
-        save_file(keep, str(out), metadata={"embedpin": json.dumps(recipe)})
+        write_bytes(out, save(keep, metadata={"embedpin": json.dumps(recipe)}))
         return out, []
     if fmt == "textual-inversion":
         if recipe.get("candidate") == "plain":
@@ -118,8 +118,9 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
         usage = f"{recipe['prompt']} {token}".strip()
         lost = not_carried(recipe)
         layout = to_file_layout(tensors["token_vectors"], recipe.get("widths") or [], recipe.get("family", "SD 1.x"))
-        save_file(layout, str(out),
-                  metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage, "not_carried": lost})})
+        write_bytes(out, save({k: v.contiguous() for k, v in layout.items()},
+                              metadata={"embedpin": json.dumps({**recipe, "token": token, "usage": usage,
+                                                                 "not_carried": lost})}))
         return out, lost
     raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
 

@@ -67,3 +67,9 @@ def import_comfyui(folders: Path):
     folder_paths.set_temp_directory(str(folders / "temp"))
     folder_paths.set_user_directory(str(folders / "user"))
     return nodes
+
+
+def pack(module: str):
+    """A module of the node pack as ComfyUI loaded it (``nodes.load_custom_node`` names the package
+    after its folder's path)."""
+    return sys.modules[f"{str(NODE_PACK).replace('.', '_x_')}.{module}"]

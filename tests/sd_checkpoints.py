@@ -1,7 +1,7 @@
 """Single-file checkpoints with the real widths of SD 1.x, SD 2.x and SDXL (320 model channels,
 768 / 1024 / 768 + 1280 wide text encoders with CLIP's 49,408-token vocabulary, the SD VAE) and
-random weights, cut in depth where the published families allow it: the UNet keeps its first two
-levels with one resnet and one transformer block each, the text encoders keep ``text_layers``
+random weights, cut in depth where the published families allow it: the UNet keeps its first
+``levels`` levels with one resnet and one transformer block each, the text encoders keep ``text_layers``
 layers (SD 1.x: all 12 by default, as ComfyUI's SD 1.x text encoder always has 12). What model
 loaders tell families by (shapes and key names) is the real thing; what makes a model big (depth)
 is not. Written in float16, as checkpoints are shared.
@@ -103,7 +103,7 @@ def published_layout(shipped: str) -> dict[str, tuple[int, ...]]:
 
 
 SPECS = {  # the session's checkpoints (conftest ``sd_checkpoints``)
-    "sd15": dict(shipped="sd15", levels=2, text_layers=(12,)),   # ComfyUI's SD 1.x text encoder has 12 layers
+    "sd15": dict(shipped="sd15", levels=1, text_layers=(12,)),   # ComfyUI's SD 1.x text encoder has 12 layers
     "sd21": dict(shipped="sd21", levels=1, text_layers=(2,)),
     "sdxl": dict(shipped="sdxl-base", levels=1, text_layers=(1, 1)),
 }

@@ -48,7 +48,13 @@ def _embedpin(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           timeout=240)
 
 
-def test_a_hub_id_not_in_the_cache_is_downloaded_with_a_progress_bar_only_what_a_run_needs(hub, tmp_path):
+def test_a_hub_id_is_downloaded_once_then_loads_offline_and_offline_a_missing_one_is_one_error_line(hub, tmp_path):
+    """...whose ``hf download`` command fetches exactly what embedpin loads."""
+    from huggingface_hub import snapshot_download
+
+    from embedpin.models.hub import MODEL_FILES, SKIP
+    from embedpin.models.loader import load_components
+
     home = tmp_path / "hf"
     r = _embedpin(["models", "--model", "tester/tiny-sd"], _env(hub, home, offline=False))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -56,22 +62,15 @@ def test_a_hub_id_not_in_the_cache_is_downloaded_with_a_progress_bar_only_what_a
     assert "Fetching 10 files" in r.stderr and "100%" in r.stderr  # huggingface_hub's progress bar
     assert hub.fetched("tester/tiny-sd") == NEEDED  # no other precision, pickle, safety checker, single file
     before = len(hub.requests)
-    r = _embedpin(["models", "--model", "tester/tiny-sd"], _env(hub, home, offline=True))
-    assert r.returncode == 0 and "SD 1.x" in r.stdout, r.stderr[-2000:]
+    # offline: the cached id loads without a request; an id not in the cache is one error line
+    r = subprocess.run([sys.executable, "-c", "import sys; from embedpin.cli import main; "
+                        "print('rc', main(['models', '--model', 'tester/tiny-sd']), "
+                        "main(['models', '--model', 'tester/tiny-sd-copy']))"],
+                       capture_output=True, text=True, env=_env(hub, home, offline=True), timeout=240)
+    assert "tester/tiny-sd: SD 1.x" in r.stdout and r.stdout.strip().endswith("rc 0 2"), (r.stdout, r.stderr)
     assert len(hub.requests) == before  # the cached copy, offline
-
-
-def test_offline_a_missing_id_is_one_error_line_whose_command_fetches_what_embedpin_loads(hub, tmp_path):
-    from huggingface_hub import snapshot_download
-
-    from embedpin.models.hub import MODEL_FILES, SKIP
-    from embedpin.models.loader import load_components
-
-    home = tmp_path / "hf"
-    r = _embedpin(["models", "--model", "tester/tiny-sd-copy"], _env(hub, home, offline=True))
     err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: tester/tiny-sd-copy is not in the local "
-                                                                       "Hugging Face cache"), r.stderr
+    assert len(err) == 1 and err[0].startswith("error: tester/tiny-sd-copy is not in the local Hugging Face cache"), err
     assert "HF_HUB_OFFLINE=1" in err[0] and not hub.fetched("tester/tiny-sd-copy")
     command = err[0].split("fetch it with: ", 1)[1]
     words = shlex.split(command)

@@ -35,9 +35,8 @@ def test_sd1_checkpoint_loads_with_nothing_cached_and_models_says_which_config_a
     assert why == ("  loaded with the shipped config sd15 (SD 1.x, 512 px, epsilon, as "
                    "stable-diffusion-v1-5/stable-diffusion-v1-5 publishes it): the file has a text encoder under "
                    "cond_stage_model.transformer (768 wide) and a UNet of 320 channels with 768-wide cross-attention; "
-                   "epsilon prediction: the config's; UNet depth from the file: levels [320, 640] (published [320, "
-                   "640, 1280, 1280]), resnets per level 1 (published 2), transformer blocks [1, 1] (published [1, 1, "
-                   "1, 0])")
+                   "epsilon prediction: the config's; UNet depth from the file: levels [320] (published [320, 640, "
+                   "1280, 1280]), resnets per level 1 (published 2), transformer blocks [1] (published [1, 1, 1, 0])")
 
 
 def test_sd2_checkpoint_is_v_prediction_unless_the_file_says_otherwise(sd_checkpoints, no_cache, capsys, tmp_path):
@@ -46,8 +45,9 @@ def test_sd2_checkpoint_is_v_prediction_unless_the_file_says_otherwise(sd_checkp
     assert "SD 2.x, native 768px, v-prediction, text 1024" in described
     assert "shipped config sd21 (SD 2.x, 768 px, v-prediction" in why and "v-prediction: assumed, the file does " \
         "not say" in why and "text encoder layers from the file: 2 (published 23)" in why
-    described, why = _models(path, capsys, "--model-config", "sd21-base")
-    assert "SD 2.x, native 512px, epsilon prediction" in described and "epsilon prediction: the config's" in why
+    forced = choose(read_weights(path), path.name, "sd21-base")
+    assert forced.source.startswith("shipped config sd21-base (SD 2.x, 512 px, epsilon") and \
+        "epsilon prediction: the config's" in forced.describe() and forced.configs["unet"]["sample_size"] == 64
     shapes, _ = shapes_of(path)
     for metadata, config, said in [({"modelspec.prediction_type": "epsilon"}, "sd21-base", "prediction_type=epsilon"),
                                    ({"modelspec.architecture": "stable-diffusion-v2-512"}, "sd21-base", "architecture"),

@@ -27,7 +27,7 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _quiet():
+def quiet_libraries():
     """The libraries' own loading messages and progress bars off (a download's bars stay on)."""
     import diffusers
     import transformers
@@ -218,7 +218,7 @@ def load_components(spec: str = "micro", device: str | torch.device = "cpu", dty
     """Load tokenizer, text encoder(s), UNet, VAE, scheduler config and the image towers
     (each ``clip`` folder / cached id, in order; none given: the model's own ``clip/``) on
     device / dtype (:meth:`Components.to`)."""
-    _quiet()
+    quiet_libraries()
     kind, path = resolve(spec)
     parts = _load_single_file(path, model_config, dtype) if kind == "single-file" else _load_folder(path, spec)
     specs = [clip] if isinstance(clip, (str, Path)) else list(clip or [])
