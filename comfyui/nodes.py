@@ -46,8 +46,8 @@ def _checkpoint(graph: dict | None, node_id) -> str | None:
     from one checkpoint loader node (then the run's config names it, and the CLI can resume it)."""
     node = (graph or {}).get(str(node_id), {})
     links = [node.get("inputs", {}).get(k) for k in ("model", "clip", "vae")]
-    sources = {str(x[0]) for x in links if isinstance(x, list)}
-    source = graph.get(sources.pop(), {}) if len(sources) == 1 and len(links) == 3 else {}
+    sources = {str(x[0]) if isinstance(x, list) else None for x in links}
+    source = graph.get(sources.pop(), {}) if len(sources) == 1 and None not in sources else {}
     name = source.get("inputs", {}).get("ckpt_name")
     if source.get("class_type") in LOADERS and isinstance(name, str):
         return folder_paths.get_full_path("checkpoints", name)
@@ -71,7 +71,9 @@ def _embedding_path(name: str) -> Path:
 
 
 class Pin:
-    DESCRIPTION = __doc__.split("- **Load pinned**")[0].split("- **Pin**: ")[1].strip()
+    DESCRIPTION = ("Pins a prompt's conditioning to target images with the workflow's MODEL, CLIP and VAE (used in "
+                   "place), as embedpin optimize does; outputs the pinned CONDITIONING and the run folder, and writes "
+                   "the textual inversion to models/embeddings. Interrupted, it continues when queued again.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -48,12 +48,12 @@ def _embedpin(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           timeout=240)
 
 
-def test_a_hub_id_is_downloaded_once_then_loads_offline_and_offline_a_missing_one_is_one_error_line(hub, tmp_path):
+def test_a_hub_id_is_downloaded_once_then_loads_offline_and_offline_a_missing_one_is_one_error_line(
+        hub, tmp_path, monkeypatch, capsys):
     """...whose ``hf download`` command fetches exactly what embedpin loads."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants
 
-    from embedpin.models.hub import MODEL_FILES, SKIP
-    from embedpin.models.loader import load_components
+    from embedpin.cli import main
 
     home = tmp_path / "hf"
     r = _embedpin(["models", "--model", "tester/tiny-sd"], _env(hub, home, offline=False))
@@ -62,25 +62,21 @@ def test_a_hub_id_is_downloaded_once_then_loads_offline_and_offline_a_missing_on
     assert "Fetching 10 files" in r.stderr and "100%" in r.stderr  # huggingface_hub's progress bar
     assert hub.fetched("tester/tiny-sd") == NEEDED  # no other precision, pickle, safety checker, single file
     before = len(hub.requests)
-    # offline: the cached id loads without a request; an id not in the cache is one error line
-    r = subprocess.run([sys.executable, "-c", "import sys; from embedpin.cli import main; "
-                        "print('rc', main(['models', '--model', 'tester/tiny-sd']), "
-                        "main(['models', '--model', 'tester/tiny-sd-copy']))"],
-                       capture_output=True, text=True, env=_env(hub, home, offline=True), timeout=240)
-    assert "tester/tiny-sd: SD 1.x" in r.stdout and r.stdout.strip().endswith("rc 0 2"), (r.stdout, r.stderr)
-    assert len(hub.requests) == before  # the cached copy, offline
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: tester/tiny-sd-copy is not in the local Hugging Face cache"), err
-    assert "HF_HUB_OFFLINE=1" in err[0] and not hub.fetched("tester/tiny-sd-copy")
-    command = err[0].split("fetch it with: ", 1)[1]
-    words = shlex.split(command)
-    assert words[:3] == ["hf", "download", "tester/tiny-sd-copy"]
+    # offline (this process: tests/conftest.py), with that cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    assert main(["models", "--model", "tester/tiny-sd"]) == 0
+    assert "tester/tiny-sd: SD 1.x" in capsys.readouterr().out and len(hub.requests) == before
+    assert main(["models", "--model", "tester/tiny-sd-copy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tester/tiny-sd-copy is not in the local Hugging Face cache "
+                                               f"({home / 'hub'}) and HF_HUB_OFFLINE=1 forbids downloading it"), err
+    words = shlex.split(err[0].split("fetch it with: ", 1)[1])
+    assert words[:3] == ["hf", "download", "tester/tiny-sd-copy"] and not hub.fetched("tester/tiny-sd-copy")
     hf = shutil.which("hf")
     assert hf, "the hf command comes with huggingface_hub"
     done = subprocess.run([hf, *words[1:]], capture_output=True, text=True, env=_env(hub, home, offline=False),
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert hub.fetched("tester/tiny-sd-copy") == NEEDED  # exactly what embedpin downloads itself
-    folder = snapshot_download("tester/tiny-sd-copy", cache_dir=home / "hub", local_files_only=True,
-                               allow_patterns=list(MODEL_FILES), ignore_patterns=list(SKIP))
-    assert load_components(folder).family == "SD 1.x"
+    assert main(["models", "--model", "tester/tiny-sd-copy"]) == 0  # and now it loads offline
+    assert "tester/tiny-sd-copy: SD 1.x" in capsys.readouterr().out
