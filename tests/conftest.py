@@ -40,12 +40,14 @@ def finished_analysed(finished, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sd_checkpoints(request):
+def sd_checkpoints(request, tmp_path_factory):
     """{name: path} of real-width single-file checkpoints (``sd_checkpoints.SPECS``: SD 1.x, SD 2.x,
-    SDXL), made once and kept in pytest's cache between sessions, keyed by what makes them."""
+    SDXL), made once and kept in pytest's cache between sessions (when it is on), keyed by what
+    makes them."""
     from sd_checkpoints import SPECS, cache_key, write
 
-    folder = request.config.cache.mkdir(f"sd-checkpoints-{cache_key()}")
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir(f"sd-checkpoints-{cache_key()}") if cache else tmp_path_factory.mktemp("sd-checkpoints")
     out = {}
     for name, spec in SPECS.items():
         path = folder / f"{name}.safetensors"
