@@ -41,7 +41,8 @@ def text_encoders(clip) -> list[dict]:
 def components(model, clip, vae, name: str) -> Components:
     """embedpin components of the workflow's MODEL, CLIP and VAE: ComfyUI loads them as it samples
     with them (its device, its dtype, LoRA patches applied), and their tensors become the diffusers
-    modules' weights without a copy (text encoders kept in another dtype than the UNet's are cast)."""
+    modules' weights without a copy (weights ComfyUI keeps in another dtype than it computes the
+    UNet in, a float16 text encoder on a CPU say, are cast)."""
     if model is None or clip is None or vae is None:
         raise ModelError("the Pin node needs the MODEL, CLIP and VAE of one checkpoint loader")
     quiet_libraries()
@@ -56,8 +57,8 @@ def components(model, clip, vae, name: str) -> Components:
     comp = Components(name=name, source="ComfyUI", **parts)
     for m in (*comp.text_encoders, comp.unet, comp.vae):
         m.eval().requires_grad_(False)
-    first = next(iter(unet.values()))
-    return comp.to(first.device, first.dtype)
+    first = next(iter(unet.values()))  # ComfyUI's device, and the dtype it computes in (stored weights it casts)
+    return comp.to(first.device, getattr(model.model, "manual_cast_dtype", None) or first.dtype)
 
 
 def check_name(name: str) -> str:

@@ -190,13 +190,14 @@ def test_the_example_workflow_pins_is_interrupted_resumes_and_ksampler_renders_t
     assert image.shape == (32, 32, 3) and image.std() > 0
 
 
-def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workflow):
+def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workflow, tmp_path):
     """Queued again with the same inputs, the Pin node returns the finished run's result (it is not
     run again); its CONDITIONING is the run's pinned tensors in ComfyUI's format, its embedding is
     what ComfyUI's ``load_embed`` reads, and Load pinned gives both back with the prompt to use."""
     from comfy.sd1_clip import load_embed
     from PIL import ImageOps
 
+    from embedpin.cli import main
     from embedpin.pinned import load_pinned
 
     nodes, folders = env
@@ -214,7 +215,9 @@ def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workfl
     tensors, recipe = load_pinned(run)
     assert torch.equal(positive[0][0], tensors["prompt_embeds"]) and positive[0][1] == {}
     assert torch.equal(negative[0][0], tensors["negative_prompt_embeds"])
-    assert recipe["model"].endswith(CHECKPOINT)  # traced to the loader's file: the CLI can resume and render it
+    assert recipe["model"].endswith(CHECKPOINT)  # traced to the loader's file: the CLI renders it from there
+    assert main(["render", str(run), "-n", "1", "--steps", "2", "--device", "cpu", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "pinned_seed0.png").is_file()
     embedding = load_embed(NAME, [str(folders / "models" / "embeddings")], 768)
     assert torch.equal(embedding, tensors["token_vectors"]) and embedding.shape == (2, 768)
     assert sorted(p.name for p in (folders / "models" / "embeddings").iterdir()) == [f"{NAME}.safetensors"]
