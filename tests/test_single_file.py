@@ -33,7 +33,7 @@ def test_sd1_checkpoint_loads_with_nothing_cached_and_models_says_which_config_a
     assert described.endswith("SD 1.x, native 512px, epsilon prediction, text 768, image towers: none (pass --clip "
                               "for image guidance and the CLIP loss)")
     assert why == ("  loaded with the shipped config sd15 (SD 1.x, 512 px, epsilon, as "
-                   "stable-diffusion-v1-5/stable-diffusion-v1-5 publishes it): the file has a text encoder under "
+                   "stable-diffusion-v1-5/stable-diffusion-v1-5 publishes it): the checkpoint has a text encoder under "
                    "cond_stage_model.transformer (768 wide) and a UNet of 320 channels with 768-wide cross-attention; "
                    "epsilon prediction: the config's; UNet depth from the file: levels [320] (published [320, 640, "
                    "1280, 1280]), resnets per level 1 (published 2), transformer blocks [1] (published [1, 1, 1, 0])")

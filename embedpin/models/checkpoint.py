@@ -257,9 +257,9 @@ def _published_unet(config: dict) -> UNetShape:
                      config.get("projection_class_embeddings_input_dim"), config["in_channels"], config["out_channels"])
 
 
-def _unet_config(published: dict, found: UNetShape, name: str, family: str) -> tuple[dict, list[str]]:
-    """The published UNet config with the file's depth; raises naming a width that does not fit."""
-    want = _published_unet(published)
+def _check_unet(found: UNetShape, want: UNetShape, name: str, family: str) -> None:
+    """Raise naming the first of the file's UNet widths that is not the family's, or a depth that is
+    not a cut of its published one."""
     levels = len(found.channels)
     widths = [("model channels", found.model_channels, want.model_channels),
               ("cross-attention width", found.context, want.context),
@@ -280,22 +280,27 @@ def _unet_config(published: dict, found: UNetShape, name: str, family: str) -> t
         raise ModelError(f"{name} fits no shipped config: its UNet's blocks (resnets per level {found.per_level}, "
                          f"transformer blocks per level {found.depth}) are not a cut of {family}'s "
                          f"({want.per_level}, {want.depth[:levels]})")
-    tl = [d or 1 for d in found.depth]
-    if found.mid_depth != tl[-1]:
+    if found.mid_depth != (found.depth[-1] or 1):
         raise ModelError(f"{name} fits no shipped config: its UNet's middle block has {found.mid_depth} transformer "
-                         f"blocks, its last level {tl[-1]}")
+                         f"blocks, its last level {found.depth[-1]}")
+
+
+def _unet_config(published: dict, found: UNetShape, name: str, family: str) -> tuple[dict, list[str]]:
+    """The published UNet config with the file's depth (and a note when it differs)."""
+    want = _published_unet(published)
+    _check_unet(found, want, name, family)
+    levels, tl = len(found.channels), [d or 1 for d in found.depth]
     config = dict(published, block_out_channels=found.channels, layers_per_block=found.per_level,
                   down_block_types=published["down_block_types"][:levels],
                   up_block_types=published["up_block_types"][-levels:],
                   transformer_layers_per_block=tl if "transformer_layers_per_block" in published else tl[0])
     if isinstance(published["attention_head_dim"], list):
         config["attention_head_dim"] = published["attention_head_dim"][:levels]
-    notes = []
-    if levels != len(want.channels) or found.per_level != want.per_level or found.depth != want.depth:
-        notes.append(f"UNet depth from the file: levels {found.channels} (published {want.channels}), "
-                     f"resnets per level {found.per_level} (published {want.per_level}), transformer blocks "
-                     f"{found.depth} (published {want.depth})")
-    return config, notes
+    if (found.channels, found.per_level, found.depth) == (want.channels, want.per_level, want.depth):
+        return config, []
+    return config, [f"UNet depth from the file: levels {found.channels} (published {want.channels}), resnets per level "
+                    f"{found.per_level} (published {want.per_level}), transformer blocks {found.depth} (published "
+                    f"{want.depth})"]
 
 
 def _text_config(published: dict, state: dict, name: str, family: str, which: str) -> tuple[dict, list[str]]:
@@ -354,41 +359,51 @@ def _read(folder: Path, component: str) -> dict:
                          "folder") from None
 
 
+def _shipped(weights: Weights, name: str, model_config: str | Path | None, predicted: str | None) -> Shipped | None:
+    """The shipped config to load with (None: ``model_config`` is a folder): the one named, or the
+    family's (SD 2.x: the epsilon 512 px one when the file says epsilon)."""
+    if model_config is not None and str(model_config) not in SHIPPED:
+        return None
+    if model_config is None and weights.family == "SD 2.x" and predicted == "epsilon":
+        return SHIPPED["sd21-base"]
+    shipped = SHIPPED[str(model_config) if model_config else DEFAULT_SHIPPED[weights.family]]
+    if shipped.family != weights.family:
+        raise ModelError(f"{name} is an {weights.family} checkpoint; --model-config {shipped.name} is {shipped.family}")
+    return shipped
+
+
+def _prediction(configs: dict, weights: Weights, predicted: str | None, said: str, chosen: bool) -> str:
+    """Set the file's prediction type into the scheduler config; the reason shown for it."""
+    if predicted:
+        configs["scheduler"] = dict(configs["scheduler"], prediction_type=predicted)
+        return f"{prediction_name(predicted)}: {said}"
+    if weights.family == "SD 2.x" and chosen:
+        return ("v-prediction: assumed, the file does not say (SD 2.x's 768 px models are v-prediction; "
+                "--model-config sd21-base loads it as the 512 px epsilon model)")
+    return f"{prediction_name(configs['scheduler'].get('prediction_type', 'epsilon'))}: the config's"
+
+
 def choose(weights: Weights, name: str, model_config: str | Path | None = None) -> Choice:
     """The configs ``weights`` load with: the shipped config of its family (or ``model_config``:
     a shipped config's name or a diffusers folder), the file's depths, the file's prediction type."""
-    shipped = None
-    if model_config is None or str(model_config) in SHIPPED:
-        shipped = SHIPPED[str(model_config) if model_config else DEFAULT_SHIPPED[weights.family]]
-        if shipped.family != weights.family:
-            raise ModelError(f"{name} is an {weights.family} checkpoint; --model-config {shipped.name} is {shipped.family}")
     predicted, said = file_prediction(weights)
-    if shipped is not None and model_config is None and weights.family == "SD 2.x" and predicted == "epsilon":
-        shipped = SHIPPED["sd21-base"]
+    shipped = _shipped(weights, name, model_config, predicted)
     folder = shipped.folder if shipped else Path(model_config)
     configs = {c: _read(folder, c) for c in ("model_index", "unet", "vae", "scheduler")}
     configs["unet"], notes = _unet_config(configs["unet"], unet_shape(weights.unet, name), name, weights.family)
     n_text = len(weights.texts)
+    if (folder / "text_encoder_2").is_dir() != (n_text == 2):
+        raise ModelError(f"{name} has {n_text} text encoder(s); the config folder {folder} has "
+                         f"{1 + (folder / 'text_encoder_2').is_dir()}")
     for i, state in enumerate(weights.texts):
         which = "text encoder" if n_text == 1 else ("first", "second")[i] + " text encoder"
         configs[TEXT_NAMES[i]], more = _text_config(_read(folder, TEXT_NAMES[i]), state, name, weights.family, which)
         notes += more
-    if (folder / "text_encoder_2").is_dir() != (n_text == 2):
-        raise ModelError(f"{name} has {n_text} text encoder(s); the config folder {folder} has "
-                         f"{1 + (folder / 'text_encoder_2').is_dir()}")
-    reasons = [_why(weights, configs)]
-    if predicted:
-        configs["scheduler"] = dict(configs["scheduler"], prediction_type=predicted)
-        reasons.append(f"{prediction_name(predicted)}: {said}")
-    elif weights.family == "SD 2.x" and model_config is None:
-        reasons.append("v-prediction: assumed, the file does not say (SD 2.x's 768 px models are v-prediction; "
-                       "--model-config sd21-base loads it as the 512 px epsilon model)")
-    else:
-        reasons.append(f"{prediction_name(configs['scheduler'].get('prediction_type', 'epsilon'))}: the config's")
-    toks = [folder / t for t in ("tokenizer", "tokenizer_2")[:n_text]]
+    reasons = [_why(weights, configs), _prediction(configs, weights, predicted, said, model_config is None)]
     source = (f"shipped config {shipped.name} ({shipped.family}, {shipped.summary}, as {shipped.source} publishes it)"
               if shipped else f"configs of {folder}")
-    return Choice(weights.family, configs, toks, reasons + notes, source)
+    return Choice(weights.family, configs, [folder / t for t in ("tokenizer", "tokenizer_2")[:n_text]],
+                  reasons + notes, source)
 
 
 def _why(weights: Weights, configs: dict) -> str:
@@ -396,8 +411,8 @@ def _why(weights: Weights, configs: dict) -> str:
     widths = " + ".join(f"{c['hidden_size']}" for c in (configs[t] for t in TEXT_NAMES[:len(weights.texts)]))
     unet = configs["unet"]
     adm = unet.get("projection_class_embeddings_input_dim")
-    encoders = "text encoder under " if len(weights.texts) == 1 else "text encoders under "
-    return (f"the file has a {encoders}{' and '.join(w.rstrip('.') for w in weights.text_where)} ({widths} wide) "
+    encoders = "a text encoder under " if len(weights.texts) == 1 else "text encoders under "
+    return (f"the checkpoint has {encoders}{' and '.join(w.rstrip('.') for w in weights.text_where)} ({widths} wide) "
             f"and a UNet of {unet['block_out_channels'][0]} channels with {unet['cross_attention_dim']}-wide "
             f"cross-attention" + (f" and {adm}-wide pooled input" if adm else ""))
 
