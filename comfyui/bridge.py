@@ -20,6 +20,7 @@ from embedpin.models.checkpoint import components_from_weights
 from embedpin.models.components import Components
 from embedpin.models.loader import quiet_libraries
 from embedpin.runner import RunHooks, StopRun
+from embedpin.store import save_image
 
 ENCODERS = ("clip_l", "clip_h", "clip_g")  # ComfyUI's names, in conditioning order
 PREDICTIONS = {"EPS": "epsilon", "V_PREDICTION": "v"}
@@ -88,17 +89,11 @@ def check_masks(images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 def save_images(images: torch.Tensor, masks: torch.Tensor | None, folder: Path) -> tuple[list[str], list[str]]:
     """IMAGE [B, H, W, C] and MASK [B', H, W] in [0, 1] as PNGs in ``folder`` (targets, masks)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    targets, mask_files = [], []
-    for i, img in enumerate(images):
-        path = folder / f"target_{i:02d}.png"
-        Image.fromarray(_uint8(img[..., :3])).save(path)
-        targets.append(str(path))
-    for i, m in enumerate(masks if masks is not None else []):
-        path = folder / f"mask_{i:02d}.png"
-        Image.fromarray(_uint8(m)).save(path)
-        mask_files.append(str(path))
-    return targets, mask_files
+    targets = [str(save_image(folder / f"target_{i:02d}.png", Image.fromarray(_uint8(img[..., :3]))))
+               for i, img in enumerate(images)]
+    masks = [str(save_image(folder / f"mask_{i:02d}.png", Image.fromarray(_uint8(m))))
+             for i, m in enumerate(masks if masks is not None else [])]
+    return targets, masks
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:

@@ -28,7 +28,7 @@ from embedpin.errors import ConfigError, EmbedpinError, InputError
 from embedpin.models.schedulers import SCHEDULERS
 from embedpin.pinned import export_run, load_pinned
 from embedpin.runner import resume, run
-from embedpin.store import RunStore
+from embedpin.store import RunStore, write_text
 
 from . import bridge
 
@@ -125,6 +125,7 @@ class Pin:
         masks = bridge.check_masks(images, mask)
         checkpoint = _checkpoint(graph, node_id)
         comp = bridge.components(model, clip, vae, Path(checkpoint).name if checkpoint else "ComfyUI MODEL")
+        # embedpin optimize's settings (0 / auto: its defaults); the model: the loader's file, when traced
         settings = dict(prompt=prompt, negative=negative, model=checkpoint or "comfyui", generations=generations or None,
                         population=population or None, batch=batch, steps=steps or None, cfg=cfg or None,
                         scheduler=None if sampler == "auto" else sampler, seed=seed, width=width or None,
@@ -141,7 +142,7 @@ class Pin:
             raise
         tensors, recipe = load_pinned(folder)
         written = self._embedding(folder, name, embedding)
-        (out / NODE_INFO).write_text(json.dumps({"embedding": written}))
+        write_text(out / NODE_INFO, json.dumps({"embedding": written}))
         positive, negative = bridge.conditioning(tensors, recipe)
         return positive, negative, str(folder)
 

@@ -33,6 +33,7 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_L = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 OPEN_CLIP = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
 REFINER = "conditioner.embedders.0.model."
+FLAGS = ("v_pred",)  # keys that mark a v-prediction model (A1111's and ComfyUI's convention)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Weights:
     vae: dict
     texts: list[dict]
     metadata: dict = field(default_factory=dict)
-    flags: set = field(default_factory=set)  # top-level marker keys (v_pred)
+    flags: set = field(default_factory=set)  # top-level marker keys (FLAGS)
     text_where: tuple[str, ...] = ()          # each text encoder's prefix in the file
 
 
@@ -174,7 +175,7 @@ def split_checkpoint(state: dict, name: str, metadata: dict | None = None) -> We
     vae = _strip(state, VAE)
     if not vae:
         raise ModelError(f"{name}: no VAE weights ({VAE}*); embedpin needs a checkpoint with its VAE baked in")
-    flags = {k for k in ("v_pred", "ztsnr") if k in keys}
+    flags = {k for k in FLAGS if k in keys}
     return Weights(family, _strip(state, UNET), vae, texts, dict(metadata or {}), flags, where)
 
 
@@ -191,7 +192,7 @@ def read_weights(path: Path, dtype: torch.dtype | None = None) -> Weights:
     state = {}
     with safe_open(str(path), framework="pt") as f:
         for k in f.keys():
-            if k.startswith(wanted) or k in ("v_pred", "ztsnr"):
+            if k.startswith(wanted) or k in FLAGS:
                 t = f.get_tensor(k)
                 state[k] = t.to(dtype) if t.is_floating_point() else t
     return split_checkpoint(state, path.name, metadata)
