@@ -68,12 +68,14 @@ def _optimize_parser(sub):
                    help=f"without --guide: the target image(s) are the guide images of image guidance and "
                         f"the delta's image basis (default: {d.prompt.guide_target})")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | cached hub id | "
+    g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | hub id (cached, else downloaded) | "
                                                  f".safetensors checkpoint (default: {d.model.name})")
     g.add_argument("--clip", action="append", default=None, metavar="FOLDER_OR_ID",
-                   help="image CLIP model folder or cached hub id (real models; repeatable: SDXL takes one tower per "
+                   help="image CLIP model folder or hub id (real models; repeatable: SDXL takes one tower per "
                         "text encoder, e.g. ViT-L/14 and ViT-bigG/14; the first also serves the CLIP loss)")
-    g.add_argument("--model-config", default=None, help="local diffusers config folder for single-file checkpoints")
+    g.add_argument("--model-config", default=None,
+                   help="single-file checkpoints: which configs to load them with, a shipped one (sd15, sd21, sd21-base, "
+                        "sdxl-base) or a diffusers folder / hub id (default: the shipped config the file's shapes fit)")
     g.add_argument("--device", default=None, help=f"auto | cpu | cuda | cuda:N | mps (default: {d.model.device})")
     g.add_argument("--dtype", default=None, help=f"float32 | float16 | bfloat16 (default: {d.model.dtype})")
     g.add_argument("--clip-skip", type=int, default=None, help=f"skip last text-encoder layers (default: "
@@ -300,11 +302,13 @@ def cmd_models(a) -> int:
 
     print("built-in models:")
     print("  " + describe_builtin())
-    print("also accepted by --model: a diffusers model folder, a Hugging Face hub id already in the local "
-          "cache, or a single-file .safetensors checkpoint")
+    print("also accepted by --model: a diffusers model folder, a Hugging Face hub id (the cache's copy, else "
+          "downloaded), or a single-file .safetensors checkpoint (SD 1.x, SD 2.x, SDXL base: configs shipped)")
     if a.model:
         comp = load_components(a.model, clip=a.clip, model_config=a.model_config)
         print(f"{a.model}: {comp.describe()}")
+        if comp.config_note:
+            print(f"  loaded with the {comp.config_note}")
     return 0
 
 
@@ -325,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.add_argument("--model", default=None, help="render with this model instead of the run's (the same family: a "
                    "fine-tune, another copy of the checkpoint)")
-    r.add_argument("--model-config", default=None, help="config folder for a single-file --model")
+    r.add_argument("--model-config", default=None, help="configs for a single-file --model (a shipped config's name "
+                   "or a diffusers folder; default: chosen from the file)")
     r.add_argument("--image", default=None, metavar="PATH",
                    help="instead: re-render this image of the run's report exactly, at full size (its path inside "
                         "the run folder, shown in the report's tooltips, e.g. generations/0003/images/c04_i02.webp)")
@@ -352,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the built-in model; check a --model argument")
     m.add_argument("--model", default=None, help="a --model argument to check: family, native size, prediction "
                    "type, text widths and image towers")
-    m.add_argument("--clip", action="append", default=None, help="an image CLIP model folder or cached hub id "
+    m.add_argument("--clip", action="append", default=None, help="an image CLIP model folder or hub id "
                    "(repeatable)")
-    m.add_argument("--model-config", default=None, help="config folder or cached hub id for a single-file checkpoint")
+    m.add_argument("--model-config", default=None, help="configs for a single-file checkpoint: a shipped config's name "
+                   "(sd15, sd21, sd21-base, sdxl-base), a diffusers folder or a hub id (default: chosen from the file)")
     m.set_defaults(fn=cmd_models)
     return p
 

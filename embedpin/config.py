@@ -30,9 +30,9 @@ PLACEMENTS = ("after", "before")
 
 @dataclass
 class ModelConfig:
-    name: str = "micro"          # micro | diffusers folder | cached hub id | .safetensors file
-    clip: list[str] = field(default_factory=list)  # image towers (folders / cached hub ids); micro ships its own
-    model_config: str | None = None  # local diffusers config folder for single-file checkpoints
+    name: str = "micro"          # micro | diffusers folder | hub id | .safetensors file
+    clip: list[str] = field(default_factory=list)  # image towers (folders / hub ids); micro ships its own
+    model_config: str | None = None  # single-file checkpoints: a shipped config's name or a diffusers folder
     device: str = "auto"         # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"
 

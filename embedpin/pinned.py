@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
@@ -141,7 +141,7 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
     if fmt == "diffusers":
         keep = {k: v for k, v in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds",
                                                            "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
-        save_file(keep, str(out), metadata={"embedpin": json.dumps(recipe)})
+        write_bytes(out, save(keep, metadata={"embedpin": json.dumps(recipe)}))
         return Exported(out)
     if fmt != "textual-inversion":
         raise ConfigError(f"unknown export format {fmt!r}: diffusers or textual-inversion")
@@ -151,7 +151,7 @@ def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pin
     layout = to_file_layout(vectors, recipe.get("widths") or [], recipe.get("family", "SD 1.x"))
     meta = {**recipe, "token": token, "usage": usage, "cfg": cfg, "not_carried": lost,
             "file_validation_loss": done.file_loss}
-    save_file(layout, str(out), metadata={"embedpin": json.dumps(meta)})
+    write_bytes(out, save({k: v.contiguous() for k, v in layout.items()}, metadata={"embedpin": json.dumps(meta)}))
     return done
 
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -140,14 +142,31 @@ def total_generations(setup: RunSetup, opt) -> int:
     return setup.config.optim.generations or default_generations(opt.n)
 
 
+class StopRun(Exception):
+    """Raised by a host application's code while a run renders (``RunHooks``): stop now; the run
+    stays resumable from its last committed generation, as after a second Ctrl-C."""
+
+
+@dataclass
+class RunHooks:
+    """How a host application (a node in ComfyUI) follows and stops a run: ``progress(done,
+    total)`` after each committed generation; ``stop()`` asked after each one (True: stop there,
+    resumable). To stop within a generation, raise :class:`StopRun` from the host's own code
+    (a UNet forward hook, say)."""
+    progress: Callable[[int, int], None] = lambda done, total: None
+    stop: Callable[[], bool] = lambda: False
+
+
 class _Interrupt:
-    """First Ctrl-C: stop after the current generation's writes. Second: stop now."""
+    """First Ctrl-C: stop after the current generation's writes. Second: stop now. (Signals reach
+    only the main thread: a run on another thread, a host application's, is stopped by its hooks.)"""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self._old = signal.signal(signal.SIGINT, self._handle)
+        main = threading.current_thread() is threading.main_thread()
+        self._old = signal.signal(signal.SIGINT, self._handle) if main else None
         return self
 
     def _handle(self, *_):
@@ -157,56 +176,61 @@ class _Interrupt:
         print("\nstopping after this generation (Ctrl-C again to stop now; the run stays resumable)", flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
         return False
 
 
 def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None,
-        evaluator: Evaluator | None = None) -> RunResult:
+        evaluator: Evaluator | None = None, components=None, hooks: RunHooks | None = None) -> RunResult:
     """Start a new run: validate and load everything (in the workers, with ``scale``), then create
-    the run folder and loop. ``evaluator``: render with this one instead (the caller closes it)."""
+    the run folder and loop. ``evaluator``: render with this one instead (the caller closes it);
+    ``components``: render in this process with a model already loaded (a host application's);
+    ``hooks``: a host application's progress and stop (:class:`RunHooks`)."""
     config.validate()
-    with _evaluator(config, scale, evaluator, quiet) as ev:
+    with _evaluator(config, scale, evaluator, quiet, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         store = RunStore.create(setup.config, setup.files())  # the config with the model's defaults filled in
         state = store.read_state()
         state.space = ev.info.space
         state.notes = ev.info.notes or None
         state.tokens = ev.info.tokens or None
-        return _loop(setup, ev, store, make_optimizer(setup), state, quiet)
+        return _loop(setup, ev, store, make_optimizer(setup), state, quiet, hooks or RunHooks())
 
 
 def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None = None,
-           evaluator: Evaluator | None = None) -> RunResult:
-    """Continue a stopped run from its last committed generation (on any number of workers)."""
+           evaluator: Evaluator | None = None, components=None, hooks: RunHooks | None = None) -> RunResult:
+    """Continue a stopped run from its last committed generation (on any number of workers, or
+    with ``components`` / ``hooks`` as :func:`run` takes them)."""
     store = RunStore.open(run_dir)
     state = store.read_state()
     config = store.config()
-    with _evaluator(config, scale, evaluator, quiet) as ev:
+    with _evaluator(config, scale, evaluator, quiet, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(setup)
-        return _loop(setup, ev, store, opt, state, quiet)
+        return _loop(setup, ev, store, opt, state, quiet, hooks or RunHooks())
 
 
 @contextmanager
-def _evaluator(config: RunConfig, scale: ScaleConfig | None, given: Evaluator | None, quiet: bool):
-    """``given``, or an evaluator opened for ``scale`` and closed on the way out (its Ray workers
-    stopped, a Ray cluster it started shut down)."""
+def _evaluator(config: RunConfig, scale: ScaleConfig | None, given: Evaluator | None, quiet: bool, components=None):
+    """``given``, or an evaluator opened for ``scale`` (or ``components``) and closed on the way
+    out (its Ray workers stopped, a Ray cluster it started shut down)."""
     if given is not None:
         yield given
         return
-    ev = open_evaluator(config, scale or ScaleConfig(), _notes(quiet))
+    ev = open_evaluator(config, scale or ScaleConfig(), _notes(quiet), components)
     try:
         yield ev
     finally:
         ev.close()
 
 
-def _loop(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
+def _loop(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool,
+          hooks: RunHooks) -> RunResult:
     """The generations; a mistake that ends the run midway (every worker lost) leaves it marked
     interrupted, resumable, and is raised again naming the command that continues it."""
     try:
-        return _generations(setup, ev, store, opt, state, quiet)
+        return _generations(setup, ev, store, opt, state, quiet, hooks)
     except EmbedpinError as e:
         state = store.read_state()
         state.status, state.stop_reason = "interrupted", f"error: {e}"
@@ -215,7 +239,8 @@ def _loop(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState,
         raise type(e)(f"{e}; the run stays resumable: embedpin optimize --resume {store.root}") from None
 
 
-def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool) -> RunResult:
+def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool,
+                 hooks: RunHooks) -> RunResult:
     total = total_generations(setup, opt)
     for note in setup.info.notes if not quiet else []:
         print(f"note: {note}", file=sys.stderr)
@@ -226,14 +251,14 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
     if not quiet:
         print(f"run folder: {store.root}\nreport: {store.root / 'index.html'} (open it now: it refreshes itself "
               f"while the run goes)", file=sys.stderr, flush=True)
-    if setup.validation is not None and state.plain_validation is None:
-        _validate_plain(setup, ev, store, state)
-        store.write_state(state)
-    _inversion(setup, ev, store, state, quiet)
     bar = tqdm(total=total, initial=state.generation, disable=quiet, unit="gen", dynamic_ncols=True)
     reason, interrupted = "generations", False
     try:
         with _Interrupt() as stop:
+            if setup.validation is not None and state.plain_validation is None:
+                _validate_plain(setup, ev, store, state)
+                store.write_state(state)
+            _inversion(setup, ev, store, state, quiet)
             while state.generation < total:
                 g = state.generation
                 t0 = time.time()
@@ -245,13 +270,14 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
                 _commit(setup, ev, store, state, opt, g, batch, losses, X, center, t0)  # 7-8. validate, commit
                 _report(store, g)                                # 8. report
                 _progress(bar, state, ev, quiet)
-                if stop.requested:
+                hooks.progress(state.generation, total)
+                if stop.requested or hooks.stop():
                     reason, interrupted = "interrupted", True
                     break
                 if _converged(setup, opt, state):
                     reason = "converged"
                     break
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRun):
         reason, interrupted = "interrupted", True
     finally:
         bar.close()

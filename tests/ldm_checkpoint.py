@@ -2,8 +2,10 @@
 the file A1111 and ComfyUI users have: ``model.diffusion_model.*`` (UNet),
 ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (SD 1.x's CLIP ViT-L) or
 SDXL's ``conditioner.embedders.0.transformer.*`` (ViT-L) and ``conditioner.embedders.1.model.*``
-(OpenCLIP bigG: fused q/k/v, transposed projection). Test-only: it lets the tests load a real
-single-file checkpoint through ``from_single_file`` without a download."""
+(OpenCLIP bigG: fused q/k/v, transposed projection); SD 2.x's OpenCLIP ViT-H under
+``cond_stage_model.model.*`` with one more block than the diffusers encoder (SD 2.x conditions on
+the penultimate layer, so the original checkpoints carry a last block the model does not use).
+Test-only: it writes the single files the tests load, without a download."""
 
 from __future__ import annotations
 
@@ -64,14 +66,23 @@ def vae_key(key: str, n_up: int) -> tuple[str, bool]:
     return key.replace("conv_shortcut", "nin_shortcut"), False
 
 
-def open_clip_state(text_encoder) -> dict[str, torch.Tensor]:
-    """A ``CLIPTextModelWithProjection`` in OpenCLIP's layout (q/k/v fused into in_proj)."""
+def open_clip_state(text_encoder, extra_block: bool = False) -> dict[str, torch.Tensor]:
+    """A CLIP text model in OpenCLIP's layout (q/k/v fused into in_proj; the projection transposed,
+    an identity for a model without one); ``extra_block``: the last block once more, as the
+    unused last block of SD 2.x's tower."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    width = text_encoder.config.hidden_size
+    projection = sd.pop("text_projection.weight", torch.eye(width, dtype=sd["final_layer_norm.weight"].dtype))
     out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
            "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
            "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
-           "text_projection": sd.pop("text_projection.weight").T.contiguous()}
-    for i in range(text_encoder.config.num_hidden_layers):
+           "text_projection": projection.T.contiguous()}
+    layers = text_encoder.config.num_hidden_layers
+    if extra_block:
+        last = f"encoder.layers.{layers - 1}."
+        sd.update({f"encoder.layers.{layers}." + k[len(last):]: v.clone() for k, v in sd.items() if k.startswith(last)})
+        layers += 1
+    for i in range(layers):
         p = f"encoder.layers.{i}."
         for part in ("weight", "bias"):
             out[f"transformer.resblocks.{i}.attn.in_proj_{part}"] = torch.cat(
@@ -98,7 +109,9 @@ def ldm_state(pipe) -> dict[str, torch.Tensor]:
         out[f"first_stage_model.{name}"] = v[..., None, None] if conv and v.dim() == 2 else v
     clip_l = {("text_model." + k if not k.startswith("text_model.") else k): v
               for k, v in pipe.text_encoder.state_dict().items()}
-    if getattr(pipe, "text_encoder_2", None) is None:
+    if getattr(pipe, "text_encoder_2", None) is None and pipe.text_encoder.config.hidden_size == 1024:  # SD 2.x
+        out.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_state(pipe.text_encoder, True).items()})
+    elif getattr(pipe, "text_encoder_2", None) is None:
         out.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_l.items()})
     else:
         out.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.items()})
@@ -106,9 +119,11 @@ def ldm_state(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_single_file(pipe, path: str | Path) -> Path:
-    """The pipeline's weights as one original-layout ``.safetensors`` checkpoint."""
+def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None, metadata: dict | None = None) -> Path:
+    """The pipeline's weights as one original-layout ``.safetensors`` checkpoint (in ``dtype``:
+    checkpoints are shared in float16)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in ldm_state(pipe).items()}, str(path))
+    save_file({k: v.detach().to(dtype or v.dtype).contiguous() for k, v in ldm_state(pipe).items()}, str(path),
+              metadata=metadata)
     return Path(path)

@@ -203,12 +203,13 @@ def test_a_single_file_sd1_checkpoint_runs_like_its_folder(tmp_path):
     from diffusers import StableDiffusionPipeline
     from ldm_checkpoint import save_single_file
 
-    from embedpin.models.loader import MICRO_DIR, checkpoint_family
+    from embedpin.models.checkpoint import read_weights
+    from embedpin.models.loader import MICRO_DIR
     from embedpin.render.sampler import RenderPlan, render
 
     pipe = StableDiffusionPipeline.from_pretrained(str(MICRO_DIR), local_files_only=True)
     ckpt = save_single_file(pipe, tmp_path / "micro.safetensors")
-    assert checkpoint_family(ckpt)[0] == "SD 1.x"
+    assert read_weights(ckpt).family == "SD 1.x"
     ours, ref = load_components(str(ckpt), model_config=str(MICRO_DIR)), load_components("micro")
     assert ours.family == "SD 1.x" and ours.clip is None  # image towers come from --clip for single files
     plan = RenderPlan(batch=2, steps=4, height=64, width=64, seed=5)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from embedpin.errors import ConfigError
+from embedpin.models.checkpoint import prediction_name
 from embedpin.models.schedulers import SCHEDULERS, check_scheduler
 
 
@@ -68,6 +69,7 @@ class Components:
     text_encoder_2: Any | None = None
     zero_empty_negative: bool = False
     source: str = ""
+    config_note: str = ""  # single-file checkpoints: which configs they loaded with, and why
 
     @property
     def tower(self) -> ImageTower | None:
@@ -151,8 +153,8 @@ class Components:
             pooled = self.text_encoder_2.config.projection_dim
             widths += f" + {self.text_encoder_2.config.hidden_size} (pooled {pooled})"
         towers = "; ".join(self.tower_lines()) or "none (pass --clip for image guidance and the CLIP loss)"
-        prediction = self.scheduler_config.get("prediction_type", "epsilon")
-        return (f"{self.family}, native {self.default_size}px, {prediction} prediction, text {widths}, "
+        prediction = prediction_name(self.scheduler_config.get("prediction_type", "epsilon"))
+        return (f"{self.family}, native {self.default_size}px, {prediction}, text {widths}, "
                 f"image towers: {towers}")
 
     def scheduler(self, name: str):

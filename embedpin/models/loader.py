@@ -1,20 +1,18 @@
-"""Load every model part a run needs from one ``--model`` argument, never from the network.
+"""Load every model part a run needs from one ``--model`` argument.
 
-Accepted: ``micro`` (built in), a diffusers model folder, a Hugging Face hub id that is
-already in the local cache, or a single-file ``.safetensors`` checkpoint (A1111 style).
-Pickle checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused: loading one runs code.
+Accepted: ``micro`` (built in), a diffusers model folder, a Hugging Face hub id (the local
+cache's copy, else downloaded: ``models.hub``), or a single-file ``.safetensors`` checkpoint
+(A1111 style: loaded with the configs shipped for its family, ``models.checkpoint``). Pickle
+checkpoints (``.ckpt``, ``.pt``, ``.bin``) are refused: loading one runs code.
 
-Every load passes ``local_files_only=True``. diffusers, transformers and huggingface_hub
-are imported inside the loaders, after :func:`_offline` has set the hub's offline switches
-(huggingface_hub reads them when it is first imported), so importing this module stays
-cheap and, where the loader is the first to import them, the libraries' own lookups are
-offline too.
+The only network access is ``models.hub``'s download of a hub id that is not cached; every
+library load passes ``local_files_only=True``. diffusers, transformers and huggingface_hub are
+imported inside the loaders, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,17 +20,15 @@ import torch
 
 from embedpin.errors import ModelError
 from embedpin.models.components import OPENAI_MEAN, OPENAI_STD, Components, ImageTower
+from embedpin.models.hub import CLIP_FILES, fetch
 
 MICRO_DIR = Path(__file__).parent / "micro" / "weights"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _offline():
-    """Every loader call is local-only and quiet; this also stops libraries from trying the hub."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+def quiet_libraries():
+    """The libraries' own loading messages and progress bars off (a download's bars stay on)."""
     import diffusers
     import transformers
 
@@ -63,21 +59,8 @@ def resolve(spec: str) -> tuple[str, Path]:
             raise ModelError(f"{spec}: not a diffusers model folder (no model_index.json)")
         return "folder", path
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        return "folder", _from_cache(spec)
+        return "folder", fetch(spec)
     raise ModelError(f"{spec}: no such model: not 'micro', an existing folder or file, or a hub id")
-
-
-def _from_cache(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError and friends)
-        raise ModelError(
-            f"{repo_id} is not in the local Hugging Face cache ({HF_HUB_CACHE}); embedpin never downloads. "
-            f"Fetch it first where there is internet: `hf download {repo_id}` (or copy the folder here "
-            "and pass its path)") from None
 
 
 def _load(what: str, fn, *args, **kw):
@@ -101,16 +84,16 @@ def _tower(folder: Path, clip) -> ImageTower:
 
 
 def load_clip(spec: str | Path | None, fallback_folder: Path | None = None) -> ImageTower | None:
-    """An image tower: a ``CLIPModel`` from a folder / cached hub id, or from ``<model>/clip``
+    """An image tower: a ``CLIPModel`` from a folder / hub id, or from ``<model>/clip``
     (None when neither is there)."""
     from transformers import CLIPModel
 
     folder = None
     if spec is not None:
         p = Path(spec).expanduser()
-        folder = p if p.is_dir() else (_from_cache(str(spec)) if HUB_ID.match(str(spec)) else None)
+        folder = p if p.is_dir() else (fetch(str(spec), CLIP_FILES) if HUB_ID.match(str(spec)) else None)
         if folder is None:
-            raise ModelError(f"{spec}: no such CLIP model folder or cached hub id")
+            raise ModelError(f"{spec}: no such CLIP model folder or hub id")
     elif fallback_folder is not None and (fallback_folder / "clip" / "config.json").is_file():
         folder = fallback_folder / "clip"
     if folder is None:
@@ -195,51 +178,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-# A single-file checkpoint's family, told by its state-dict keys (the original layouts), and
-# the diffusers repository its component configs come from (diffusers' own defaults).
-CHECKPOINT_FAMILIES = (
-    ("SDXL", "conditioner.embedders.1.model.", "stabilityai/stable-diffusion-xl-base-1.0"),
-    ("SD 2.x", "cond_stage_model.model.", "stabilityai/stable-diffusion-2-1"),
-    ("SD 1.x", "cond_stage_model.transformer.", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-)
-
-
-def checkpoint_family(path: Path) -> tuple[str, str]:
-    """(family, default config repository) of a single-file ``.safetensors`` checkpoint, from
-    its key names only (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    for family, prefix, repo in CHECKPOINT_FAMILIES:
-        if any(k.startswith(prefix) for k in keys):
-            return family, repo
-    raise ModelError(f"{path}: not a Stable Diffusion checkpoint embedpin knows (SD 1.x, SD 2.x, SDXL base): "
-                     "no text-encoder keys of those layouts")
-
-
-def _config_folder(config: str | None, family: str, repo: str, path: Path) -> Path:
-    """The local diffusers folder that configures a single-file checkpoint: ``--model-config``
-    (a folder or a cached hub id), else the family's default repository if it is cached.
-    Always a local folder, so diffusers never falls back to downloading configs."""
-    if config:
-        folder = Path(config).expanduser()
-        if folder.is_dir():
-            return folder
-        if HUB_ID.match(config):
-            return _from_cache(config)
-        raise ModelError(f"--model-config {config}: not a folder or a hub id")
-    try:
-        return _from_cache(repo)
-    except ModelError:
-        raise ModelError(f"{path.name} is an {family} checkpoint; its component configs come from a diffusers "
-                         f"folder of the same family: pass --model-config FOLDER (any {family} diffusers folder), "
-                         f"or have {repo} in the local Hugging Face cache (embedpin never downloads)") from None
-
-
 def folder_family(folder: Path) -> str:
     """The family of a diffusers folder from its configs alone (no weights read): SDXL (a
     second text encoder), SD 2.x (v-prediction or a 1024-wide text encoder) or SD 1.x."""
@@ -253,24 +191,26 @@ def folder_family(folder: Path) -> str:
     return "SD 2.x" if prediction == "v_prediction" or width == 1024 else "SD 1.x"
 
 
-def _load_single_file(path: Path, config: str | None) -> dict:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> dict:
+    """A single-file checkpoint with the shipped config of its family (``models.checkpoint``), or
+    with ``--model-config``: a shipped config's name, a diffusers folder or a hub id of the
+    same family."""
+    from embedpin.models.checkpoint import SHIPPED, load_checkpoint, read_weights
 
-    family, repo = checkpoint_family(path)
-    folder = _config_folder(config, family, repo, path)
-    found = folder_family(folder)
-    if found != family:
-        raise ModelError(f"{path.name} is an {family} checkpoint but the config folder {folder} is {found}: "
-                         f"pass --model-config with a diffusers folder of the {family} family")
-    cls = StableDiffusionXLPipeline if family == "SDXL" else StableDiffusionPipeline
-    pipe = _load(f"checkpoint {path.name} with the configs of {folder}", cls.from_single_file, str(path),
-                 config=str(folder), local_files_only=True)
-    parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-                 scheduler_config=dict(pipe.scheduler.config))
-    if family == "SDXL":
-        parts.update(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2,
-                     zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
-    return parts
+    if config and config not in SHIPPED:
+        folder = Path(config).expanduser()
+        if not folder.is_dir():
+            if not HUB_ID.match(config):
+                raise ModelError(f"--model-config {config}: not a shipped config ({', '.join(SHIPPED)}), a folder "
+                                 "or a hub id")
+            folder = fetch(config)
+        family, found = read_weights(path).family, folder_family(folder)
+        if found != family:
+            raise ModelError(f"{path.name} is an {family} checkpoint but the config folder {folder} is {found}: "
+                             f"pass --model-config with a diffusers folder of the {family} family (or leave it out: "
+                             f"embedpin ships the {family} configs)")
+        config = str(folder)
+    return _load("checkpoint " + path.name, load_checkpoint, path, dtype, config)
 
 
 def load_components(spec: str = "micro", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -278,9 +218,9 @@ def load_components(spec: str = "micro", device: str | torch.device = "cpu", dty
     """Load tokenizer, text encoder(s), UNet, VAE, scheduler config and the image towers
     (each ``clip`` folder / cached id, in order; none given: the model's own ``clip/``) on
     device / dtype (:meth:`Components.to`)."""
-    _offline()
+    quiet_libraries()
     kind, path = resolve(spec)
-    parts = _load_single_file(path, model_config) if kind == "single-file" else _load_folder(path, spec)
+    parts = _load_single_file(path, model_config, dtype) if kind == "single-file" else _load_folder(path, spec)
     specs = [clip] if isinstance(clip, (str, Path)) else list(clip or [])
     fallback = path if kind != "single-file" else None
     towers = [load_clip(s) for s in specs] if specs else [load_clip(None, fallback)]

@@ -88,11 +88,15 @@ class LocalEvaluator:
         pass
 
 
-def open_evaluator(config: RunConfig, scale: ScaleConfig, notify: Callable[[str], None] | None = None) -> Evaluator:
+def open_evaluator(config: RunConfig, scale: ScaleConfig, notify: Callable[[str], None] | None = None,
+                   components=None) -> Evaluator:
     """In-process, or Ray workers when ``scale`` asks for them (``--workers``, ``--ray-address``;
-    ``notify``: where they say what happens to them). A user mistake in the config (a missing
-    target, a bad model) raises here, before any run folder exists."""
+    ``notify``: where they say what happens to them); ``components``: in-process with a model
+    already loaded. A user mistake in the config (a missing target, a bad model) raises here,
+    before any run folder exists."""
     if scale.validate().distributed:
+        if components is not None:
+            raise ConfigError("a model loaded in this process renders here: it cannot go to Ray workers")
         try:
             from embedpin.optimizer.ray_workers import RayEvaluator
         except ImportError as e:
@@ -101,4 +105,4 @@ def open_evaluator(config: RunConfig, scale: ScaleConfig, notify: Callable[[str]
             raise ConfigError("--workers / --ray-address need Ray: pip install 'embedpin[ray]'") from None
 
         return RayEvaluator(config, scale, notify)
-    return LocalEvaluator(Session.prepare(config))
+    return LocalEvaluator(Session.prepare(config, components))

@@ -172,16 +172,17 @@ class Session:
         return search_plan(self.config, self.plan, generation)
 
     @classmethod
-    def prepare(cls, config: RunConfig) -> Session:
-
+    def prepare(cls, config: RunConfig, components: Components | None = None) -> Session:
+        """Everything the run holds, from ``config`` (``components``: a model already loaded, used
+        as it is, on its own device and dtype, instead of loading ``config.model``)."""
         config.validate()
         prompt, score = config.prompt, config.score
         # 1. inputs a user can get wrong, before anything heavy
         guide = [load_image(g) for g in prompt.guide]  # (the targets, resized, with --guide-target)
         init = load_image(prompt.init_image) if prompt.init_image else None
-        dtype = getattr(torch, config.model.dtype)
-        comp = load_components(config.model.name, device=pick_device(config.model.device), dtype=dtype,
-                               clip=config.model.clip, model_config=config.model.model_config)
+        comp = components or load_components(config.model.name, device=pick_device(config.model.device),
+                                             dtype=getattr(torch, config.model.dtype), clip=config.model.clip,
+                                             model_config=config.model.model_config)
         config = for_model(config, comp, init)
         plan = render_plan(config).validate(comp.vae_scale_factor)
         size = (plan.height, plan.width)

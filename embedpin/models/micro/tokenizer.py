@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable unicode map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -56,7 +56,7 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
     lower priority than all earlier ones) join the remaining pieces left to right, so
     earlier words keep tokenizing exactly as before.
     """
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
