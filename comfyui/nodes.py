@@ -24,9 +24,10 @@ import comfy.model_management
 import folder_paths
 
 from embedpin.api import run_config
+from embedpin.config import SearchConfig
 from embedpin.errors import ConfigError, EmbedpinError, InputError
 from embedpin.models.schedulers import SCHEDULERS
-from embedpin.pinned import export_run, load_pinned
+from embedpin.pinned import export_run, load_pinned, usage_prompt
 from embedpin.runner import resume, run
 from embedpin.store import RunStore, write_text
 
@@ -107,6 +108,9 @@ class Pin:
                 "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8}),
                 "validation_seeds": ("INT", {"default": 16, "min": 0, "max": 1024, "tooltip": "plain renders on "
                                              "seeds the search never uses; the pinned result is the best on them"}),
+                "inversion_steps": ("INT", {"default": SearchConfig.inversion_steps, "min": 0, "max": 100000,
+                                            "tooltip": "textual-inversion steps on the targets before the search "
+                                                       "(the model's own gradient); 0: gradient-free only"}),
             },
             "hidden": {"graph": "PROMPT", "node_id": "UNIQUE_ID"},
         }
@@ -119,7 +123,8 @@ class Pin:
     CATEGORY = CATEGORY
 
     def pin(self, model, clip, vae, images, prompt, negative, embedding_name, generations, population, batch, steps,
-            cfg, sampler, seed, mask=None, width=0, height=0, validation_seeds=16, graph=None, node_id=None):
+            cfg, sampler, seed, mask=None, width=0, height=0, validation_seeds=16,
+            inversion_steps=SearchConfig.inversion_steps, graph=None, node_id=None):
         name = bridge.check_name(embedding_name)
         embedding = _embedding_path(name)
         masks = bridge.check_masks(images, mask)
@@ -129,7 +134,7 @@ class Pin:
         settings = dict(prompt=prompt, negative=negative, model=checkpoint or "comfyui", generations=generations or None,
                         population=population or None, batch=batch, steps=steps or None, cfg=cfg or None,
                         scheduler=None if sampler == "auto" else sampler, seed=seed, width=width or None,
-                        height=height or None, validation_seeds=validation_seeds)
+                        height=height or None, validation_seeds=validation_seeds, inversion_steps=inversion_steps)
         out = runs_root() / f"{name}-{bridge.fingerprint(settings, images, masks, comp)}"
         new = not out.exists()
         try:
@@ -209,7 +214,7 @@ class LoadPinned:
         tensors, recipe = load_pinned(folder)
         info = folder.parent / NODE_INFO
         embedding = json.loads(info.read_text()).get("embedding") if info.is_file() else None
-        text = f"{recipe['prompt']} embedding:{embedding}".strip() if embedding else recipe["prompt"]
+        text = usage_prompt(recipe, f"embedding:{embedding}") if embedding else recipe["prompt"]
         return (*bridge.conditioning(tensors, recipe), text)
 
     @classmethod

@@ -150,7 +150,7 @@ def analyze(run_dir: str | Path, device: str = "auto") -> TokenAnalysis:
         raise InputError(f"{run.root} has no config.toml")
     config = run.config
     config.model.device = device
-    session = Session.prepare(config)
+    session = Session.of_run(run, config)
     plan = session.validation or validation_plan(
         replace(config, optim=replace(config.optim, validation_seeds=DEFAULT_SEEDS)), session.plan)
     params = _pinned_params(run)

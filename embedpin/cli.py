@@ -46,6 +46,7 @@ def _max_batch(text: str) -> int | None:
 def _optimize_parser(sub):
     from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, PLACEMENTS, WEIGHTINGS, RunConfig, ScaleConfig, by_model
     from embedpin.models.schedulers import SCHEDULERS
+    from embedpin.optimizer.cmaes import POLISH_GENERATIONS
 
     d, ds = RunConfig(), ScaleConfig()
     p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)")  # (each help text states its default)
@@ -112,7 +113,8 @@ def _optimize_parser(sub):
                         f"{d.search.inversion_lr})")
     g = p.add_argument_group("optimizer")
     g.add_argument("--population", type=int, default=None, help="candidates per generation (default: 4 + 3 ln N)")
-    g.add_argument("--generations", type=int, default=None, help="generations (default: 16 floor(ln N))")
+    g.add_argument("--generations", type=int, default=None,
+                   help=f"generations (default: {POLISH_GENERATIONS} after the inversion stage, else 16 floor(ln N))")
     g.add_argument("--sigma0", type=float, default=None, help=f"initial step size (default: {d.optim.sigma0})")
     g.add_argument("--seed", type=int, default=None, help=f"seed for everything (default: {d.optim.seed})")
     g.add_argument("--max-distance", type=float, default=None,

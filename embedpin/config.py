@@ -25,7 +25,7 @@ WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
 SEED_SCHEDULES = ("rotate", "fixed")
 DTYPES = ("float32", "float16", "bfloat16")
 KEEP_IMAGES = ("best", "all")
-PLACEMENTS = ("after", "before")
+PLACEMENTS = ("before", "after")
 
 
 @dataclass
@@ -50,16 +50,16 @@ class PromptConfig:
 
 @dataclass
 class SearchConfig:
-    blocks: list[str] = field(default_factory=lambda: ["token_vectors", "token_weights", "guidance"])
+    blocks: list[str] = field(default_factory=lambda: ["token_vectors"])
     basis: str = "pca"           # basis of the delta / token vectors: image | pca | random
     rank: int = 16               # K: basis size of the delta / token-vector blocks
-    n_vectors: int = 2           # textual-inversion placeholder tokens
+    n_vectors: int = 4           # textual-inversion placeholder tokens
     init_word: str = "auto"      # token vectors start here: a word, words "a,b" (one per vector), or "auto"
     init_embedding: str | None = None  # or at an existing textual-inversion file's vectors (.safetensors)
-    placement: str = "after"     # where the placeholders stand in the usage prompt: after | before its words
+    placement: str = "before"    # where the placeholders stand in the usage prompt: before | after its words
     inversion_steps: int = 300   # gradient textual inversion of the token vectors before the search (0: off)
     inversion_batch: int = 16    # (target, timestep, noise) samples per inversion step
-    inversion_lr: float = 0.3    # Adam's step per coordinate, in typical coordinates of the token table
+    inversion_lr: float = 1.0    # Adam's step per coordinate, in typical coordinates of the token table
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class ScoreConfig:
 @dataclass
 class OptimConfig:
     population: int | None = None   # None: 4 + 3 ln N
-    generations: int | None = None  # None: 16 floor(ln N)
+    generations: int | None = None  # None: 8 after an inversion stage, else 16 floor(ln N)
     sigma0: float = 0.5
     seed: int = 0
     max_distance: float | None = None
@@ -269,6 +269,12 @@ class RunConfig:
                                      scheduler=r.scheduler or d.scheduler, size=None, height=height, width=width,
                                      max_batch=max_batch)
         return dataclasses.replace(self, render=render)
+
+    def inverts(self) -> bool:
+        """Whether the run fits its token vectors by gradient before the search (``--inversion-steps``):
+        token vectors searched, target images to fit them to."""
+        search = self.search
+        return search.inversion_steps > 0 and "token_vectors" in search.blocks and bool(self.score.targets)
 
     def uses_guide(self) -> bool:
         """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""

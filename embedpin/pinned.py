@@ -259,7 +259,7 @@ def render_image(run_dir: str | Path, image: str, out: str | Path, device: str =
     g, record, b = _find_image(run, rel)
     config = run.config
     config.model.device = device
-    session = Session.prepare(config)
+    session = Session.of_run(run, config)
     if record is None:
         cond, plan = session.plain_conditioning(), session.validation
     else:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -44,7 +44,7 @@ from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import EmbedpinError
 from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.optimizer.batch import Batch
-from embedpin.optimizer.cmaes import CMAES, default_generations
+from embedpin.optimizer.cmaes import CMAES, POLISH_GENERATIONS, default_generations
 from embedpin.optimizer.evaluate import Evaluator, open_evaluator
 from embedpin.optimizer.inversion import NoGradient
 from embedpin.optimizer.mo import MOCMAES
@@ -139,7 +139,10 @@ def load_optimizer(state: dict):
 
 
 def total_generations(setup: RunSetup, opt) -> int:
-    return setup.config.optim.generations or default_generations(opt.n)
+    """The run's generations: the config's, else 8 where an inversion stage gave the search its
+    start (it polishes), else 16 floor(ln N) (``optimizer.cmaes.default_generations``)."""
+    c = setup.config
+    return c.optim.generations or (POLISH_GENERATIONS if c.inverts() else default_generations(opt.n))
 
 
 class StopRun(Exception):
@@ -378,7 +381,7 @@ def _commit(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, op
     tmp = store.begin_generation(g)
     eligible = _eligible(setup, batch.distance, losses)
     best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
-    record, validated = _generation_record(setup, ev, tmp, opt, g, batch, losses, X, best_i, center, state)
+    record, validated = _generation_record(setup, ev, tmp, opt, g, batch, losses, X, best_i, center)
     store.finish_generation(g, tmp, record)
     _pin(setup, ev, store, state, g, X[best_i], record, eligible[best_i], validated)
     stats = opt.stats()
@@ -391,7 +394,7 @@ def _commit(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, op
 
 
 def _generation_record(setup: RunSetup, ev: Evaluator, folder: Path, opt, g: int, batch: Batch, losses: np.ndarray,
-                       X: np.ndarray, best_i: int, center: np.ndarray | None, state: RunState):
+                       X: np.ndarray, best_i: int, center: np.ndarray | None):
     """Write the generation's images, error maps and validation renders into ``folder``;
     returns (its record, the validation (records, xs, batch) or None)."""
     lam, B = batch.images.shape[:2]
@@ -407,8 +410,7 @@ def _generation_record(setup: RunSetup, ev: Evaluator, folder: Path, opt, g: int
         generation=g, sigma=float(opt.sigma), best_candidate=best_i,
         errmaps=_error_maps(setup, batch.images[best_i], folder), seed=setup.search_plan(g).seed,
         candidates=candidates)
-    validated = _validate(setup, ev, folder, g, X[best_i], best_i, center, state) \
-        if setup.validation is not None else None
+    validated = _validate(setup, ev, folder, g, X[best_i], best_i, center) if setup.validation is not None else None
     if validated:
         record.validation = validated[0]
     return record, validated
@@ -454,18 +456,11 @@ def _worker_seconds(batches: list[Batch]) -> dict[str, float]:
 
 
 def _validate(setup: RunSetup, ev: Evaluator, folder: Path, g: int, best_x: np.ndarray, best_i: int,
-              center: np.ndarray | None, state: RunState) -> tuple[list[CandidateRecord], list[np.ndarray], Batch]:
+              center: np.ndarray | None) -> tuple[list[CandidateRecord], list[np.ndarray], Batch]:
     """Render the generation's best candidate (and the distribution's mean) on the validation
-    seeds; where the best is about to become the pinned result but lives partly outside its
-    token vectors, also its textual-inversion form (``Session.file_candidate``). Their images go
-    to ``folder/validation/``. Returns (records, their xs, the batches' totals)."""
+    seeds; their images go to ``folder/validation/``. Returns (records, their xs, the batch)."""
     kinds = [("best", best_i, best_x)] + ([("mean", None, center)] if center is not None else [])
-    records, xs, batch = _validated(setup, ev, folder, g, kinds)
-    best = records[0]
-    if best.eligible and best.loss < _pinned_loss(state) and _carries(setup) and not file_exact(setup, best.params):
-        more, x_more, file_batch = _validated(setup, ev, folder, g, [("file", None, ev.file_candidate(best_x))])
-        records, xs, batch = records + more, xs + x_more, _totals([batch, file_batch])
-    return records, xs, batch
+    return _validated(setup, ev, folder, g, kinds)
 
 
 def _validated(setup: RunSetup, ev: Evaluator, folder: Path, g: int, kinds: list) -> tuple:
@@ -484,23 +479,8 @@ def _validated(setup: RunSetup, ev: Evaluator, folder: Path, g: int, kinds: list
     return records, xs, batch
 
 
-def _totals(batches: list[Batch]) -> Batch:
-    """One batch's worth of the figures the history keeps (seconds per worker, UNet evaluations)."""
-    first = batches[0]
-    seconds: dict[str, float] = {}
-    for b in batches:
-        for name, t in b.seconds.items():
-            seconds[name] = seconds.get(name, 0.0) + t
-    return replace(first, seconds=seconds, unet_evals=sum(b.unet_evals for b in batches))
-
-
 def _pinned_loss(state: RunState) -> float:
     return math.inf if state.best is None or state.best.loss is None else state.best.loss
-
-
-def _carries(setup: RunSetup) -> bool:
-    """Whether the run's results can have a textual-inversion form (it searches token vectors)."""
-    return "token_vectors" in setup.space.slices
 
 
 def file_exact(setup: RunSetup, params: dict[str, list[float]]) -> bool:

@@ -336,8 +336,8 @@ class FileRecord(Record):
     """The run's textual-inversion file in ``state.json``: the validated candidate that holds
     all of its result in its token vectors (every other block at its default, CFG and
     strength in the recipe) with the lowest validation loss, when it beats the plain prompt.
-    ``kind``: "best" / "mean" (a search candidate), or "file" (a pinned result's vectors fitted
-    to its conditioning, ``Session.file_candidate``); ``x``: its standardized search vector."""
+    ``kind``: "best" / "mean" (which validated candidate of its generation); ``x``: its
+    standardized search vector."""
 
     OPTIONAL: ClassVar[tuple[str, ...]] = ("images", "image_losses")
 

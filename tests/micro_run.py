@@ -5,7 +5,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAR = str(ROOT / "examples" / "star.png")
 PROMPT = "a large star in the center"  # no colour, no background: the run must add what star.png has
-SMALL = ["--generations", "3", "--population", "4", "--batch", "4", "--steps", "6", "--validation-seeds", "4",
+SMALL = ["--inversion-steps", "4", "--generations", "3", "--population", "4", "--batch", "4", "--steps", "6",
+         "--validation-seeds", "4",
          "--quiet"]
 
 

@@ -15,7 +15,8 @@ from embedpin.store import TokenAnalysis, load_run, read_analysis
 # A prompt in the micro model's caption grammar with one word it never learnt to draw from:
 # "picture" (an extra word of its captions) has no bearing on star.png, the shape word does.
 PROMPT = "a picture of a yellow star on a blue striped background"
-SETTINGS = ["--blocks", "token_weights", "--generations", "4", "--population", "6", "--batch", "4", "--steps", "6",
+SETTINGS = ["--inversion-steps", "2", "--blocks", "token_weights", "--generations", "4", "--population", "6",
+            "--batch", "4", "--steps", "6",
             "--validation-seeds", "4", "--quiet"]
 
 

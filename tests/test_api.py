@@ -15,7 +15,7 @@ from embedpin.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR = str(ROOT / "examples" / "star.png")
-TINY = dict(generations=1, population=4, batch=2, steps=4, validation_seeds=2)
+TINY = dict(inversion_steps=2, generations=1, population=4, batch=2, steps=4, validation_seeds=2)
 
 
 def _cli_config(argv):

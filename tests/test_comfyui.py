@@ -67,7 +67,7 @@ def tiny(prompt: dict) -> dict:
     """The example workflow at test scale: 2 generations of 2 candidates x 2 images, 2 steps, 32 px."""
     p = copy.deepcopy(prompt)
     p["3"]["inputs"].update(generations=2, population=2, batch=2, steps=2, cfg=5.0, sampler="euler", width=32,
-                            height=32, validation_seeds=0)
+                            height=32, validation_seeds=0, inversion_steps=2)
     p["4"]["inputs"].update(width=32, height=32, batch_size=1)
     p["5"]["inputs"].update(steps=2)
     return p
@@ -184,6 +184,8 @@ def test_the_example_workflow_pins_is_interrupted_resumes_and_ksampler_renders_t
     assert any(n == "3" and 1 < v < 2 for n, v, t in seen)  # interrupted within generation 2, resumed from 1
     state = RunStore.open(_run(folders)).read_state()
     assert state.status == "finished" and state.generation == 2 and len(state.history) == 2
+    # ComfyUI runs nodes in inference mode: no gradient, so the run went on gradient-free, and says so
+    assert state.inversion.steps == 0 and "inference mode" in state.inversion.note
     assert [v for n, v, t in seen if n == "3" and v == int(v)][-2:] == [1, 2]  # the progress bar, by generation
     (saved,) = (folders / "output").glob("embedpin_pinned_*.png")
     image = np.asarray(Image.open(saved))
@@ -209,7 +211,7 @@ def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workfl
     pin = nodes.NODE_CLASS_MAPPINGS["EmbedpinPin"]()
     with torch.inference_mode():
         positive, negative, folder = pin.pin(model, clip, vae, images, PROMPT, "", NAME, 2, 2, 2, 2, 5.0, "euler", 0,
-                                             width=32, height=32, validation_seeds=0,
+                                             width=32, height=32, validation_seeds=0, inversion_steps=2,
                                              graph=json.loads(EXAMPLE.read_text()), node_id="3")
     assert Path(folder) == run and (run / "state.json").read_bytes() == before
     tensors, recipe = load_pinned(run)

@@ -11,15 +11,7 @@ from families import FAMILIES, save_family
 
 from embedpin.guidance.context import GuidanceOptions, make_context
 from embedpin.models.loader import load_components
-from embedpin.optimizer.inversion import (
-    FitSettings,
-    InversionSettings,
-    alphas_cumprod,
-    conditioning,
-    fit_coefficients,
-    invert,
-    training_target,
-)
+from embedpin.optimizer.inversion import InversionSettings, alphas_cumprod, conditioning, invert, training_target
 
 PROMPT = "a star"
 FEW = InversionSettings(steps=6, batch=4, lr=0.3, seed=3)
@@ -137,6 +129,8 @@ def test_inversion_runs_and_its_file_encodes_in_diffusers_as_embedpin_built_it(f
         assert (theirs - ours).abs().max().item() <= 1e-4
     finally:
         pipe.unload_textual_inversion()
+        if name == "SDXL":
+            pipe.unload_textual_inversion(tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
 
 
 def test_placeholders_before_the_prompt_change_its_words_and_after_it_do_not(micro):
@@ -152,25 +146,3 @@ def test_placeholders_before_the_prompt_change_its_words_and_after_it_do_not(mic
         b0, b1 = conditioning(before, before.vector_init)[0], conditioning(before, moved)[0]
         assert (b0[:, words] - b1[:, words]).abs().amax(-1).min() > 1e-3
     assert before.plain.placeholders.tolist() == [1, 2] and after.plain.placeholders.tolist()[0] > 2
-
-
-def test_fitted_coefficients_bring_the_file_closer_to_a_weighted_result(micro):
-    """A result that also weights tokens is approached by the usage prompt's vectors alone."""
-    from embedpin.guidance.build import build
-
-    ctx = _context(micro, first=True)
-    n = ctx.plain.n_tokens
-    weights = torch.ones(1, n)
-    weights[0, 1] = 1.8
-    with torch.no_grad():
-        target = build(ctx, {"token_weights": weights}).prompt_embeds
-    start = torch.zeros(2 * ctx.vector_rank)
-    fitted = fit_coefficients(ctx, target, None, start, FitSettings(steps=60, lr=0.05))
-    from embedpin.guidance.deltas import token_vectors
-
-    def gap(c):
-        with torch.no_grad():
-            text, _ = conditioning(ctx, token_vectors(ctx.vector_init, ctx.vector_basis, c[None], ctx.vector_scale)[0])
-        return float((text - target).square().sum())
-
-    assert gap(fitted) < 0.7 * gap(start) and fitted.abs().max() < 1

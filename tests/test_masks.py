@@ -21,7 +21,8 @@ from embedpin.scoring.masks import bounding_box, fill, load_masks, masked_mean
 from embedpin.scoring.scorer import Scorer
 
 SIZE = (16, 20)
-TINY = ["--generations", "1", "--population", "2", "--batch", "2", "--steps", "2", "--validation-seeds", "2",
+TINY = ["--inversion-steps", "2", "--generations", "1", "--population", "2", "--batch", "2", "--steps", "2",
+        "--validation-seeds", "2",
         "--quiet"]
 
 

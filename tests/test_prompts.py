@@ -156,7 +156,8 @@ def test_a_long_prompt_runs_and_its_export_drives_diffusers(tmp_path):
     from embedpin.models.loader import MICRO_DIR
 
     star = Path(__file__).resolve().parents[1] / "examples" / "star.png"
-    args = ["optimize", "--target", str(star), "--prompt", LONG, "--out", str(tmp_path / "runs"), "--generations",
+    args = ["optimize", "--target", str(star), "--prompt", LONG, "--out", str(tmp_path / "runs"), "--inversion-steps",
+            "2", "--generations",
             "1", "--population", "4", "--batch", "2", "--steps", "3", "--validation-seeds", "2", "--quiet"]
     assert main(args) == 0
     (run,) = list((tmp_path / "runs").iterdir())

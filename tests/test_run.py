@@ -109,39 +109,36 @@ def test_same_seed_same_result(finished, tmp_path):
     assert [(h["best"], h["validation"]) for h in a] == [(h["best"], h["validation"]) for h in b]
 
 
-def test_export_textual_inversion_loads_in_diffusers(finished, tmp_path, capsys):
-    """The TI file in diffusers re-encodes "<prompt> <pinned>" to embedpin's encoding of the pinned
-    vectors; with the other blocks' values from its metadata it rebuilds the pinned conditioning."""
+def test_the_textual_inversion_file_is_the_result_as_users_load_it(finished, tmp_path, capsys):
+    """The default run keeps all of its result in its token vectors, so its textual-inversion file
+    is its pinned result: exported, loaded into diffusers' own pipeline and used with the prompt
+    the export names (the placeholders before the words), it encodes to the pinned conditioning;
+    its validation loss (file_validation_loss) is the pinned result's, in the state, the export's
+    message and the file's metadata."""
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from embedpin.config import RunConfig
-    from embedpin.guidance.build import build
     from embedpin.models.loader import MICRO_DIR
-    from embedpin.optimizer.session import Session
     from embedpin.pinned import load_pinned
 
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(finished), "--format", "textual-inversion", "-o", str(ti)]) == 0
-    tensors, recipe = load_pinned(finished)
+    said = capsys.readouterr()
+    state = json.loads((finished / "state.json").read_text())
+    file, best = state["file"], state["best"]
+    assert file["loss"] == best["loss"] < state["plain_validation"]["loss"] and file["x"] == best["x"]
     with safe_open(str(ti), "pt") as f:
         meta = json.loads(f.metadata()["embedpin"])
-    assert meta["usage"] == f"{PROMPT} <pinned>"
-    params = meta["params"]
-    moved = [n for n, v in params.items() if n != "token_vectors" and (n != "token_weights" or any(
-        abs(x - 1) > 1e-6 for x in v))]
-    assert meta["not_carried"] == moved and "token_weights" in moved  # the default run also weights tokens
-    assert ("note: the embedding alone" in capsys.readouterr().err) == bool(meta["not_carried"])
+    usage = f"<pinned> {PROMPT}"
+    assert meta["usage"] == usage and meta["not_carried"] == [] and meta["file_validation_loss"] == file["loss"]
+    assert f"use it with the prompt: {usage}" in said.out and f"file_validation_loss {file['loss']:.4f}" in said.out
+    assert "note:" not in said.err
     pipe = StableDiffusionPipeline.from_pretrained(str(MICRO_DIR), local_files_only=True)
     pipe.load_textual_inversion(str(ti), token="<pinned>")
-    emb, _ = pipe.encode_prompt(f"{PROMPT} <pinned>", "cpu", 1, False)
-    s = Session.prepare(RunConfig.from_toml(finished / "config.toml"))
-    like = s.ctx.plain.hidden
-    only_vectors = build(s.ctx, {"token_vectors": torch.tensor([params["token_vectors"]]).to(like)}).prompt_embeds
-    assert torch.allclose(emb, only_vectors, atol=1e-4)
-    whole = build(s.ctx, {n: torch.tensor([v]).to(like) for n, v in params.items()}).prompt_embeds
-    assert torch.allclose(whole, tensors["prompt_embeds"], atol=1e-5)
-    img = pipe(f"{PROMPT} <pinned>", num_inference_steps=4, height=64, width=64, output_type="np").images
+    emb, _ = pipe.encode_prompt(usage, "cpu", 1, False)
+    tensors, recipe = load_pinned(finished)
+    assert (emb - tensors["prompt_embeds"]).abs().max().item() <= 1e-4 and meta["cfg"] == recipe["cfg"]
+    img = pipe(usage, num_inference_steps=4, height=64, width=64, output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
@@ -215,17 +212,19 @@ def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target
     c = RunConfig()
     c.prompt.prompt, c.score.targets = "a star", [str(ROOT / "examples" / "star.png")]
     assert (c.search.init_word, c.prompt.guide_target) == ("auto", True)  # the defaults
-    assert c.search.blocks == ["token_vectors", "token_weights", "guidance"]
+    assert c.search.blocks == ["token_vectors"] and c.search.n_vectors == 4
+    c.search.blocks = ["token_vectors", "token_weights", "guidance"]
     s = Session.prepare(c.validate())
-    ranked = rank_words(s.components, s.targets, exclude=["a", "star"], n=2)
-    assert len(ranked) == 2 and not {"a", "star"} & {w for w, _ in ranked}
-    assert ranked[0][1] >= ranked[1][1]
+    ranked = rank_words(s.components, s.targets, exclude=["a", "star"], n=4)
+    assert len(ranked) == 4 and not {"a", "star"} & {w for w, _ in ranked}
+    assert [v for _, v in ranked] == sorted((v for _, v in ranked), reverse=True)
     emb = s.components.text_encoder.embeddings.token_embedding
     words = [s.components.tokenizer(w, add_special_tokens=False).input_ids for w, _ in ranked]
     assert torch.allclose(s.ctx.vector_init, torch.stack([emb(torch.tensor(i)).mean(0) for i in words]))
     assert len(s.guide) == 1 and torch.equal(s.guide[0], s.targets[0]) and bool(s.ctx.guided)
     assert {"max_image", "linear_start"} <= set(s.space.names)
     c.score.targets, c.prompt.guide_target = [], False  # self mode: no target to rank words for
+    c.search.placement = "after"  # end-of-text vectors after the words: exactly the prompt's own padding
     s = Session.prepare(c.validate())
     assert torch.equal(s.ctx.plain.hidden, encode_prompt(s.components, "a star").hidden)  # starts at the prompt
     assert not {"max_image", "linear_start"} & set(s.space.names)  # "guidance": what a guide allows, none
@@ -313,7 +312,8 @@ def test_the_terminal_says_where_the_run_is_and_its_commands_work(tmp_path, caps
     which runs as printed."""
     import shlex
 
-    tiny = ["--generations", "1", "--population", "2", "--batch", "2", "--steps", "2", "--validation-seeds", "2"]
+    tiny = ["--inversion-steps", "2", "--generations", "1", "--population", "2", "--batch", "2", "--steps", "2",
+            "--validation-seeds", "2"]
     monkeypatch.chdir(ROOT)  # the target as a path relative to where the run starts
     assert main(["optimize", "--target", "examples/star.png", "--prompt", PROMPT, "--out", str(tmp_path / "runs"),
                  *tiny]) == 0

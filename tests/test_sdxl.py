@@ -72,7 +72,7 @@ def sdxl_run(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     star = Path(__file__).resolve().parents[1] / "examples" / "star.png"
     args = ["optimize", "--model", str(folder), "--target", str(star), "--prompt", "a star", "--out", str(out),
-            "--blocks", "token_vectors,token_weights", "--init-word", "circle", "--generations", "2",
+            "--blocks", "token_vectors,token_weights", "--init-word", "circle", "--inversion-steps", "2", "--generations", "2",
             "--population", "4", "--batch", "2", "--steps", "3", "--size", str(SIZE), "--validation-seeds", "0",
             "--rank", "4", "--quiet"]
     assert main(args) == 0
@@ -225,7 +225,7 @@ def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_f
 
     star = Path(__file__).resolve().parents[1] / "examples" / "star.png"
     args = ["optimize", "--model", str(towered_folder), "--target", str(star), "--prompt", "a star", "--out",
-            str(tmp_path), "--generations", "1", "--population", "4", "--batch", "2", "--steps", "3",
+            str(tmp_path), "--inversion-steps", "2", "--generations", "1", "--population", "4", "--batch", "2", "--steps", "3",
             "--validation-seeds", "2", "--rank", "4"]
     assert main(args) == 0
     assert "note: image guidance acts on the first text encoder's part" in capsys.readouterr().err
@@ -375,6 +375,7 @@ def test_without_an_image_tower_the_default_run_goes_on_and_an_explicit_guide_is
 
     star = str(Path(__file__).resolve().parents[1] / "examples" / "star.png")
     base = ["optimize", "--model", str(folder), "--target", star, "--prompt", "a star", "--out", str(tmp_path),
+            "--inversion-steps", "2",
             "--generations", "1", "--population", "4", "--batch", "2", "--steps", "2", "--validation-seeds", "0",
             "--rank", "4", "--quiet"]
     assert main(base[:-1]) == 0  # the default blocks: guidance has nothing to act with, and the run says so

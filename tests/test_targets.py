@@ -161,7 +161,7 @@ def test_cli_bad_target_is_one_error_line_and_no_run(tmp_path, capsys, make, mat
 
     path = make(tmp_path)
     argv = ["optimize", "--target", str(path), "--prompt", "a red circle", "--out", str(tmp_path / "runs"),
-            "--generations", "1", "--population", "2", "--batch", "1", "--steps", "2", "--quiet"]
+            "--inversion-steps", "2", "--generations", "1", "--population", "2", "--batch", "1", "--steps", "2", "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0] and path.name in err[0]

@@ -40,6 +40,9 @@ def default_population(n: int) -> int:
     return int(4 + 3 * math.log(n))
 
 
+POLISH_GENERATIONS = 8  # after a gradient stage has found the start: the search polishes it
+
+
 def default_generations(n: int) -> int:
     """16 · ⌊ln N⌋ generations (seed 003); at least 16, the formula gives 0 for N < 3."""
     return max(16, 16 * int(math.floor(math.log(n))))

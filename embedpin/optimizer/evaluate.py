@@ -8,7 +8,6 @@ The run loop (``embedpin.runner``) asks an evaluator for
 - ``pinned(x)``: the conditioning of candidate x (None: the plain prompt) as a pinned file holds it;
 - ``invert(progress)``: the token vectors fitted to the targets by gradient (None where the run
   does not invert), and ``use_vectors(v)``: the search's x = 0 puts the token vectors at v;
-- ``file_candidate(x)``: candidate x as a textual-inversion file can hold it (its vectors fitted);
 
 and reads ``info`` (:class:`~embedpin.optimizer.batch.RunInfo`), ``workers`` (None in-process; else
 per-worker counts) and ``alive()``; it may set ``notify``, where an evaluator says what happened
@@ -45,7 +44,6 @@ class Evaluator(Protocol):
     def pinned(self, x: np.ndarray | None) -> Pinned: ...
     def invert(self, progress: Callable[[int, float], None] | None = None) -> np.ndarray | None: ...
     def use_vectors(self, vectors: np.ndarray | None) -> None: ...
-    def file_candidate(self, x: np.ndarray) -> np.ndarray: ...
     def alive(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
 
@@ -73,13 +71,10 @@ class LocalEvaluator:
         return self.session.pinned(x)
 
     def invert(self, progress: Callable[[int, float], None] | None = None) -> np.ndarray | None:
-        return self.session.invert(progress) if self.session.inverts() else None
+        return self.session.invert(progress) if self.session.config.inverts() else None
 
     def use_vectors(self, vectors: np.ndarray | None) -> None:
         self.session.use_vectors(vectors)
-
-    def file_candidate(self, x: np.ndarray) -> np.ndarray:
-        return self.session.file_candidate(x)
 
     def alive(self) -> tuple[int, int]:
         return 1, 1

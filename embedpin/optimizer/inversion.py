@@ -9,7 +9,9 @@ training timestep, ε ~ N(0, I) and x_t = √ᾱ_t x0 + √(1 - ᾱ_t) ε (Ho et
 where c(prompt, v) is the text encoder's conditioning of the usage prompt with the
 placeholders' input embeddings v, f_θ the UNet, y_t its training target (ε for ε-prediction,
 √ᾱ_t ε - √(1 - ᾱ_t) x0 for v-prediction, Salimans & Ho 2022) and m the targets' masks at
-latent resolution (1 without masks: the masked-out part of a target then steers nothing).
+latent resolution (1 without masks); the masked-out part of a target is a fixed grey before
+it is encoded (``scoring.masks.readable_targets``: the VAE's receptive field would otherwise
+carry it into the latents under the mask), so it steers nothing.
 Unlike the usual recipe, the vectors are trained inside the prompt the user will write
 (``"<prompt> <v1> <v2>"``), so they learn what the prompt does not already say, and every
 step draws a batch of (target, t, ε) samples sharing one text encoding. Adam (Kingma & Ba
@@ -31,6 +33,7 @@ from embedpin.guidance.context import GuidanceContext
 from embedpin.guidance.deltas import emphasis, insert_vectors
 from embedpin.guidance.encode import encode_from_embeds
 from embedpin.render.latents import encode as encode_latents
+from embedpin.scoring.masks import readable_targets
 
 
 class NoGradient(ModelError):
@@ -96,11 +99,14 @@ def invert(ctx: GuidanceContext, targets: torch.Tensor, settings: InversionSetti
     """The placeholders' vectors [N, Din] fitted to ``targets`` [T, 3, H, W] in [0, 1] (masks
     [T, 1, H, W] or None), starting at ``ctx.vector_init``; ``progress(step, loss)`` after each
     step."""
+    if torch.is_inference_mode_enabled():
+        raise NoGradient("the model runs in inference mode (as ComfyUI runs its nodes): no gradient for the token "
+                         "vectors")
     comp = ctx.components
     unet, dtype = comp.unet, comp.dtype
     gen = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
-        x0 = encode_latents(comp.vae, targets.to(comp.device))
+        x0 = encode_latents(comp.vae, readable_targets(targets.to(comp.device), masks))
     weights = latent_masks(masks, x0)
     alpha_bars = alphas_cumprod(comp).to(x0.device)
     prediction = comp.scheduler_config.get("prediction_type", "epsilon")
@@ -138,42 +144,6 @@ def invert(ctx: GuidanceContext, targets: torch.Tensor, settings: InversionSetti
 
 
 
-@dataclass(frozen=True)
-class FitSettings:
-    """Adam on the token-vector coefficients: ``steps`` steps of size ``lr``."""
-
-    steps: int = 200
-    lr: float = 0.05
-
-
-def fit_coefficients(ctx: GuidanceContext, target: torch.Tensor, target_pooled: torch.Tensor | None,
-                     start: torch.Tensor, settings: FitSettings = FitSettings(), bound: float = 1.0) -> torch.Tensor:
-    """Token-vector coefficients [N·K] whose usage prompt alone (no weights, no guidance)
-    encodes closest to a conditioning ``target`` [1, L, D] (SDXL: and ``target_pooled`` [1, P]):
-
-        c* = argmin_c ||c(prompt, v(c)) - target||² / ||target - plain||²   (+ the pooled term),
-
-    v(c) = init + scale·c·basis as the search builds it (``guidance.deltas.token_vectors``),
-    c kept inside (-bound, bound) by c = bound·tanh(u), from ``start``. What a textual-inversion
-    file can carry of a result that also weights tokens or guides by image: the positions
-    before the placeholders are out of its reach (the encoder is causal)."""
-    from embedpin.guidance.deltas import token_vectors
-
-    ref = (target - ctx.plain.hidden).square().sum().clamp_min(1e-12)
-    u = torch.atanh((start.float() / bound).clamp(-0.999, 0.999)).clone().requires_grad_(True)
-    opt = torch.optim.Adam([u], lr=settings.lr)
-    for _ in range(settings.steps):
-        vectors = token_vectors(ctx.vector_init, ctx.vector_basis, bound * torch.tanh(u)[None], ctx.vector_scale)[0]
-        text, pooled = conditioning(ctx, vectors)
-        loss = (text - target).square().sum() / ref
-        if pooled is not None and target_pooled is not None:
-            loss = loss + _relative(pooled, target_pooled, ctx.plain.pooled)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return (bound * torch.tanh(u)).detach()
-
-
 def _backward(loss: torch.Tensor) -> None:
     """``loss.backward()``, or :class:`NoGradient` where the model gives none (an inference-only
     module, a graph that does not reach the vectors)."""
@@ -183,8 +153,3 @@ def _backward(loss: torch.Tensor) -> None:
         loss.backward()
     except RuntimeError as e:
         raise NoGradient(f"the model's backward pass failed: {str(e).splitlines()[0]}") from None
-
-
-def _relative(x: torch.Tensor, target: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
-    """||x - target||² / ||target - plain||²."""
-    return (x - target).square().sum() / (target - plain).square().sum().clamp_min(1e-12)

@@ -22,7 +22,6 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
-from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
 from embedpin.guidance.emphasis import BREAK, parse_emphasis
@@ -33,7 +32,7 @@ from embedpin.images import load_image, resize_crop
 from embedpin.models.embeddings import read_textual_inversion
 from embedpin.models.loader import load_components
 from embedpin.optimizer.batch import Batch, Pinned, RunInfo
-from embedpin.optimizer.inversion import InversionSettings, fit_coefficients, invert
+from embedpin.optimizer.inversion import InversionSettings, invert
 from embedpin.optimizer.seeds import search_seed, validation_seed
 from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
@@ -42,7 +41,7 @@ from embedpin.scoring.masks import load_masks
 from embedpin.scoring.scorer import Scorer, ScoreResult
 from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
-from embedpin.store import to_uint8
+from embedpin.store import INVERSION, Run, read_vectors, to_uint8
 
 if TYPE_CHECKING:
     from embedpin.models.components import Components
@@ -218,12 +217,6 @@ class Session:
         return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes,
                    masks.masks.to(comp.device) if masks else None)
 
-    def inverts(self) -> bool:
-        """Whether the run fits its token vectors by gradient first (``--inversion-steps``): token
-        vectors searched, target images to fit them to."""
-        search = self.config.search
-        return search.inversion_steps > 0 and "token_vectors" in search.blocks and self.targets is not None
-
     def invert(self, progress=None) -> np.ndarray:
         """The token vectors [N, Din] fitted to the targets by textual inversion
         (:mod:`embedpin.optimizer.inversion`), from the run's init vectors, with the run's seed."""
@@ -233,26 +226,15 @@ class Session:
         vectors = invert(self.ctx, self.targets, settings, self.masks, progress)
         return vectors.detach().float().cpu().numpy()
 
-    @torch.no_grad()
-    def file_candidate(self, x: np.ndarray) -> np.ndarray:
-        """Candidate ``x`` [n] as a textual-inversion file can hold it: its token-vector
-        coefficients fitted so the usage prompt alone encodes like x's conditioning
-        (:func:`~embedpin.optimizer.inversion.fit_coefficients`), the blocks a file's recipe
-        carries (CFG, strength) kept, every other block at its default."""
-        space = self.space
-        params = space.decode(np.asarray(x)[None])
-        cond = self.conditioning(params)
-        block = next(b for b in space.blocks if b.name == "token_vectors")
-        start = torch.as_tensor(params["token_vectors"][0]).to(cond.prompt_embeds)
-        with torch.enable_grad():
-            coeffs = fit_coefficients(self.ctx, cond.prompt_embeds, cond.pooled_embeds, start, bound=block.upper)
-        out = np.zeros(space.n)
-        for name in FILE_BLOCKS:
-            if name in space.slices:
-                out[space.slices[name]] = np.asarray(x)[space.slices[name]]
-        out[space.slices["token_vectors"]] = block.to_x(coeffs.double().cpu().numpy().clip(block.lower + 1e-6,
-                                                                                             block.upper - 1e-6))
-        return out
+    @classmethod
+    def of_run(cls, run: Run, config: RunConfig | None = None) -> Session:
+        """The session of a run folder (``store.Run``; ``config``: its config, changed, e.g. the
+        device), with the token vectors its inversion stage fitted as the search's x = 0, so that
+        its records' parameters decode to what the run rendered."""
+        session = cls.prepare(config or run.config)
+        if run.state.inversion is not None and run.state.inversion.steps:
+            session.use_vectors(read_vectors(run.root / INVERSION))
+        return session
 
     def use_vectors(self, vectors: np.ndarray | None) -> None:
         """Start the token vectors (the search's x = 0) at ``vectors`` [N, Din] (an inversion's)

@@ -89,7 +89,7 @@ def validation_plot(run: dict, dst: Path) -> bool:
     g = series(history, "generation")
     fig, ax = _axes("search vs validation loss", ylabel="loss")
     ax.plot(g, series(history, "best"), color="tab:blue", lw=1, marker=".", label="search: generation's best")
-    for kind, colour in (("best", "tab:green"), ("mean", "tab:purple"), ("file", "tab:orange")):
+    for kind, colour in (("best", "tab:green"), ("mean", "tab:purple")):
         v = np.array([np.nan if x.get(kind) is None else x[kind] for x in validation], dtype=np.float64)
         if not np.isnan(v).all():
             ax.plot(g, v, color=colour, lw=1.5, marker="o", ms=3, label=f"validation: {kind}")

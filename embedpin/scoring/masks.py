@@ -42,6 +42,19 @@ def read_mask(path: str | Path) -> torch.Tensor:
     return snap(torch.einsum("c,chw->hw", rgb.new_tensor(LUMA), rgb)[None])
 
 
+FILL = 0.5  # the grey a target's ignored part reads as
+
+
+def readable_targets(targets: torch.Tensor | None, masks: torch.Tensor | None) -> torch.Tensor | None:
+    """The targets [T, 3, H, W] as a run may read them beyond its loss: each one's ignored part
+    (mask 0) replaced by :data:`FILL`, a grey that does not depend on the target, grey mask values
+    blending the two; exactly the targets where the mask is 1, and without masks."""
+    if targets is None or masks is None:
+        return targets
+    m = masks.to(targets)
+    return m * targets + (1 - m) * FILL
+
+
 def snap(mask: torch.Tensor) -> torch.Tensor:
     """Values within :data:`SNAP` of 0 or 1 set to exactly 0 or 1: white stays white through
     rounding (the luminance weights, a bicubic resize) and resampling ringing does not widen
