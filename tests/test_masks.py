@@ -306,6 +306,7 @@ def test_transparent_targets_that_agree_where_opaque_give_identical_runs_also_re
     (second,) = _runs(out)
     stopped = json.loads((second / "state.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["generation"] == 1
+    assert "stopping after this generation" in capsys.readouterr().out  # (the first Ctrl-C)
     assert main(["optimize", "--resume", str(second)]) == 0
     assert "note: target.png: transparency is the mask" in capsys.readouterr().err
     for run in (first, second):

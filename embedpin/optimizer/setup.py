@@ -24,9 +24,9 @@ from embedpin.optimizer.session import guide_images, render_plan, search_plan, v
 from embedpin.render.sampler import RenderPlan
 from embedpin.scoring.masks import readable_targets, target_masks
 from embedpin.scoring.scorer import Scorer
-from embedpin.scoring.targets import load_targets
+from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
-from embedpin.store import target_file
+from embedpin.store import file_digest, target_file
 
 
 @dataclass
@@ -80,3 +80,12 @@ class RunSetup:
             return None
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         return self._flip.error_maps(x).float().clamp(0, 1).cpu().numpy()
+
+
+def input_digests(config: RunConfig) -> dict[str, str | None]:
+    """The SHA-256 of every file the run reads its inputs from (targets, a target folder's images,
+    masks, guide and init images, an init embedding), by path; None for one that is gone."""
+    score, prompt = config.score, config.prompt
+    files = [*(expand_paths(score.targets) if score.targets else []), *score.masks, *prompt.guide,
+             *(p for p in (prompt.init_image, config.search.init_embedding) if p)]
+    return {str(f): file_digest(f) for f in files}
