@@ -1,7 +1,7 @@
 """Faults a user meets mid-run, through the CLI: the run folder's disk fills up, the folder turns
-read-only, a target file is replaced before ``--resume``. Each stops the run with one ``error:``
-line (exit 2), loses nothing committed, leaves nothing ``--resume`` trips on, and the resumed run
-ends exactly as the uninterrupted one (``finished``, conftest).
+read-only, a target file is replaced before ``--resume`` (refused, as ``analyze`` refuses it). Each
+stops with one ``error:`` line (exit 2), loses nothing committed, leaves nothing ``--resume`` trips
+on, and the resumed run ends exactly as the uninterrupted one (``finished``, conftest).
 
 The run folder lives on a small tmpfs mounted for the test (root only; skipped elsewhere): the disk
 is filled, and remounted read-only, for real.
@@ -111,8 +111,9 @@ def test_a_full_then_read_only_run_folder_and_a_replaced_target(finished, disk, 
     assert json.loads((run / "state.json").read_text())["generation"] == 1 and _lost(seen["committed"], run) == []
 
     shutil.copy(STAR.replace("star", "circle"), target)  # 2. a target replaced: refused, the run untouched
-    assert main(["optimize", "--resume", str(run), "--quiet"]) == 2
-    _one_error_line(capsys, run, f"the run's input {target} has changed since the run started")
+    for command in (["optimize", "--resume", str(run), "--quiet"], ["analyze", str(run)]):
+        assert main(command) == 2
+        _one_error_line(capsys, run, f"the run's input {target} has changed since the run started")
     assert _lost(seen["committed"], run) == []
     shutil.copy(STAR, target)
 
