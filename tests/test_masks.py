@@ -232,7 +232,8 @@ def test_a_masked_run_keeps_the_mask_beside_its_target_and_the_report_shows_it(t
 # state.json (but for its clocks), every generation's records, images and error maps, the report's
 # figures, the pinned tensors and the token analysis, bitwise.
 
-PAIR = ["--population", "3", "--batch", "2", "--steps", "2", "--validation-seeds", "2", "--quiet"]
+PAIR = ["--prompt", "a star", "--vectors", "1", "--population", "3", "--batch", "2", "--steps", "2",
+        "--validation-seeds", "2", "--quiet"]  # 3 tokens: a short token analysis
 TIMES = ("seconds",)  # wall-clock fields of state.json's history: the only thing two identical runs differ in
 
 
@@ -258,9 +259,9 @@ def _timeless(path) -> dict:
 
 
 def _files(run) -> list:
-    """Every record, image and figure of a run folder (not its config, which names the input files)."""
+    """Every record, image and figure of a run folder (not config.toml and inputs.json: they name the input files)."""
     return sorted(p.relative_to(run) for p in run.rglob("*")
-                  if p.is_file() and p.suffix in (".json", ".png", ".gif") and p.name != "state.json")
+                  if p.is_file() and p.suffix in (".json", ".png", ".gif") and p.name not in ("state.json", "inputs.json"))
 
 
 def _same_run(a, b) -> None:
@@ -275,7 +276,7 @@ def _same_run(a, b) -> None:
 
 
 def _run(out, target, *extra) -> object:
-    assert main(["optimize", "--target", target, "--prompt", PROMPT, "--out", str(out), *PAIR, *extra]) == 0
+    assert main(["optimize", "--target", target, "--out", str(out), *PAIR, *extra]) == 0
     (run,) = _runs(out)
     return run
 
@@ -301,7 +302,7 @@ def test_transparent_targets_that_agree_where_opaque_give_identical_runs_also_re
     first = _run(tmp_path / "runs-a", a, "--generations", "2")
     out = tmp_path / "runs-b"
     press = _ctrl_c_twice_when("*/generations/.0001.tmp/images", out)
-    assert main(["optimize", "--target", b, "--prompt", PROMPT, "--out", str(out), *PAIR, "--generations", "2"]) == 130
+    assert main(["optimize", "--target", b, "--out", str(out), *PAIR, "--generations", "2"]) == 130
     press.join(timeout=10)
     (second,) = _runs(out)
     stopped = json.loads((second / "state.json").read_text())
@@ -317,11 +318,12 @@ def test_transparent_targets_that_agree_where_opaque_give_identical_runs_also_re
 
 def test_masked_targets_give_identical_runs_with_every_other_block_and_different_ones_without(tmp_path):
     """The blocks the defaults leave out: the conditioning delta in the targets' image basis, CFG and
-    img2img strength. Without the mask the same pair gives different runs (the test can fail)."""
+    img2img strength, scored with the CLIP loss too. Without the mask the same pair gives different
+    runs (the test can fail)."""
     a, b, mask = _pair(tmp_path, alpha=False)
-    blocks = ["--generations", "1", "--blocks", "delta,cfg,strength", "--basis", "image",
-              "--init-image", str(Path(STAR).with_name("circle.png"))]
-    _same_run(_run(tmp_path / "masked-a", a, *blocks, "--mask", mask), _run(tmp_path / "masked-b", b, *blocks, "--mask", mask))
+    blocks = ["--generations", "1", "--validation-seeds", "0", "--blocks", "delta,cfg,strength", "--basis", "image",
+              "--clip-weight", "0.5", "--init-image", str(Path(STAR).with_name("circle.png"))]
+    _same_run(*(_run(tmp_path / f"masked-{n}", t, *blocks, "--mask", mask) for n, t in (("a", a), ("b", b))))
     plain = [_run(tmp_path / f"plain-{n}", t, *blocks) for n, t in (("a", a), ("b", b))]
     losses = [[c["loss"] for c in json.loads((r / "generations" / "0000" / "generation.json").read_text())["candidates"]]
               for r in plain]
