@@ -24,7 +24,9 @@ Scheduling is one loop over ``ray.wait``: each queued chunk goes to the first id
   cluster of ``--workers N`` it may instead mean that the cluster's one node was lost (its raylet
   died: it fate-shares with Ray's agent processes, ``ray::DashboardAgent`` and
   ``ray::RuntimeEnvAgent``, so one of those killed takes every worker with it): the evaluator
-  then starts the local cluster again and every worker reloads, each counting one restart;
+  then starts the local cluster again and every worker reloads, each counting one restart (Ray's
+  core worker ends this process itself there when it has no parent process left, a run started
+  with ``nohup`` from a closed shell: the run folder stays resumable);
 - with no worker alive or restarting, :class:`~embedpin.errors.WorkerError` ends the run, which
   the run loop leaves resumable.
 
