@@ -1,10 +1,11 @@
 """Scale-out on Ray workers against the in-process run, side by side in one run, on the micro model.
 
 The same recipe (the defaults: λ = 4 + 3 ln n candidates x B = 8 images, 12 steps, 16 validation
-seeds; ``--generations`` G) is run in this process, on 1 Ray worker and on 2 Ray workers (a local
-CPU cluster this script starts; 1 worker gets all CPUs, 2 workers one each), then once more on 2
-workers with one worker's process SIGKILLed once it has started its chunk of the last generation.
-Printed:
+seeds; ``--generations`` G) is run in this process, on 1 Ray worker and on 2 Ray workers (each on a
+local cluster of its own, started as ``--workers N`` starts it: 1 worker gets all CPUs, 2 workers
+one each), then twice more on 2 workers: with worker w1's process SIGKILLed once it has started its
+chunk of the middle generation, and with the local node lost then (its ``ray::DashboardAgent``
+SIGKILLed: the raylet fate-shares with it, taking both workers). Printed:
 
 - generation wall time (median over generations after the first) and its ratio to in-process;
 - throughput: images rendered per second (search and validation);
@@ -14,8 +15,9 @@ Printed:
 - bytes moved per generation: pickled calls sent, arrays returned (and one returned batch's
   pickled size over its arrays' bytes);
 - the largest difference of any generation's best / median / validation loss from in-process;
-- recovery from the killed worker: the killed generation's extra wall time over the clean 2-worker
-  median, and the seconds until the restarted worker was back (its model reloaded).
+- recovery, for the killed worker and for the lost node: the generation's extra wall time over the
+  clean 2-worker median, and the seconds from the kill until the workers were back (the run's
+  "is back" notes: restarted, the model reloaded; for the node, the local cluster started again).
 
 On 2 cores the workers share the CPUs the in-process run uses, so expect little speed-up; the
 figures that carry over to GPUs are the overhead, the bytes and the recovery.
@@ -30,6 +32,7 @@ import json
 import os
 import pickle
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -96,8 +99,9 @@ def config_for(args, out: Path):
     return run_config(target=STAR, prompt=PROMPT, generations=args.generations, out=str(out))
 
 
-def one_run(args, name: str, workers: int, kill_at: int | None = None) -> dict:
-    """One run; returns its history, calls and notes (and the kill's time)."""
+def one_run(args, name: str, workers: int, kill: str | None = None) -> dict:
+    """One run; returns its history, calls and notes (with ``kill``, "worker" or "node": the kill's
+    time, in the last generation)."""
     from embedpin.config import ScaleConfig
     from embedpin.optimizer.evaluate import LocalEvaluator
     from embedpin.optimizer.ray_workers import RayEvaluator
@@ -110,8 +114,10 @@ def one_run(args, name: str, workers: int, kill_at: int | None = None) -> dict:
     start = time.perf_counter() - t
     ev, killed = Timed(inner), {}
     thread = None
-    if kill_at is not None:
-        thread = threading.Thread(target=kill_when_busy, args=(inner, f"generation {kill_at} [", killed), daemon=True)
+    if kill is not None:
+        victim = kill_worker if kill == "worker" else kill_node
+        thread = threading.Thread(target=when_busy, args=(inner, f"generation {killed_in(args)} [", victim, killed),
+                                  daemon=True)
         thread.start()
     try:
         t = time.perf_counter()
@@ -128,25 +134,45 @@ def one_run(args, name: str, workers: int, kill_at: int | None = None) -> dict:
                 killed=killed, renders=result.renders, workers=result.workers)
 
 
-def kill_when_busy(ev, prefix: str, killed: dict) -> None:
-    """SIGKILL worker w1's process once it says it has started a chunk labelled ``prefix…``; then
-    time how long until Ray has it back (restarted, its model reloaded)."""
+def killed_in(args) -> int:
+    """The generation the kills happen in: the middle one, so the run goes on after the workers are back."""
+    return args.generations // 2
+
+
+def when_busy(ev, prefix: str, victim, killed: dict) -> None:
+    """Once worker w1 says it has started a chunk labelled ``prefix…``, SIGKILL ``victim(its status)``."""
     import ray
 
     actor = ev.slots[1].actor
     while True:
         status = ray.get(actor.status.remote())
         if (status["busy"] or "").startswith(prefix):
-            os.kill(status["pid"], signal.SIGKILL)
+            os.kill(victim(status), signal.SIGKILL)
             killed["at"] = time.monotonic()
-            break
+            return
         time.sleep(0.01)
-    while "back" not in killed:
-        try:
-            ray.get(actor.ready.remote(), timeout=600)
-            killed["back"] = time.monotonic()
-        except ray.exceptions.RayActorError:
-            time.sleep(0.1)
+
+
+def kill_worker(status: dict) -> int:
+    return status["pid"]
+
+
+def kill_node(status: dict) -> int:
+    """The local cluster's dashboard agent: a child of the raylet this process started."""
+    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True,
+                                                            text=True).stdout.splitlines()[1:]]
+    raylets = {int(pid) for pid, ppid, cmd in rows if int(ppid) == os.getpid() and "raylet" in cmd.split()[0]}
+    return next(int(pid) for pid, ppid, cmd in rows if int(ppid) in raylets and cmd.startswith("ray::DashboardAgent"))
+
+
+def recovery(killed: dict, clean: float, g: int, local: dict) -> dict:
+    """The killed run's generation g against the clean median: extra seconds, ratio, seconds until
+    the last worker was back, loss gap."""
+    gen = killed["history"][g]["seconds"]
+    backs = [t for t, message in killed["notes"] if "is back" in message]
+    return {"generation_s": gen, "extra_s": gen - clean, "extra_ratio": (gen - clean) / clean,
+            "back_after_s": max(backs) - killed["killed"]["at"] if backs else float("nan"),
+            "loss_gap": loss_gap(killed["history"], local["history"][:len(killed["history"])])}
 
 
 def per_generation(run: dict) -> dict[int, dict]:
@@ -179,16 +205,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
     args = ap.parse_args()
     args.out = args.out or tempfile.mkdtemp(prefix="scale_out_")
-    import ray
-
     local = one_run(args, "in-process", 0)
-    t = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    cluster = time.perf_counter() - t
-    print(f"ray.init: {cluster:.1f}s", flush=True)
     runs = [one_run(args, "1-worker", 1), one_run(args, "2-workers", 2)]
-    killed = one_run(args, "2-workers-killed", 2, kill_at=args.generations - 1)
-    ray.shutdown()
+    killed = {kill: one_run(args, f"2-workers-{kill}-killed", 2, kill=kill) for kill in ("worker", "node")}
 
     base = steady(local["history"])
     images = sum(h["renders"] for h in local["history"][1:]) / max(1, len(local["history"]) - 1)
@@ -216,19 +235,19 @@ def main() -> None:
     print(f"one returned chunk ({len(batch)} candidates): {batch.nbytes} bytes of arrays, pickled {pickled} "
           f"({pickled / batch.nbytes:.3f}x)")
 
-    clean = steady(runs[1]["history"])
-    g = args.generations - 1
-    extra = killed["history"][g]["seconds"] - clean
-    reload = killed["killed"]["back"] - killed["killed"]["at"] if "back" in killed["killed"] else float("nan")
-    print(f"killed worker in generation {g}: that generation took {killed['history'][g]['seconds']:.2f}s against "
-          f"{clean:.2f}s clean (+{extra:.2f}s); the worker was back {reload:.1f}s after the kill; "
-          f"workers {killed['workers']}; loss gap {loss_gap(killed['history'], local['history'][:len(killed['history'])]):.2e}")
-    for note in killed["notes"]:
-        print("  note:", note[1])
-    headline.update({"ray_init_s": f"{cluster:.2f}", "worker_start_s_2_workers": f"{runs[1]['start']:.2f}",
-                     "kill_extra_generation_s": f"{extra:.2f}", "kill_extra_generation_ratio": f"{extra / clean:.3f}",
-                     "killed_worker_back_after_s": f"{reload:.2f}",
-                     "loss_gap_killed": f"{loss_gap(killed['history'], local['history'][:len(killed['history'])]):.2e}",
+    clean, g = steady(runs[1]["history"]), killed_in(args)
+    for kill, run in killed.items():
+        r = recovery(run, clean, g, local)
+        print(f"{kill} killed in generation {g}: that generation took {r['generation_s']:.2f}s against {clean:.2f}s "
+              f"clean (+{r['extra_s']:.2f}s); the workers were back {r['back_after_s']:.1f}s after the kill; "
+              f"workers {run['workers']}; loss gap {r['loss_gap']:.2e}")
+        for note in run["notes"]:
+            print("  note:", note[1])
+        headline.update({f"{kill}_kill_extra_generation_s": f"{r['extra_s']:.2f}",
+                         f"{kill}_kill_extra_generation_ratio": f"{r['extra_ratio']:.3f}",
+                         f"{kill}_kill_back_after_s": f"{r['back_after_s']:.2f}",
+                         f"loss_gap_{kill}_killed": f"{r['loss_gap']:.2e}"})
+    headline.update({"worker_start_s_2_workers": f"{runs[1]['start']:.2f}",
                      "pickled_over_array_bytes": f"{pickled / batch.nbytes:.4f}"})
     for name, value in headline.items():
         print(f"{name}: {value}")

@@ -43,7 +43,8 @@ from embedpin.guidance.build import Conditioning, build
 from embedpin.optimizer.cmaes import CMAES
 from embedpin.optimizer.mo import MOCMAES
 from embedpin.optimizer.session import Session, validation_plan
-from embedpin.store import ANALYSIS, Run, TokenAnalysis, TokenRow, load_run, read_analysis, write_json
+from embedpin.optimizer.setup import input_digests
+from embedpin.store import ANALYSIS, Run, RunStore, TokenAnalysis, TokenRow, load_run, read_analysis, write_json
 
 TIGHT = 0.10       # weight 0 or 2x raises the loss by >= 10 % of the pinned loss
 IRRELEVANT = 0.01  # no variant moves the loss by more than 1 % of the pinned loss
@@ -144,11 +145,13 @@ def render_losses(session: Session, conds: list[Conditioning], plan, chunk: int)
 
 def analyze(run_dir: str | Path, device: str = "auto") -> TokenAnalysis:
     """Measure the token table of the run at ``run_dir`` (its last committed state) and keep it
-    in the run folder (``analysis.json``, which the report shows)."""
+    in the run folder (``analysis.json``, which the report shows); refused when an input file is
+    not the one the run started with."""
     run = load_run(run_dir)
     if run.config is None:
         raise InputError(f"{run.root} has no config.toml")
     config = run.config
+    RunStore(run.root).check_inputs(input_digests(config))
     config.model.device = device
     session = Session.of_run(run, config)
     plan = session.validation or validation_plan(

@@ -27,3 +27,7 @@ class ModelError(EmbedpinError):
 class WorkerError(EmbedpinError):
     """Scale-out workers that cannot do the work: a Ray cluster that cannot be joined or is too
     small, or no worker left alive."""
+
+
+class StoreError(EmbedpinError):
+    """The run folder cannot be written (disk full, read-only, gone): the run stops resumable."""

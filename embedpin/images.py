@@ -1,6 +1,7 @@
 """Image files in, float RGB tensors out, and the one resize every stage uses.
 
-Every odd image a user may hand us is normalised: alpha composited on white, greyscale
+Every odd image a user may hand us is normalised: alpha composited on white (and readable on its
+own, :func:`load_alpha`: a target's transparency is its mask), greyscale
 and palette expanded, 16-bit scaled (not clipped), EXIF orientation applied. The pixel
 count is checked from the header before decoding (decompression bombs); every bad input
 raises :class:`~embedpin.errors.InputError` with a one-line message. This module sits at
@@ -35,8 +36,8 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """One image file -> float32 [3, H, W] sRGB in [0, 1] (see module docstring)."""
+def _decoded(path: str | Path) -> Image.Image:
+    """One image file decoded (EXIF orientation applied), or an InputError naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
@@ -50,7 +51,7 @@ def load_image(path: str | Path) -> torch.Tensor:
                 if w * h > MAX_PIXELS:
                     raise InputError(f"image too large ({w}x{h} > {MAX_PIXELS // 1_000_000} Mpx): {path}")
                 im.load()
-                rgb = _to_rgb_array(ImageOps.exif_transpose(im))
+                return ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
         raise InputError(f"not an image (or an unsupported format): {path}") from None
     except Image.DecompressionBombError:
@@ -58,7 +59,26 @@ def load_image(path: str | Path) -> torch.Tensor:
     except (OSError, SyntaxError, ValueError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"cannot read image (truncated or corrupt?) {path}: {detail}") from None
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """One image file -> float32 [3, H, W] sRGB in [0, 1] (see module docstring)."""
+    rgb = _to_rgb_array(_decoded(path))
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
+def load_alpha(path: str | Path) -> torch.Tensor | None:
+    """An image file's transparency as float32 [1, H, W] in [0, 1] (1: opaque); None when every
+    pixel is opaque (or the format has no alpha)."""
+    im = _decoded(path)
+    if not _has_alpha(im):
+        return None
+    alpha = np.asarray(im.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
+    return None if alpha.min() >= 1 else torch.from_numpy(np.ascontiguousarray(alpha))[None]
 
 
 def resize_crop(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

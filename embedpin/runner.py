@@ -21,7 +21,9 @@ Where candidates render is the evaluator's business (``optimizer.evaluate``: in 
 or on Ray workers with ``--workers`` / ``--ray-address``). The loop keeps the optimizer, every
 seed, the store and the reports, and sees only compact batches (``optimizer.batch``), so a run's
 result does not depend on where its candidates rendered. A mistake that ends a run midway (every
-worker lost) leaves it resumable, marked interrupted, with one ``error:`` line.
+worker lost, a run folder that fills up or turns read-only) leaves it resumable from its last
+committed generation, with one ``error:`` line; Ctrl-C stops after the current generation, a
+second Ctrl-C at once, both leaving it resumable the same way.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ import numpy as np
 from tqdm import tqdm
 
 from embedpin.config import RunConfig, ScaleConfig
-from embedpin.errors import EmbedpinError
+from embedpin.errors import EmbedpinError, StoreError
 from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.optimizer.batch import Batch
 from embedpin.optimizer.cmaes import CMAES, POLISH_GENERATIONS, default_generations
 from embedpin.optimizer.evaluate import Evaluator, open_evaluator
 from embedpin.optimizer.inversion import NoGradient
 from embedpin.optimizer.mo import MOCMAES
-from embedpin.optimizer.setup import RunSetup
+from embedpin.optimizer.setup import RunSetup, input_digests
 from embedpin.pinned import save_pinned
 from embedpin.reports.builder import update
 from embedpin.reports.pages import folder_argument, usage_commands
@@ -161,11 +163,12 @@ class RunHooks:
 
 
 class _Interrupt:
-    """First Ctrl-C: stop after the current generation's writes. Second: stop now. (Signals reach
-    only the main thread: a run on another thread, a host application's, is stopped by its hooks.)"""
+    """First Ctrl-C: stop after the current generation's writes. Second: stop now. Later ones are
+    ignored while the run writes that it stopped (the stop itself is never cut short). Signals reach
+    only the main thread: a run on another thread, a host application's, is stopped by its hooks."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.now = False
 
     def __enter__(self):
         main = threading.current_thread() is threading.main_thread()
@@ -173,7 +176,10 @@ class _Interrupt:
         return self
 
     def _handle(self, *_):
+        if self.now:
+            return
         if self.requested:
+            self.now = True
             raise KeyboardInterrupt
         self.requested = True
         print("\nstopping after this generation (Ctrl-C again to stop now; the run stays resumable)", flush=True)
@@ -193,7 +199,7 @@ def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None
     config.validate()
     with _evaluator(config, scale, evaluator, quiet, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
-        store = RunStore.create(setup.config, setup.files())  # the config with the model's defaults filled in
+        store = RunStore.create(setup.config, setup.files(), input_digests(setup.config))  # (model defaults filled in)
         state = store.read_state()
         state.space = ev.info.space
         state.notes = ev.info.notes or None
@@ -204,10 +210,12 @@ def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None
 def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None = None,
            evaluator: Evaluator | None = None, components=None, hooks: RunHooks | None = None) -> RunResult:
     """Continue a stopped run from its last committed generation (on any number of workers, or
-    with ``components`` / ``hooks`` as :func:`run` takes them)."""
+    with ``components`` / ``hooks`` as :func:`run` takes them); refused when an input file is not
+    the one the run started with."""
     store = RunStore.open(run_dir)
     state = store.read_state()
     config = store.config()
+    store.check_inputs(input_digests(config))
     with _evaluator(config, scale, evaluator, quiet, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(setup)
@@ -230,16 +238,31 @@ def _evaluator(config: RunConfig, scale: ScaleConfig | None, given: Evaluator | 
 
 def _loop(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool,
           hooks: RunHooks) -> RunResult:
-    """The generations; a mistake that ends the run midway (every worker lost) leaves it marked
-    interrupted, resumable, and is raised again naming the command that continues it."""
+    """The generations; a mistake that ends the run midway (every worker lost, the run folder
+    unwritable) leaves it resumable from its last committed generation, marked interrupted where
+    the folder can still be written, and is raised again naming the command that continues it."""
     try:
         return _generations(setup, ev, store, opt, state, quiet, hooks)
-    except EmbedpinError as e:
+    except (EmbedpinError, OSError) as e:
+        error = e if isinstance(e, EmbedpinError) else _store_error(e, store.root)
+        _mark_stopped(store, f"error: {error}")
+        raise type(error)(f"{error}; the run stays resumable: embedpin optimize --resume {store.root}") from None
+
+
+def _store_error(e: OSError, root: Path) -> StoreError:
+    """An OSError of the run loop (its only file work is the run folder's) as one line for the user."""
+    return StoreError(f"cannot write the run folder {root}: {e.strerror or e}")
+
+
+def _mark_stopped(store: RunStore, reason: str) -> None:
+    """Mark the run interrupted, if its folder can still be written (else it stays as last committed)."""
+    try:
         state = store.read_state()
-        state.status, state.stop_reason = "interrupted", f"error: {e}"
+        state.status, state.stop_reason = "interrupted", reason
         store.write_state(state)
         _report(store, None)
-        raise type(e)(f"{e}; the run stays resumable: embedpin optimize --resume {store.root}") from None
+    except OSError:
+        pass
 
 
 def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool,
@@ -255,14 +278,14 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
         print(f"run folder: {store.root}\nreport: {store.root / 'index.html'} (open it now: it refreshes itself "
               f"while the run goes)", file=sys.stderr, flush=True)
     bar = tqdm(total=total, initial=state.generation, disable=quiet, unit="gen", dynamic_ncols=True)
-    reason, interrupted = "generations", False
-    try:
-        with _Interrupt() as stop:
+    reason = "generations"
+    with _Interrupt() as stop:
+        try:
             if setup.validation is not None and state.plain_validation is None:
                 _validate_plain(setup, ev, store, state)
                 store.write_state(state)
             _inversion(setup, ev, store, state, quiet)
-            while state.generation < total:
+            while state.generation < total and not stop.requested:
                 g = state.generation
                 t0 = time.time()
                 X = opt.ask()                                    # 1. ask: X [λ, n]
@@ -274,26 +297,27 @@ def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: Ru
                 _report(store, g)                                # 8. report
                 _progress(bar, state, ev, quiet)
                 hooks.progress(state.generation, total)
-                if stop.requested or hooks.stop():
-                    reason, interrupted = "interrupted", True
+                if hooks.stop():
+                    stop.requested = True
                     break
                 if _converged(setup, opt, state):
                     reason = "converged"
                     break
-    except (KeyboardInterrupt, StopRun):
-        reason, interrupted = "interrupted", True
-    finally:
-        bar.close()
-    state = store.read_state()
-    state.status = "interrupted" if interrupted else "finished"
-    state.stop_reason = reason
-    store.write_state(state)
-    _report(store, None)
+        except (KeyboardInterrupt, StopRun):
+            stop.requested = True
+        finally:
+            bar.close()
+        state = store.read_state()  # as last committed (a generation stopped midway is not)
+        interrupted = stop.requested and reason != "converged" and state.generation < total
+        state.status = "interrupted" if interrupted else "finished"
+        state.stop_reason = "interrupted" if interrupted else reason
+        store.write_state(state)
+        _report(store, None)
     hist, plain = state.history, state.plain_validation
     best = state.best.loss if state.best else math.nan
     validated = plain is not None
     return RunResult(store.root, best, hist[0].best if hist else math.nan, state.generation,
-                     sum(h.renders for h in hist) + (plain.renders if validated else 0), interrupted, reason,
+                     sum(h.renders for h in hist) + (plain.renders if validated else 0), interrupted, state.stop_reason,
                      best if validated and state.best else None, plain.loss if validated else None,
                      state.file.loss if state.file else None, workers=ev.workers)
 

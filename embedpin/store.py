@@ -5,6 +5,8 @@ Layout::
 
     runs/NNNN-<slug>/
       config.toml            the RunConfig (everything needed to reproduce the run)
+      inputs.json            the SHA-256 of every input file (targets, masks, guide and init images, an
+                             init embedding): --resume refuses a run whose inputs changed
       state.json             status, committed generation count, pinned result, history, optimizer
       pinned.safetensors     the pinned conditioning + its recipe (metadata)
       inversion.safetensors  the token vectors textual inversion fitted before the search (its start)
@@ -22,6 +24,7 @@ unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -38,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from embedpin.config import RunConfig
-from embedpin.errors import ConfigError, InputError
+from embedpin.errors import ConfigError, InputError, StoreError
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 STATUSES = ("running", "finished", "interrupted")
 STATE, CONFIG, PINNED, GENERATION = "state.json", "config.toml", "pinned.safetensors", "generation.json"
+INPUTS = "inputs.json"
 ANALYSIS = "analysis.json"  # embedpin analyze's token table (embedpin.analysis), read by the report
 INVERSION = "inversion.safetensors"  # the token vectors the gradient stage fitted (the search's start)
 
@@ -486,18 +490,29 @@ class RunStore:
 
     # -- creation / opening ----------------------------------------------------------
     @classmethod
-    def create(cls, config: RunConfig, files: dict[str, torch.Tensor] | None = None) -> RunStore:
+    def create(cls, config: RunConfig, files: dict[str, torch.Tensor] | None = None,
+               inputs: dict[str, str] | None = None) -> RunStore:
         """Make ``<out>/NNNN-<slug>/`` with config.toml and an initial state, all or nothing.
 
-        ``files`` maps relative paths to images [3, H, W] (targets, guide) written with it.
+        ``files`` maps relative paths to images [3, H, W] (targets, guide) written with it;
+        ``inputs`` the input files' digests (:func:`file_digest`), kept in inputs.json. A folder
+        that cannot be written is a StoreError.
         """
+        try:
+            return cls._create(config, files or {}, inputs or {})
+        except OSError as e:
+            raise StoreError(f"cannot create a run folder in {config.out}: {e.strerror or e}") from None
+
+    @classmethod
+    def _create(cls, config: RunConfig, files: dict[str, torch.Tensor], inputs: dict[str, str]) -> RunStore:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".new-"))
         try:
             (tmp / "generations").mkdir()
             write_text(tmp / CONFIG, config.to_toml())
-            for rel, img in (files or {}).items():
+            write_json(tmp / INPUTS, {"sha256": inputs})
+            for rel, img in files.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_png(tmp / rel, img)
             write_json(tmp / STATE, RunState().to_json())
@@ -518,22 +533,43 @@ class RunStore:
 
     @classmethod
     def open(cls, path: str | Path) -> RunStore:
+        """An existing run folder, cleaned of what a stopped run left half-written (:meth:`clean`)."""
         root = Path(path)
         if not (root / STATE).is_file() or not (root / CONFIG).is_file():
             raise InputError(f"{path}: not an embedpin run folder (no state.json / config.toml)")
         store = cls(root)
-        store.clean()
+        try:
+            store.clean()
+        except OSError as e:
+            raise StoreError(f"cannot write the run folder {root}: {e.strerror or e}") from None
         return store
 
     def clean(self) -> None:
-        """Drop leftovers of an interrupted write: temp files and uncommitted generations."""
+        """Drop leftovers of an interrupted write: temp files anywhere in the folder and
+        generations state.json does not name (assembled, or renamed into place, but uncommitted)."""
         done = self.read_state().generation
         gens = self.root / "generations"
         for p in list(gens.iterdir()) if gens.is_dir() else []:
             if p.name.startswith(".") or (p.name.isdigit() and int(p.name) >= done):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        for p in self.root.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+        for p in self.root.rglob(".*.tmp"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+
+    def check_inputs(self, digests: dict[str, str | None]) -> None:
+        """An InputError naming the first input file that is not the one the run started with
+        (``digests``: the files the run's config names now, None for one that is gone); runs from
+        before inputs.json are not checked."""
+        path = self.root / INPUTS
+        if not path.is_file():
+            return
+        started = read_json(path).get("sha256", {})
+        for name in [*started, *(n for n in digests if n not in started)]:
+            if digests.get(name) != started.get(name):
+                what = "is gone" if digests.get(name) is None else \
+                    "is new" if name not in started else "has changed"
+                raise InputError(f"the run's input {name} {what} since the run started ({INPUTS} in the run folder "
+                                 f"has the files it started with): put the original back to resume, or start a new run")
 
     def config(self) -> RunConfig:
         return RunConfig.from_toml(self.root / CONFIG)
@@ -559,6 +595,18 @@ class RunStore:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         return final
+
+
+def file_digest(path: str | Path) -> str | None:
+    """The SHA-256 of a file's bytes (hex), None when there is no such file."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
 
 
 # -- the reader ------------------------------------------------------------------------

@@ -60,10 +60,21 @@ def sd_checkpoints(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the whole session; yields its address. Token authentication
-    is switched off for it (a test setting: it would write ~/.ray/auth_token)."""
+    """One Ray cluster of two nodes with a CPU each (``ray.cluster_utils.Cluster``: each node its own
+    raylet) for the whole session, with the settings embedpin gives its own local clusters; this
+    process is connected to it. Yields the Cluster (``.address`` for --ray-address; nodes can be
+    removed and added). Token authentication is off for it (a test setting: it would write
+    ~/.ray/auth_token)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'embedpin[ray]'; the test extra has it)")
+    from ray.cluster_utils import Cluster
+
+    from embedpin.optimizer.ray_workers import LOCAL_SYSTEM
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "_system_config": LOCAL_SYSTEM})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()

@@ -100,11 +100,15 @@ def test_analyze_keeps_its_table_and_the_report_shows_it(analysed, capsys):
 
 
 def test_placeholders_are_analysed_too(finished_analysed):
-    """The shared small run searches two placeholder vectors: they are rows of the table, and
-    removing one renders the prompt with the other alone."""
+    """The shared small run searches the default number of placeholder vectors: they are rows of
+    the table (after the prompt's words, whatever their place in the prompt), and removing one
+    renders the prompt with the others."""
+    from embedpin.config import SearchConfig
+
     run, a = finished_analysed
-    assert [r.placeholder for r in a.rows][-2:] == [True, True]
-    assert [r.token for r in a.rows][-2:] == ["<v0>", "<v1>"]
+    n = SearchConfig().n_vectors
+    assert [r.placeholder for r in a.rows][-n - 1:] == [False] + [True] * n
+    assert [r.token for r in a.rows][-n:] == [f"<v{i}>" for i in range(n)]
     assert all(np.isfinite([r.remove, r.zero, r.double]).all() for r in a.rows)
     assert read_analysis(run) == a
 

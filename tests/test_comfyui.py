@@ -17,6 +17,8 @@ import torch
 from comfy_env import NODE_PACK, ROOT, import_comfyui, pack
 from PIL import Image
 
+from embedpin.config import SearchConfig
+
 EXAMPLE = ROOT / "examples" / "comfyui_pin.json"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the example's name for it
 PROMPT = "a large yellow star in the center on a blue striped background"
@@ -221,14 +223,14 @@ def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workfl
     assert main(["render", str(run), "-n", "1", "--steps", "2", "--device", "cpu", "-o", str(tmp_path)]) == 0
     assert (tmp_path / "pinned_seed0.png").is_file()
     embedding = load_embed(NAME, [str(folders / "models" / "embeddings")], 768)
-    assert torch.equal(embedding, tensors["token_vectors"]) and embedding.shape == (2, 768)
+    assert torch.equal(embedding, tensors["token_vectors"]) and embedding.shape == (SearchConfig().n_vectors, 768)
     assert sorted(p.name for p in (folders / "models" / "embeddings").iterdir()) == [f"{NAME}.safetensors"]
     loader = nodes.NODE_CLASS_MAPPINGS["EmbedpinLoadPinned"]
     choice = f"{run.parent.name}/{run.name}"
     assert choice in loader.INPUT_TYPES()["required"]["run"][0]
     pos, neg, text = loader().load(choice)
     assert torch.equal(pos[0][0], positive[0][0]) and torch.equal(neg[0][0], negative[0][0])
-    assert text == f"{PROMPT} embedding:{NAME}"
+    assert text == f"embedding:{NAME} {PROMPT}"  # the placeholders stand before the words (placement)
     assert torch.equal(loader().load("(no runs yet)", run_folder=str(run))[0][0][0], positive[0][0])
     with torch.inference_mode():
         ((cond, _),) = nodes.CLIPTextEncode().encode(clip, text)[0]

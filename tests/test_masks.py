@@ -4,6 +4,11 @@ under the mask, CLIP sees the mask's bounding box; loading, validation, the run 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +226,106 @@ def test_a_masked_run_keeps_the_mask_beside_its_target_and_the_report_shows_it(t
     assert "targets/mask_00.png" in page and "resized from 32x32" in page
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "finished"
+
+
+# --- the promise: what is black in a mask steers nothing ---------------------------------
+# Two targets that agree where the mask is white and differ where it is black give identical runs:
+# state.json (but for its clocks), every generation's records, images and error maps, the report's
+# figures, the pinned tensors and the token analysis, bitwise.
+
+PAIR = ["--prompt", "a star", "--vectors", "1", "--population", "3", "--batch", "2", "--steps", "2",
+        "--validation-seeds", "2", "--quiet"]  # 3 tokens: a short token analysis
+TIMES = ("seconds",)  # wall-clock fields of state.json's history: the only thing two identical runs differ in
+
+
+def _pair(tmp_path, alpha: bool) -> tuple[str, str, str]:
+    """(target a, target b, mask): star.png, and star.png with its outside (the mask's black) in other
+    colours; with ``alpha`` both carry the mask as their transparency, saved under the same file name."""
+    star = np.asarray(Image.open(STAR).convert("RGB"))
+    mask = np.zeros(star.shape[:2], np.uint8)
+    mask[12:52, 12:52] = 255
+    other = np.where(mask[..., None] > 0, star, 255 - star[::-1])  # outside: flipped and inverted
+    paths = []
+    for name, rgb in (("a", star), ("b", other)):
+        (tmp_path / name).mkdir()
+        image = np.dstack([rgb, mask]) if alpha else rgb
+        paths.append(_save(tmp_path / name / "target.png", image.astype(np.uint8), "RGBA" if alpha else "RGB"))
+    return paths[0], paths[1], _save(tmp_path / "mask.png", mask, "L")
+
+
+def _timeless(path) -> dict:
+    state = json.loads(path.read_text())
+    state["history"] = [{k: v for k, v in h.items() if k not in TIMES} for h in state["history"]]
+    return state
+
+
+def _files(run) -> list:
+    """Every record, image and figure of a run folder (not config.toml and inputs.json: they name the input files)."""
+    return sorted(p.relative_to(run) for p in run.rglob("*")
+                  if p.is_file() and p.suffix in (".json", ".png", ".gif") and p.name not in ("state.json", "inputs.json"))
+
+
+def _same_run(a, b) -> None:
+    from embedpin.pinned import load_pinned
+
+    assert _timeless(a / "state.json") == _timeless(b / "state.json")
+    assert _files(a) == _files(b)
+    for rel in _files(a):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    (ta, _), (tb, _) = load_pinned(a), load_pinned(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _run(out, target, *extra) -> object:
+    assert main(["optimize", "--target", target, "--out", str(out), *PAIR, *extra]) == 0
+    (run,) = _runs(out)
+    return run
+
+
+def _ctrl_c_twice_when(pattern: str, out) -> threading.Thread:
+    """Press Ctrl-C twice (SIGINT to this process) once a path matching ``pattern`` exists under ``out``."""
+    def press():
+        while not list(out.glob(pattern)):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_transparent_targets_that_agree_where_opaque_give_identical_runs_also_resumed(tmp_path, capsys):
+    """The defaults (token vectors started at the word CLIP ranks for the target, token weights,
+    the target as guide image): RGBA targets, their alpha the mask (said on stderr). The second run
+    is stopped by Ctrl-C twice inside its last generation and resumed; its token analysis too."""
+    a, b, _ = _pair(tmp_path, alpha=True)
+    first = _run(tmp_path / "runs-a", a, "--generations", "2")
+    out = tmp_path / "runs-b"
+    press = _ctrl_c_twice_when("*/generations/.0001.tmp/images", out)
+    assert main(["optimize", "--target", b, "--out", str(out), *PAIR, "--generations", "2"]) == 130
+    press.join(timeout=10)
+    (second,) = _runs(out)
+    stopped = json.loads((second / "state.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["generation"] == 1
+    assert "stopping after this generation" in capsys.readouterr().out  # (the first Ctrl-C)
+    assert main(["optimize", "--resume", str(second)]) == 0
+    assert "note: target.png: transparency is the mask" in capsys.readouterr().err
+    for run in (first, second):
+        assert main(["analyze", str(run), "--json"]) == 0
+    _same_run(first, second)
+    assert json.loads((first / "state.json").read_text())["generation"] == 2
+
+
+def test_masked_targets_give_identical_runs_with_every_other_block_and_different_ones_without(tmp_path):
+    """The blocks the defaults leave out: the conditioning delta in the targets' image basis, CFG and
+    img2img strength, scored with the CLIP loss too. Without the mask the same pair gives different
+    runs (the test can fail)."""
+    a, b, mask = _pair(tmp_path, alpha=False)
+    blocks = ["--generations", "1", "--validation-seeds", "0", "--blocks", "delta,cfg,strength", "--basis", "image",
+              "--clip-weight", "0.5", "--init-image", str(Path(STAR).with_name("circle.png"))]
+    _same_run(*(_run(tmp_path / f"masked-{n}", t, *blocks, "--mask", mask) for n, t in (("a", a), ("b", b))))
+    plain = [_run(tmp_path / f"plain-{n}", t, *blocks) for n, t in (("a", a), ("b", b))]
+    losses = [[c["loss"] for c in json.loads((r / "generations" / "0000" / "generation.json").read_text())["candidates"]]
+              for r in plain]
+    assert losses[0] != losses[1]

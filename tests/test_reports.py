@@ -80,9 +80,11 @@ def run(built, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory) -> Path:
-    """A real 2-generation micro run (targets, guide, validation), written by the run loop."""
+    """A real 2-generation micro run (targets, guide, validation), written by the run loop; it
+    searches image guidance beside the vectors, so the targets guide it."""
     out = tmp_path_factory.mktemp("real")
-    assert main(["optimize", "--target", str(STAR), "--prompt", "a star", "--inversion-steps", "2", "--generations",
+    assert main(["optimize", "--target", str(STAR), "--prompt", "a star", "--blocks", "guidance,token_vectors",
+                 "--inversion-steps", "2", "--generations",
                 "2", "--population", "4",
                  "--batch", "2", "--steps", "4", "--validation-seeds", "2", "--out", str(out), "--quiet"]) == 0
     (root,) = [p for p in out.iterdir() if not p.name.startswith(".")]

@@ -1,30 +1,41 @@
-"""Scale-out on Ray workers, on one local CPU cluster per session (``ray_cluster``, conftest).
+"""Scale-out on Ray workers, on one 2-node Ray cluster per session (``ray_cluster``, conftest), through
+the CLI (``--ray-address``): a script beside the run finds its workers by their actor names, asks
+each what it is doing (``Worker.status``) and kills one at the moment it chooses.
 
 ``--workers 2`` gives the in-process run's result (``finished``): the same per-generation and
-validation losses to 1e-5 and the same pinned candidate, also while, during that run, a worker is
-stalled so that the other finishes first (results still in candidate order) and a worker process
-is SIGKILLed mid-chunk (its candidates re-run). A hung last worker is caught by the timeout and
-stops the run with one ``error:`` line, resumable; a wrong ``--ray-address`` is one ``error:``
-line within seconds, never a hang.
+validation losses to 1e-5 and the same pinned candidate, while, during that one run, a worker is
+SIGKILLed while loading its model, during the validation renders, mid-chunk in the search and while
+idle between generations, and a worker is stalled so that the other finishes first (results still in
+candidate order); every kill is a restart the user sees in ``--json``. A worker killed with its
+whole node re-runs its candidates on the other node; workers killed again and again, or a hung last
+worker, stop the run resumable with one ``error:`` line within ``--worker-timeout``; a killed Ray
+agent (the local node lost) costs embedpin's own local cluster a restart, not the run; a wrong
+``--ray-address`` is one ``error:`` line within seconds, never a hang.
 """
 
+import contextlib
+import io
 import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'embedpin[ray]' (the test extra has it)")
 
-from micro_run import PROMPT, STAR, optimize_args, runs  # noqa: E402
+from micro_run import ROOT, optimize_args, runs  # noqa: E402
 
 from embedpin.cli import main  # noqa: E402
 
 TOL = 1e-5
+ONE = ["--generations", "1", "--validation-seeds", "0"]  # generation 0's search alone: a short run
 
 
 def _state(run) -> dict:
@@ -35,7 +46,7 @@ def _record(run, g: int) -> dict:
     return json.loads((run / "generations" / f"{g:04d}" / "generation.json").read_text())
 
 
-def _until(check, what: str, timeout: float = 120.0):
+def _until(check, what: str, timeout: float = 300.0):
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         value = check()
@@ -45,22 +56,59 @@ def _until(check, what: str, timeout: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _status(actor) -> dict:
-    """A worker's status, once it answers (a restarting worker answers when it is back)."""
-    def ask():
-        try:
-            return ray.get(actor.status.remote(), timeout=30)
-        except ray.exceptions.RayActorError:
-            return None
-    return _until(ask, "a worker's status")
+def _ask(actor, timeout: float = 30.0) -> dict | None:
+    """A worker's status (``Worker.status``), None while it is down or restarting."""
+    try:
+        return ray.get(actor.status.remote(), timeout=timeout)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
 
 
-def _pid_when_busy(actor, prefix: str) -> int:
-    """The worker's pid once it has started a chunk whose label starts with ``prefix`` (it says so)."""
+def _busy_with(actor, prefix: str) -> dict:
+    """The worker's status once it says it is busy with something labelled ``prefix…``."""
     def busy():
-        status = ray.get(actor.status.remote(), timeout=120)
-        return status["pid"] if (status["busy"] or "").startswith(prefix) else None
+        status = _ask(actor)
+        return status if status and (status["busy"] or "").startswith(prefix) else None
     return _until(busy, f"a worker busy with {prefix!r}")
+
+
+def _workers(n: int) -> list:
+    """The next run's n worker actors (w0, w1, …), found by name as soon as the run creates them."""
+    prefix = f"embedpin-{os.getpid()}-"
+    known = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+
+    def find():
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "embedpin"}
+        fresh = sorted(x for x in names - known if x.startswith(prefix))
+        return fresh if len(fresh) >= n else None
+    return lambda: [ray.get_actor(name, namespace="embedpin") for name in _until(find, "the run's workers")]
+
+
+def _kill(status: dict, phase: str, events: list) -> None:
+    os.kill(status["pid"], signal.SIGKILL)
+    events.append({"phase": phase, "at": time.monotonic(), **status})
+
+
+def _beside(script, *args) -> tuple[threading.Thread, dict]:
+    """Run ``script(*args, events)`` on a thread beside the run; its events, or its error, in the dict."""
+    out: dict = {"events": []}
+
+    def go():
+        try:
+            script(*args, out["events"])
+        except Exception as e:  # noqa: BLE001 - reported by the tests
+            out["error"] = repr(e)
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _cli(argv) -> tuple[int, str]:
+    """``embedpin`` run in this process: (exit code, its stdout)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
 
 
 def _same_generation(got: dict, want: dict) -> None:
@@ -84,53 +132,44 @@ def _same_candidates(got_run, want_run, g: int) -> None:
             np.testing.assert_allclose(a["params"][name], values, atol=1e-9)
 
 
+def _chaos(find, out, events: list) -> None:
+    """Kill a worker process in each phase of the small run (the kills alternate between workers, so
+    neither uses up its 3 restarts) and stall worker 0 in generation 0 until worker 1's chunk is back."""
+    w0, w1 = find()
+    _kill(_busy_with(w0, "loading"), "loading", events)               # its first model load
+    stalled = _busy_with(w0, "generation 0 [")                          # both have a chunk of generation 0
+    os.kill(stalled["pid"], signal.SIGSTOP)
+    try:
+        _busy_with(w1, "generation 0 [")
+        _until(lambda: (s := _ask(w1)) and not (s["busy"] or "").startswith("generation 0 ["), "w1's chunk back")
+        events.append({"phase": "stalled", **stalled})
+    finally:
+        os.kill(stalled["pid"], signal.SIGCONT)
+    _kill(_busy_with(w1, "generation 0 validation"), "validation", events)
+    _kill(_busy_with(w0, "generation 1 ["), "search", events)
+    _until(lambda: list(out.glob("*/generations/0001")), "generation 1 committed")
+    idle = _until(lambda: next((s for a in (w1, w0) if (s := _ask(a, 1)) and s["busy"] is None), None), "an idle worker")
+    _kill(idle, "between generations", events)
+
+
 @pytest.fixture(scope="module")
 def ray_run(ray_cluster, tmp_path_factory):
-    """The small run on 2 Ray workers, while a script stalls worker 0 in generation 1 until worker 1's
-    chunk is back (SIGSTOP, then SIGCONT) and SIGKILLs worker 1's process once it has started its
-    chunk of generation 2. The evaluator is made here to reach its workers; the run loop is the
-    CLI's (``runner.run``)."""
-    from embedpin.api import run_config, scale_config
-    from embedpin.optimizer.ray_workers import RayEvaluator
-    from embedpin.runner import run
-
+    """The small run through the CLI on 2 Ray workers (one per node) while :func:`_chaos` kills and stalls
+    them: (its run folder, --json summary, the script's events)."""
     out = tmp_path_factory.mktemp("ray-runs")
-    config = run_config(target=STAR, prompt=PROMPT, out=str(out), generations=3, population=4, batch=4, steps=6,
-                        validation_seeds=4)
-    ev = RayEvaluator(config, scale_config(workers=2))
-    events: dict = {}
-
-    def script():
-        try:
-            w0, w1 = (slot.actor for slot in ev.slots)
-            pid = _pid_when_busy(w0, "generation 1 [")
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                _until(lambda: ev.arrivals[-1][0] == "generation 1" and ev.arrivals[-1][1] == [1], "chunk 1 back")
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            events["stalled"] = pid
-            pid = _pid_when_busy(w1, "generation 2 [")
-            os.kill(pid, signal.SIGKILL)
-            events["killed"] = pid
-        except Exception as e:  # noqa: BLE001 - reported by the tests
-            events["error"] = repr(e)
-
-    thread = threading.Thread(target=script, daemon=True)
-    thread.start()
-    try:
-        result = run(config, quiet=True, evaluator=ev)
-        thread.join(timeout=60)
-        seen = dict(run=result.run_dir, result=result, events=events, arrivals=list(ev.arrivals),
-                    status=[_status(slot.actor) for slot in ev.slots])
-    finally:
-        ev.close()  # (its workers' CPUs are the next test's)
-    return seen
+    thread, seen = _beside(_chaos, _workers(2), out)
+    code, stdout = _cli(optimize_args(out, "--json", "--workers", "2", "--ray-address", ray_cluster.address))
+    thread.join(timeout=60)
+    (run,) = runs(out)
+    return dict(code=code, run=run, summary=json.loads(stdout.strip().splitlines()[-1]), **seen)
 
 
-def test_two_workers_give_the_in_process_result(ray_run, finished):
+def test_two_workers_give_the_in_process_result_while_workers_are_killed_in_every_phase(ray_run, finished):
+    assert "error" not in ray_run, ray_run.get("error")
+    assert [e["phase"] for e in ray_run["events"]] == \
+        ["loading", "stalled", "validation", "search", "between generations"]
     got, want = _state(ray_run["run"]), _state(finished)
-    assert got["status"] == "finished" and len(got["history"]) == len(want["history"]) == 3
+    assert ray_run["code"] == 0 and got["status"] == "finished" and len(got["history"]) == len(want["history"]) == 3
     for a, b in zip(got["history"], want["history"]):
         _same_generation(a, b)
     assert got["plain_validation"]["loss"] == pytest.approx(want["plain_validation"]["loss"], abs=TOL)
@@ -143,27 +182,27 @@ def test_two_workers_give_the_in_process_result(ray_run, finished):
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=TOL) for k in a)
     for g in range(3):
         _same_candidates(ray_run["run"], finished, g)
-    assert all(s["embedpin"] == str(__import__("embedpin").__path__[0]) for s in ray_run["status"])  # this code
+    assert all(e["embedpin"] == str(__import__("embedpin").__path__[0]) for e in ray_run["events"])  # this code
 
 
 def test_results_come_back_in_candidate_order_when_a_worker_finishes_last(ray_run, finished):
-    assert "error" not in ray_run["events"] and ray_run["events"]["stalled"]
-    orders = [order for label, order in ray_run["arrivals"] if label == "generation 1"]
-    assert orders == [[1, 0]]  # worker 1's chunk (candidates 2, 3) came back first
-    _same_candidates(ray_run["run"], finished, 1)
+    """Worker 0 was stopped with its chunk of generation 0 (candidates 0, 1) until worker 1's chunk
+    (2, 3) was back: the generation is still the in-process one, candidate by candidate."""
+    assert any(e["phase"] == "stalled" and e["name"] == "w0" for e in ray_run["events"])
+    _same_candidates(ray_run["run"], finished, 0)
 
 
-def test_a_worker_killed_mid_generation_is_rerun_with_the_same_result(ray_run, finished):
-    assert "error" not in ray_run["events"] and ray_run["events"]["killed"]
-    w0, w1 = ray_run["result"].workers
-    assert (w0["restarts"], w1["restarts"]) == (0, 1) and w0["alive"] and w1["alive"]
-    assert ray_run["status"][1]["pid"] != ray_run["events"]["killed"]  # a new process took over
-    _same_candidates(ray_run["run"], finished, 2)
-    _same_generation(_state(ray_run["run"])["history"][2], _state(finished)["history"][2])
+def test_every_kill_is_a_restart_the_user_sees(ray_run):
+    kills = [e["name"] for e in ray_run["events"] if e["phase"] != "stalled"]
+    workers = ray_run["summary"]["workers"]
+    assert [(w["worker"], w["restarts"], w["alive"]) for w in workers] == \
+        [(name, kills.count(name), True) for name in ("w0", "w1")]
+    killed = {e["pid"] for e in ray_run["events"] if e["phase"] != "stalled"}
+    assert len(killed) == len(kills)  # a new process each time
 
 
 def test_json_progress_and_report_show_the_workers(ray_run, finished):
-    summary = ray_run["result"].summary()
+    summary = ray_run["summary"]
     counts = summary["workers"]
     assert [w["worker"] for w in counts] == ["w0", "w1"]
     assert sum(w["candidates"] for w in counts) == 3 * 4 + 5 + 1  # search, validated (best, 2 means), plain
@@ -171,47 +210,129 @@ def test_json_progress_and_report_show_the_workers(ray_run, finished):
     assert all(w["seconds"] > 0 for w in counts)
     history = _state(ray_run["run"])["history"]
     assert all(h["workers"] and min(h["workers"].values()) > 0 for h in history)
-    assert set(history[1]["workers"]) == {"w0", "w1"}  # (in generation 2 w0 also ran the killed w1's chunk)
+    assert set(history[0]["workers"]) == {"w0", "w1"}
     assert "workers" not in _state(finished)["history"][0]  # in-process runs keep their state as before
     page = (ray_run["run"] / "index.html").read_text()
     assert "worker seconds" in page and "w0 " in page and "w1 " in page
 
 
-def _new_worker(prefix: str, known: set):
-    """The first Ray worker actor named ``prefix…`` that is not in ``known``."""
-    def find():
-        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "embedpin"}
-        fresh = sorted(n for n in names - known if n.startswith(prefix))
-        return fresh[0] if fresh else None
-    return ray.get_actor(_until(find, "the run's worker"), namespace="embedpin")
+def _node_goes(find, cluster, events: list) -> None:
+    """SIGKILL the worker on the second node mid-chunk, then remove that node from the cluster."""
+    workers = find()
+    node = next(iter(cluster.worker_nodes))
+    victim = next(a for a in workers if _until(lambda a=a: _ask(a), "a status")["node"] == node.node_id)
+    _kill(_busy_with(victim, "generation 0 ["), "search", events)
+    cluster.remove_node(node)
+    events.append({"phase": "node removed", "node": node.node_id})
 
 
-def test_a_hung_last_worker_stops_the_run_resumable_with_one_error_line(ray_cluster, ray_run, finished, tmp_path,
-                                                                        capsys):
+def test_a_worker_killed_with_its_whole_node_reruns_on_the_other_node(ray_cluster, finished, tmp_path):
+    thread, seen = _beside(_node_goes, _workers(2), ray_cluster)
+    try:
+        code, stdout = _cli(optimize_args(tmp_path, *ONE, "--json", "--workers", "2", "--ray-address",
+                                          ray_cluster.address))
+        thread.join(timeout=60)
+    finally:
+        if len(ray_cluster.worker_nodes) == 0:  # the next tests' second CPU
+            ray_cluster.add_node(num_cpus=1)
+            ray_cluster.wait_for_nodes()
+    assert "error" not in seen, seen.get("error")
+    assert code == 0 and [e["phase"] for e in seen["events"]] == ["search", "node removed"]
+    (run,) = runs(tmp_path)
+    _same_candidates(run, finished, 0)
+    gone = next(e["name"] for e in seen["events"] if e["phase"] == "search")
+    workers = {w["worker"]: w for w in json.loads(stdout.strip().splitlines()[-1])["workers"]}
+    assert workers[gone]["restarts"] == 1 and workers[gone]["candidates"] == 0  # its chunk ran on the other node
+    assert sum(w["candidates"] for w in workers.values()) == 4
+
+
+def _inversion_goes(find, events: list) -> None:
+    """SIGKILL whichever worker runs the inversion stage, mid-stage."""
+    workers = find()
+
+    def busy():
+        return next((s for a in workers if (s := _ask(a, 1)) and s["busy"] == "inversion"), None)
+    _kill(_until(busy, "a worker in the inversion stage"), "inversion", events)
+
+
+def test_a_worker_killed_in_the_inversion_stage_reruns_it_to_the_same_vectors(ray_cluster, finished, tmp_path):
+    from embedpin.store import INVERSION, read_vectors
+
+    thread, seen = _beside(_inversion_goes, _workers(2))
+    code, stdout = _cli(optimize_args(tmp_path, *ONE, "--json", "--workers", "2", "--ray-address",
+                                      ray_cluster.address))
+    thread.join(timeout=60)
+    assert "error" not in seen, seen.get("error")
+    assert code == 0 and [e["phase"] for e in seen["events"]] == ["inversion"]
+    (run,) = runs(tmp_path)
+    np.testing.assert_allclose(read_vectors(run / INVERSION), read_vectors(finished / INVERSION), atol=TOL)
+    assert _state(run)["inversion"]["loss_end"] == pytest.approx(_state(finished)["inversion"]["loss_end"], abs=TOL)
+    _same_candidates(run, finished, 0)  # the search started from the same vectors on both workers
+    workers = {w["worker"]: w for w in json.loads(stdout.strip().splitlines()[-1])["workers"]}
+    assert workers[seen["events"][0]["name"]]["restarts"] == 1
+
+
+def _kill_all(find, out, stop: threading.Event, events: list) -> None:
+    """Once the run has started, kill every worker process as soon as it is busy (rendering, or
+    reloading its model after a restart), until ``stop``."""
+    workers = find()
+    _until(lambda: list(out.glob("*/state.json")), "the run folder")
+    while not stop.is_set():
+        for actor in workers:
+            status = _ask(actor, 1)
+            if status and status["busy"]:
+                _kill(status, status["busy"], events)
+        time.sleep(0.01)
+
+
+def test_workers_killed_again_and_again_stop_the_run_resumable_within_the_worker_timeout(ray_cluster, tmp_path, capsys):
+    """--worker-restarts 1: each worker's second death gives it up; with none left the run ends with
+    exit 2 and one error line, well within --worker-timeout, marked interrupted."""
+    stop = threading.Event()
+    thread, seen = _beside(_kill_all, _workers(2), tmp_path, stop)
+    argv = optimize_args(tmp_path, *ONE, "--workers", "2", "--worker-restarts", "1", "--worker-timeout", "60",
+                         "--ray-address", ray_cluster.address)
+    try:
+        assert main(argv) == 2
+        ended = time.monotonic()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert "error" not in seen, seen.get("error")
+    kills = seen["events"]
+    assert sorted(e["name"] for e in kills) == ["w0", "w0", "w1", "w1"]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    (run,) = runs(tmp_path)
+    assert len(err) == 1 and err[0].startswith("error: no Ray worker left") and err[0].endswith(
+        f"embedpin optimize --resume {run}"), err
+    state = _state(run)
+    assert state["status"] == "interrupted" and state["generation"] == 0 and state["stop_reason"].startswith("error:")
+    assert kills and ended - min(e["at"] for e in kills) < 60
+
+
+def test_a_hung_last_worker_stops_the_run_resumable_with_one_error_line(ray_cluster, finished, tmp_path, capsys):
     """One worker, no restarts, joined through --ray-address: stopped (SIGSTOP) once it has started
     generation 0, it is caught by --worker-timeout; with no worker left the run ends with exit 2 and
     one error line, marked interrupted; --resume (in-process) then renders generation 0 as the
     in-process run did (validation off here: the search alone, to keep the test short)."""
-    prefix = f"embedpin-{os.getpid()}-"
-    known = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     stopped = []
 
-    def script():
-        pid = _pid_when_busy(_new_worker(prefix, known), "generation 0 [")
-        os.kill(pid, signal.SIGSTOP)
-        stopped.append(pid)
+    def script(find, events):
+        (worker,) = find()
+        status = _busy_with(worker, "generation 0 [")
+        os.kill(status["pid"], signal.SIGSTOP)
+        stopped.append(status["pid"])
 
-    thread = threading.Thread(target=script, daemon=True)
-    thread.start()
-    argv = optimize_args(tmp_path, "--generations", "1", "--validation-seeds", "0", "--workers", "1",
-                         "--worker-restarts", "0", "--worker-timeout", "3", "--ray-address", ray_cluster)
+    thread, seen = _beside(script, _workers(1))
+    argv = optimize_args(tmp_path, *ONE, "--workers", "1", "--worker-restarts", "0", "--worker-timeout", "3",
+                         "--ray-address", ray_cluster.address)
     try:
         assert main(argv) == 2
     finally:
         thread.join(timeout=10)
         for pid in stopped:
             os.kill(pid, signal.SIGKILL)
-    assert stopped, "the worker was never seen busy"
+    assert stopped, ("the worker was never seen busy", seen)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     (run,) = runs(tmp_path)
     assert len(err) == 1 and err[0].startswith("error: no Ray worker left") and "hung" in err[0], err
@@ -223,6 +344,50 @@ def test_a_hung_last_worker_stops_the_run_resumable_with_one_error_line(ray_clus
     assert _state(run)["status"] == "finished" and len(got) == 1
     assert [got[0][k] for k in ("best", "median", "worst", "best_candidate")] == \
         pytest.approx([want[0][k] for k in ("best", "median", "worst", "best_candidate")], abs=TOL)
+    _same_candidates(run, finished, 0)
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            out.append((p, Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()))
+        except OSError:
+            continue
+        todo += children.get(p, [])
+    return out
+
+
+def test_a_killed_ray_agent_costs_the_local_cluster_a_restart_not_the_run(finished, tmp_path):
+    """--workers 2 without an address starts embedpin's own local cluster (in a process of its own here).
+    Its raylet fate-shares with Ray's agent processes: SIGKILL of ray::DashboardAgent while generation 0
+    renders loses the node and both workers. The cluster is started again and the run ends with the
+    in-process result."""
+    out = tmp_path / "runs"
+    argv = [a for a in optimize_args(out, *ONE, "--workers", "2") if a != "--quiet"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "embedpin", *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _until(lambda: list(out.glob("*/state.json")) or proc.poll() is not None, "the run folder")
+        agent = _until(lambda: next((p for p, cmd in _descendants(proc.pid) if cmd.startswith("ray::DashboardAgent")),
+                                    None), "Ray's dashboard agent")
+        os.kill(agent, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "note: the local Ray node was lost" in err and err.count("is back (restart 1)") == 2, err
+    (run,) = runs(out)
     _same_candidates(run, finished, 0)
 
 

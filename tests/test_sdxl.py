@@ -8,10 +8,14 @@ import pytest
 import torch
 from sdxl_model import SIZE, W1, W2, save_sdxl_folder, save_tower
 
+from embedpin.config import SearchConfig
 from embedpin.errors import ConfigError
 from embedpin.guidance.encode import encode_negative, encode_prompt
 from embedpin.models.loader import load_components
 from embedpin.render.sampler import RenderPlan, render
+from embedpin.store import load_run
+
+N_VECTORS = SearchConfig().n_vectors  # the default (an exported run's file has as many)
 
 PROMPT = "a large red star at the top left on a plain blue background"
 
@@ -86,7 +90,7 @@ def test_an_sdxl_run_pins_both_encoders_vectors_and_the_pooled_embedding(sdxl_ru
     tensors, recipe = load_pinned(sdxl_run)
     assert recipe["family"] == "SDXL" and recipe["widths"] == [W1, W2]
     assert tensors["prompt_embeds"].shape == (1, 77, W1 + W2) and tensors["pooled_prompt_embeds"].shape == (1, W2)
-    assert tensors["token_vectors"].shape == (2, W1 + W2)
+    assert tensors["token_vectors"].shape == (N_VECTORS, W1 + W2)
     assert not tensors["negative_prompt_embeds"].any() and not tensors["negative_pooled_prompt_embeds"].any()
     plain = encode_prompt(comp, "a star")
     assert not torch.allclose(tensors["pooled_prompt_embeds"], plain.pooled)  # the vectors moved the pooled vector
@@ -106,7 +110,7 @@ def test_sdxl_textual_inversion_loads_in_diffusers_with_two_calls(sdxl_run, pipe
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(ti)]) == 0
     state = load_file(str(ti))
-    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (2, W1) and state["clip_g"].shape == (2, W2)
+    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (N_VECTORS, W1) and state["clip_g"].shape == (N_VECTORS, W2)
     with safe_open(str(ti), framework="pt") as f:
         meta = json.loads(f.metadata()["embedpin"])
     pipe.load_textual_inversion(state["clip_l"], token="<pinned>", text_encoder=pipe.text_encoder,
@@ -114,7 +118,7 @@ def test_sdxl_textual_inversion_loads_in_diffusers_with_two_calls(sdxl_run, pipe
     pipe.load_textual_inversion(state["clip_g"], token="<pinned>", text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
     emb, _, pooled, _ = pipe.encode_prompt(meta["usage"], device="cpu", do_classifier_free_guidance=False)
-    s = Session.prepare(RunConfig.from_toml(sdxl_run / "config.toml"))
+    s = Session.of_run(load_run(sdxl_run))
     vectors = torch.tensor([meta["params"]["token_vectors"]]).to(s.ctx.plain.hidden)
     only_vectors = build(s.ctx, {"token_vectors": vectors})
     assert (emb - only_vectors.prompt_embeds).abs().max().item() <= 1e-4
@@ -226,7 +230,7 @@ def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_f
     star = Path(__file__).resolve().parents[1] / "examples" / "star.png"
     args = ["optimize", "--model", str(towered_folder), "--target", str(star), "--prompt", "a star", "--out",
             str(tmp_path), "--inversion-steps", "2", "--generations", "1", "--population", "4", "--batch", "2", "--steps", "3",
-            "--validation-seeds", "2", "--rank", "4"]
+            "--validation-seeds", "2", "--rank", "4", "--blocks", "guidance,token_vectors,token_weights"]
     assert main(args) == 0
     assert "note: image guidance acts on the first text encoder's part" in capsys.readouterr().err
     (run,) = list(tmp_path.iterdir())
@@ -365,7 +369,7 @@ def test_an_sdxl_embedding_starts_an_sdxl_run_at_its_vectors(sdxl_run, folder, t
                                    blocks="token_weights", size=SIZE, out=str(tmp_path / "runs")))
     state = load_file(str(ti))
     assert torch.equal(s.ctx.vector_init, torch.cat([state["clip_l"], state["clip_g"]], -1))
-    assert s.ctx.options.n_vectors == 2 and [b.name for b in s.space.blocks] == ["token_weights"]
+    assert s.ctx.options.n_vectors == N_VECTORS and [b.name for b in s.space.blocks] == ["token_weights"]
 
 
 def test_without_an_image_tower_the_default_run_goes_on_and_an_explicit_guide_is_refused(folder, tmp_path, capsys):
@@ -378,7 +382,9 @@ def test_without_an_image_tower_the_default_run_goes_on_and_an_explicit_guide_is
             "--inversion-steps", "2",
             "--generations", "1", "--population", "4", "--batch", "2", "--steps", "2", "--validation-seeds", "0",
             "--rank", "4", "--quiet"]
-    assert main(base[:-1]) == 0  # the default blocks: guidance has nothing to act with, and the run says so
+    assert main(base[:-1]) == 0  # the default blocks read no guide image: nothing to say
+    assert "no image CLIP tower" not in capsys.readouterr().err
+    assert main([*base[:-1], "--blocks", "guidance,token_vectors"]) == 0  # guidance has nothing to act with: said
     assert "note: no image CLIP tower for this model" in capsys.readouterr().err
     assert main([*base, "--guide", star]) == 2
     err = capsys.readouterr().err.strip().splitlines()

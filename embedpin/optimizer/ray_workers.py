@@ -20,10 +20,21 @@ Scheduling is one loop over ``ray.wait``: each queued chunk goes to the first id
   is counted and reported;
 - a chunk with no answer within ``--worker-timeout`` seconds marks its worker hung: it is killed
   (``ray.kill``, restartable) and the chunk re-runs as for a death;
+- a worker Ray reports dead (``ActorDiedError``: its restarts used up) is given up; on the local
+  cluster of ``--workers N`` it may instead mean that the cluster's one node was lost (its raylet
+  died: it fate-shares with Ray's agent processes, ``ray::DashboardAgent`` and
+  ``ray::RuntimeEnvAgent``, so one of those killed takes every worker with it): the evaluator
+  then starts the local cluster again and every worker reloads, each counting one restart (Ray's
+  core worker ends this process itself there when it has no parent process left, a run started
+  with ``nohup`` from a closed shell: the run folder stays resumable);
 - with no worker alive or restarting, :class:`~embedpin.errors.WorkerError` ends the run, which
   the run loop leaves resumable.
 
-Connecting: ``--workers N`` without an address starts a local cluster (shut down at the end);
+A restart is counted for every worker process replaced: a loss seen under a call, and one Ray
+did unseen (a worker killed while idle or loading answers ``ready`` from a new process).
+
+Connecting: ``--workers N`` without an address starts a local cluster (shut down at the end) with
+:data:`LOCAL_SYSTEM`'s settings;
 ``--ray-address`` (or ``RAY_ADDRESS``) joins one started with ``ray start --head``, after a
 seconds-long probe of the address (Ray's own connect retries for minutes on a wrong one). Ray's
 log lines stay off the terminal (``log_to_driver=False``, ERROR level); its SIGTERM handler
@@ -60,7 +71,16 @@ PROBE_TIMEOUT = 5.0  # seconds to reach a --ray-address
 LOAD_TIMEOUT = 600.0  # seconds a worker's model load may take at least (big checkpoints on slow disks)
 RETRY = 0.5          # seconds between asking a restarting worker whether it is back
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+# The local cluster's Ray settings. Ray runs its workers at nice 15 so that its own processes keep
+# the CPU on a busy node; on a machine shared with other work that starves the workers against
+# every other process (README: "Several GPUs, or a cluster"), a killed worker's reload included,
+# so they run at the priority the in-process run has. Ray's own processes need little CPU.
+LOCAL_SYSTEM = {"worker_niceness": 0}
 _EVALUATORS = itertools.count()  # numbers this process's evaluators: actor names stay unique
+
+
+class NotLoaded(RuntimeError):
+    """A call reached a worker process Ray restarted unseen: it must answer ``ready`` first."""
 
 
 @ray.remote(concurrency_groups={CONTROL: 1})
@@ -78,23 +98,38 @@ class Worker:
     def __init__(self, config: dict, name: str, device: str):
         self.config, self.name, self.device, self.busy, self.session = config, name, device, None, None
 
-    def ready(self) -> tuple[RunInfo, int]:
-        """(the run's description, this process's pid) once the session is loaded (here, on the
-        thread every later call runs on)."""
+    def ready(self) -> tuple[RunInfo, int, bool]:
+        """(the run's description, this process's pid, whether Ray restarted this actor) once the
+        session is loaded (here, on the thread every later call runs on; ``busy`` says "loading"
+        meanwhile)."""
         if self.session is None:
             cfg = RunConfig.from_dict(self.config)
             cfg.model.device = self.device
-            self.session = Session.prepare(cfg)
-        return self.session.info(), os.getpid()
+            self.session = self._busy("loading", Session.prepare, cfg)
+        return self.session.info(), os.getpid(), ray.get_runtime_context().was_current_actor_reconstructed
 
-    def evaluate(self, X: np.ndarray, plan: RenderPlan, label: str) -> Batch:
-        return self._busy(label, self.session.batch, X, plan, self.name)
+    def evaluate(self, X: np.ndarray, plan: RenderPlan, label: str, vectors=None) -> Batch:
+        return self._busy(label, self._loaded(vectors).batch, X, plan, self.name)
 
-    def plain(self, plan: RenderPlan, label: str) -> Batch:
-        return self._busy(label, self.session.plain_batch, plan, self.name)
+    def plain(self, plan: RenderPlan, label: str, vectors=None) -> Batch:
+        return self._busy(label, self._loaded(vectors).plain_batch, plan, self.name)
 
-    def pinned(self, x: np.ndarray | None, label: str) -> Pinned:
-        return self._busy(label, self.session.pinned, x)
+    def pinned(self, x: np.ndarray | None, label: str, vectors=None) -> Pinned:
+        return self._busy(label, self._loaded(vectors).pinned, x)
+
+    def invert(self, label: str, vectors=None) -> tuple[np.ndarray, list[float]]:
+        """The run's inversion stage (``Session.invert``): (the fitted vectors, each step's loss)."""
+        losses: list[float] = []
+        fitted = self._busy(label, self._loaded(vectors).invert, lambda step, loss: losses.append(loss))
+        return fitted, losses
+
+    def _loaded(self, vectors: np.ndarray | None) -> Session:
+        """The session, its token vectors started at ``vectors`` (the run's inversion, sent with
+        every call, so that a restarted worker renders what the others do)."""
+        if self.session is None:  # Ray restarted this actor after its ready answer (killed while idle)
+            raise NotLoaded(f"worker {self.name} was restarted (pid {os.getpid()}) and has not loaded its model")
+        self.session.use_vectors(vectors)
+        return self.session
 
     def _busy(self, label: str, fn, *args):
         self.busy = label
@@ -105,10 +140,10 @@ class Worker:
 
     @ray.method(concurrency_group=CONTROL)
     def status(self) -> dict:
-        """What the worker is doing now (``busy``: the label of its chunk, or None), its pid and
-        the embedpin package it imported (a folder)."""
+        """What the worker is doing now (``busy``: the label of its chunk, "loading", or None), its
+        pid and node, and the embedpin package it imported (a folder)."""
         return {"name": self.name, "pid": os.getpid(), "busy": self.busy, "gpus": ray.get_gpu_ids(),
-                "embedpin": str(Path(__file__).resolve().parents[1])}
+                "node": ray.get_runtime_context().get_node_id(), "embedpin": str(Path(__file__).resolve().parents[1])}
 
 
 @dataclass
@@ -118,6 +153,7 @@ class _Call:
     method: str
     args: tuple
     label: str
+    timeout: float | None = None  # seconds it may take before its worker counts as hung (None: --worker-timeout)
 
 
 @dataclass
@@ -132,6 +168,7 @@ class _Slot:
     deadline: float = float("inf")
     retry: float = 0.0
     pid: int | None = None
+    counted: bool = False  # a restart already counted for the process it is waiting for
     counts: dict = field(default_factory=lambda: {"candidates": 0, "images": 0, "seconds": 0.0, "restarts": 0})
 
     def report(self) -> dict:
@@ -152,22 +189,26 @@ class RayEvaluator:
         self.arrivals: deque = deque(maxlen=64)  # (label, chunk indices in the order they came back) per call
         self.traffic = {"sent": 0, "received": 0}  # bytes (pickled calls; returned arrays)
         self.why = ""  # the last reason a worker was lost
+        self.config, self.lost_node = config, ""
+        self.vectors: np.ndarray | None = None  # the token vectors every call starts from (use_vectors)
         self.started = _connect(config, scale)
+        self.local = self.started and not scale.ray_address  # a cluster this evaluator started (and may restart)
         try:
-            options, n, device = _placement(config, scale)
-            if short := _short_of(options, n):
+            self.options, n, self.device_name = _placement(config, scale)
+            if short := _short_of(self.options, n):
                 self.notify(f"the Ray cluster has {short} free now: the workers start as it frees them")
-            prefix = f"embedpin-{os.getpid()}-{next(_EVALUATORS)}"
-            for i in range(n):
-                name = f"w{i}"
-                actor = Worker.options(**options, name=f"{prefix}-{name}", namespace=NAMESPACE,
-                                       max_restarts=scale.worker_restarts, max_task_retries=0,
-                                       max_concurrency=1).remote(config.to_dict(), name, device)
-                self.slots.append(_Slot(name, actor))
+            self.prefix = f"embedpin-{os.getpid()}-{next(_EVALUATORS)}"
+            self.slots = [_Slot(f"w{i}", self._actor(f"w{i}", scale.worker_restarts)) for i in range(n)]
             self.info = self._start()
         except BaseException:
             self.close()
             raise
+
+    def _actor(self, name: str, restarts: int):
+        """A new worker actor ``name`` that Ray may restart ``restarts`` times."""
+        return Worker.options(**self.options, name=f"{self.prefix}-{name}", namespace=NAMESPACE,
+                              max_restarts=restarts, max_task_retries=0,
+                              max_concurrency=1).remote(self.config.to_dict(), name, self.device_name)
 
     # -- the Evaluator interface ----------------------------------------------------------
     @property
@@ -191,6 +232,23 @@ class RayEvaluator:
 
     def pinned(self, x: np.ndarray | None) -> Pinned:
         return self._run([_Call("pinned", (x, "pinned"), "pinned")])[0]
+
+    def invert(self, progress=None) -> np.ndarray | None:
+        """The inversion stage on one worker (re-run on another if it is lost); its losses are
+        replayed into ``progress`` when it is back. It may take ``--worker-timeout`` per 100 steps."""
+        if not self.config.inverts():
+            return None
+        steps = self.config.search.inversion_steps
+        call = _Call("invert", ("inversion",), "inversion", timeout=self.scale.worker_timeout * max(1.0, steps / 100))
+        fitted, losses = self._run([call])[0]
+        for step, loss in enumerate(losses):
+            if progress is not None:
+                progress(step, loss)
+        return fitted
+
+    def use_vectors(self, vectors: np.ndarray | None) -> None:
+        """Every later call starts the workers' token vectors at ``vectors`` (sent with the call)."""
+        self.vectors = None if vectors is None else np.asarray(vectors, dtype=np.float32)
 
     def close(self) -> None:
         """Stop the workers; shut Ray down if this evaluator started it."""
@@ -257,10 +315,10 @@ class RayEvaluator:
         return results
 
     def _submit(self, slot: _Slot, call: _Call) -> None:
-        args = call.args
+        args = (*call.args, self.vectors)
         self.traffic["sent"] += len(pickle.dumps(args, protocol=5))
         slot.state, slot.ref = "busy", getattr(slot.actor, call.method).remote(*args)
-        slot.deadline = time.monotonic() + self.scale.worker_timeout
+        slot.deadline = time.monotonic() + (call.timeout or self.scale.worker_timeout)
 
     def _wait_any(self) -> list[tuple[_Slot, object]]:
         """Wait (up to POLL seconds) for busy and restarting workers; returns [(slot, value)] for
@@ -280,6 +338,9 @@ class RayEvaluator:
             done = []
             time.sleep(timeout)
         out = [(waiting[ref], self._settle(waiting[ref], ref)) for ref in done]
+        if self.lost_node:
+            answered = {id(s) for s, _ in out}
+            return out + [(s, None) for s in self._restart_cluster() if id(s) not in answered]
         now = time.monotonic()
         for slot in active:
             if slot.state in ("busy", "restarting") and now > slot.deadline:
@@ -292,10 +353,15 @@ class RayEvaluator:
         try:
             value = ray.get(ref)
         except RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), NotLoaded):
+                return self._lost(slot, _first_line(e.cause))
             if slot.state == "restarting" and not isinstance(_cause(e), EmbedpinError):
                 return self._dead(slot, f"its model did not load: {_first_line(_cause(e))}")
             raise _cause(e) from None
-        except ActorDiedError as e:  # Ray will not restart it (restarts used up)
+        except ActorDiedError as e:  # Ray will not restart it: restarts used up, or (local cluster) the node lost
+            if self.local and (lost := _node_lost()):
+                self.lost_node = lost
+                return None
             return self._dead(slot, _first_line(e))
         except RayActorError as e:   # unavailable: it died and Ray restarts it
             if slot.state == "restarting":  # not back yet: ask again shortly
@@ -304,10 +370,13 @@ class RayEvaluator:
             return self._lost(slot, _first_line(e))
         slot.ref = None
         if slot.state == "restarting":  # a (re)started worker's ready answer
-            info, pid = value
-            if slot.pid is not None and pid != slot.pid:
+            info, pid, restarted = value
+            unseen = not slot.counted and pid != slot.pid and (restarted or slot.pid is not None)
+            if unseen:  # Ray restarted it without a call of ours failing (killed while loading)
+                slot.counts["restarts"] += 1
+            if unseen or slot.counted:
                 self.notify(f"worker {slot.name} is back (restart {slot.counts['restarts']})")
-            slot.pid, slot.state = pid, "idle"
+            slot.pid, slot.state, slot.counted = pid, "idle", False
             return info
         slot.state = "idle"
         self._count(slot, value)
@@ -324,6 +393,7 @@ class RayEvaluator:
         """A worker died (or hung) under a call: the call goes to another worker while Ray restarts
         this one (reloading its model)."""
         slot.counts["restarts"] += 1
+        slot.counted = True
         self.notify(f"worker {slot.name} lost ({why}); its candidates re-run on another worker while it restarts "
                     f"({slot.counts['restarts']} of {self.scale.worker_restarts})")
         self._await_ready(slot, time.monotonic())
@@ -345,6 +415,30 @@ class RayEvaluator:
         self.notify(f"worker {slot.name} is gone ({why}); {self.alive()[0]} of {len(self.slots)} left")
         return None
 
+    def _restart_cluster(self) -> list[_Slot]:
+        """The local cluster's node was lost (``self.lost_node`` says how): start the cluster again
+        with a new actor per worker (each counts a restart; one with none left is given up). Returns
+        the workers that were busy: their calls go back in line."""
+        why, self.lost_node = self.lost_node, ""
+        busy = [s for s in self.slots if s.state == "busy"]
+        self.notify(f"the local Ray node was lost ({why}); starting it again, every worker reloads its model")
+        ray.shutdown()
+        try:
+            self.started = _connect(self.config, self.scale)
+        except Exception as e:  # noqa: BLE001 - Ray's own start-up errors, of any type
+            self.started = False
+            raise WorkerError(f"the local Ray node was lost and did not start again: {_first_line(e)}") from None
+        now = time.monotonic()
+        for slot in [s for s in self.slots if s.state != "dead"]:
+            slot.counts["restarts"] += 1
+            left = self.scale.worker_restarts - slot.counts["restarts"]
+            if left < 0:
+                slot.state, slot.ref, slot.deadline, self.why = "dead", None, float("inf"), why
+                continue
+            slot.actor, slot.pid, slot.counted = self._actor(slot.name, left), None, True
+            self._await_ready(slot, now)
+        return busy
+
     def _none_left(self, what: str) -> str:
         n = len(self.slots)
         return (f"{what}: all {n} worker{'s' if n != 1 else ''} died or hung, each restarted up to "
@@ -363,6 +457,13 @@ def _cause(e: RayTaskError) -> BaseException:
 
 
 # -- connecting and placing --------------------------------------------------------------
+def _node_lost() -> str:
+    """Why this process's Ray node is dead, as Ray says it ("": alive)."""
+    me = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == me), {})
+    return "" if node.get("Alive") else _first_line(node.get("DeathReasonMessage") or "its raylet is gone")
+
+
 def _wants_gpu(config: RunConfig) -> bool:
     return config.model.device == "auto" or config.model.device.startswith("cuda")
 
@@ -386,7 +487,8 @@ def _connect(config: RunConfig, scale: ScaleConfig) -> bool:
     cpus, gpus = _local_resources(config, scale)
     package_root = str(Path(__file__).resolve().parents[2])  # workers import this embedpin, as the driver does
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": {"PYTHONPATH": path}},
+             _system_config=LOCAL_SYSTEM, **quiet)
     return True
 
 

@@ -37,7 +37,7 @@ from embedpin.optimizer.seeds import search_seed, validation_seed
 from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
 from embedpin.render.size import render_size, size_multiple
-from embedpin.scoring.masks import load_masks
+from embedpin.scoring.masks import readable_targets, target_masks
 from embedpin.scoring.scorer import Scorer, ScoreResult
 from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
@@ -118,8 +118,9 @@ def search_plan(config: RunConfig, plan: RenderPlan, generation: int) -> RenderP
 
 
 def guide_images(config: RunConfig, guide: list, targets: torch.Tensor | None, towers: bool) -> list:
-    """The run's guide images: those given (``--guide``), else with ``--guide-target`` the targets,
-    when a searched block reads guide images and the model has an image tower to read them."""
+    """The run's guide images: those given (``--guide``), else with ``--guide-target`` the targets
+    (as the run may read them: ``scoring.masks.readable_targets``), when a searched block reads
+    guide images and the model has an image tower to read them."""
     if config.prompt.guide_target and not guide and targets is not None and config.uses_guide() and towers:
         return list(targets)
     return guide
@@ -186,19 +187,20 @@ class Session:
         plan = render_plan(config).validate(comp.vae_scale_factor)
         size = (plan.height, plan.width)
         targets = load_targets(score.targets, size).to(comp.device) if score.targets else None
-        masks = load_masks(score.masks, score.targets, size) if score.masks else None
+        masks = target_masks(score.masks, score.targets, size) if score.targets else None
+        seen = readable_targets(targets, masks.masks.to(comp.device) if masks else None)  # what guides and ranks
         if init is not None:
             init = resize_crop(init, size).to(comp.device)
         notes = list(masks.notes) if masks else []
         if prompt.guide_target and not guide and targets is not None and config.uses_guide() and not comp.towers:
             notes.append("no image CLIP tower for this model, so the targets do not guide the prompt (image "
                          "guidance is off); pass --clip (SD 1.x / SDXL: openai/clip-vit-large-patch14) to use it")
-        guide = guide_images(config, guide, targets, bool(comp.towers))
+        guide = guide_images(config, guide, seen, bool(comp.towers))
         # 2. per-run precomputation: guidance context, search space, scorer
         vectors = read_textual_inversion(config.search.init_embedding, input_widths(comp), comp.family) \
             if config.search.init_embedding else None
         auto = config.search.init_word.strip() == "auto" and vectors is None
-        words = auto_init_words(config, comp, targets) if auto else None
+        words = auto_init_words(config, comp, seen) if auto else None
         options = guidance_options(config, words, None if vectors is None else len(vectors))
         ctx = make_context(comp, prompt.prompt, prompt.negative, guide=[g[None].to(comp.device) for g in guide] or None,
                            concepts=prompt.concepts, init_image=init[None] if init is not None else None,

@@ -22,11 +22,11 @@ from embedpin.images import load_image
 from embedpin.optimizer.batch import RunInfo
 from embedpin.optimizer.session import guide_images, render_plan, search_plan, validation_plan
 from embedpin.render.sampler import RenderPlan
-from embedpin.scoring.masks import load_masks
+from embedpin.scoring.masks import readable_targets, target_masks
 from embedpin.scoring.scorer import Scorer
-from embedpin.scoring.targets import load_targets
+from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
-from embedpin.store import target_file
+from embedpin.store import file_digest, target_file
 
 
 @dataclass
@@ -50,19 +50,20 @@ class RunSetup:
         plan = render_plan(config)
         size = (plan.height, plan.width)
         targets = load_targets(config.score.targets, size) if config.score.targets else None
-        masks = load_masks(config.score.masks, config.score.targets, size).masks if config.score.masks else None
+        masks = target_masks(config.score.masks, config.score.targets, size) if config.score.targets else None
         return cls(config, info, SearchSpace.from_dict(info.space), plan, validation_plan(config, plan), targets,
-                   device, masks)
+                   device, masks.masks if masks else None)
 
     def search_plan(self, generation: int) -> RenderPlan:
         return search_plan(self.config, self.plan, generation)
 
     def files(self) -> dict[str, torch.Tensor]:
-        """The images a new run folder starts with: targets, their masks and guide images (``store.target_file``)."""
-        targets = self.targets if self.targets is not None else []
+        """The images a new run folder starts with (``store.target_file``): targets as the run reads
+        them beyond its loss (``scoring.masks.readable_targets``), their masks and guide images."""
+        seen = readable_targets(self.targets, self.masks)
+        targets = seen if seen is not None else []
         masks = self.masks if self.masks is not None else []
-        guide = guide_images(self.config, [load_image(g) for g in self.config.prompt.guide], self.targets,
-                             self.info.towers > 0)
+        guide = guide_images(self.config, [load_image(g) for g in self.config.prompt.guide], seen, self.info.towers > 0)
         return {**{target_file(i): t for i, t in enumerate(targets)},
                 **{target_file(i, "mask"): m for i, m in enumerate(masks)},
                 **{target_file(i, "guide"): g for i, g in enumerate(guide)}}
@@ -79,3 +80,12 @@ class RunSetup:
             return None
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         return self._flip.error_maps(x).float().clamp(0, 1).cpu().numpy()
+
+
+def input_digests(config: RunConfig) -> dict[str, str | None]:
+    """The SHA-256 of every file the run reads its inputs from (targets, a target folder's images,
+    masks, guide and init images, an init embedding), by path; None for one that is gone."""
+    score, prompt = config.score, config.prompt
+    files = [*(expand_paths(score.targets) if score.targets else []), *score.masks, *prompt.guide,
+             *(p for p in (prompt.init_image, config.search.init_embedding) if p)]
+    return {str(f): file_digest(f) for f in files}

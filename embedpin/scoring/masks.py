@@ -8,6 +8,11 @@ error leaks from it through ꟻLIP's spatial filters or into CLIP's view; ꟻLIP
 then averaged under the mask, ``Σ m·err / Σ m`` per image. CLIP sees target' and the render
 cropped to the mask's bounding box (pixels with m > 0), one box per target shared by every
 render, so the crop stays one batched slice.
+
+Beyond the loss, whatever reads a target (guide images, the init word's ranking, the run folder's
+copy the report shows) reads :func:`readable_targets`: the ignored part replaced by a fixed grey,
+so what is black in a mask has no influence on anything a run does or reports. A target with
+transparency and no ``--mask`` has its alpha as its mask (:func:`target_masks`).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from pathlib import Path
 import torch
 
 from embedpin.errors import ConfigError
-from embedpin.images import load_image, resize_crop
+from embedpin.images import load_alpha, load_image, resize_crop
 from embedpin.scoring.targets import expand_paths
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 SNAP = 0.5 / 255  # half an 8-bit level: closer to black or white than this is black or white
+FILL = 0.5  # what a target's ignored part reads as outside the loss: mid grey, whatever the target has there
 
 
 @dataclass(frozen=True)
@@ -40,19 +46,6 @@ def read_mask(path: str | Path) -> torch.Tensor:
     as every image is read; an unreadable file is an InputError like a target's)."""
     rgb = load_image(path)
     return snap(torch.einsum("c,chw->hw", rgb.new_tensor(LUMA), rgb)[None])
-
-
-FILL = 0.5  # the grey a target's ignored part reads as
-
-
-def readable_targets(targets: torch.Tensor | None, masks: torch.Tensor | None) -> torch.Tensor | None:
-    """The targets [T, 3, H, W] as a run may read them beyond its loss: each one's ignored part
-    (mask 0) replaced by :data:`FILL`, a grey that does not depend on the target, grey mask values
-    blending the two; exactly the targets where the mask is 1, and without masks."""
-    if targets is None or masks is None:
-        return targets
-    m = masks.to(targets)
-    return m * targets + (1 - m) * FILL
 
 
 def snap(mask: torch.Tensor) -> torch.Tensor:
@@ -95,6 +88,37 @@ def load_masks(paths: Sequence[str | Path], targets: Sequence[str | Path], size:
                          f"(its target {Path(f).name} is {tw}x{th})")
         out.append(mask)
     return Masks(torch.stack(out), list(dict.fromkeys(notes)))
+
+
+def target_masks(paths: Sequence[str | Path], targets: Sequence[str | Path], size: tuple[int, int]) -> Masks | None:
+    """The run's masks at ``size``: the ``--mask`` files (:func:`load_masks`); without any, each
+    target's transparency (alpha: opaque pinned, transparent ignored; white for an opaque target),
+    said in a note; None when no target has transparency."""
+    if paths:
+        return load_masks(paths, targets, size)
+    files = expand_paths(targets)
+    alphas = [load_alpha(f) for f in files]
+    if all(a is None for a in alphas):
+        return None
+    out = []
+    for f, alpha in zip(files, alphas):
+        mask = torch.ones(1, *size) if alpha is None else snap(resize_crop(alpha, size))
+        if float(mask.sum()) <= 0:
+            raise ConfigError(f"target {f} is transparent everywhere: nothing of it to pin")
+        out.append(mask)
+    names = ", ".join(f.name for f, a in zip(files, alphas) if a is not None)
+    return Masks(torch.stack(out), [f"{names}: transparency is the mask (transparent parts are ignored, as black in "
+                                    f"a --mask; --mask overrides it)"])
+
+
+def readable_targets(targets: torch.Tensor | None, masks: torch.Tensor | None) -> torch.Tensor | None:
+    """The targets [T, 3, H, W] as a run may read them beyond its loss: each one's ignored part
+    (mask 0) replaced by :data:`FILL`, a grey that does not depend on the target, grey mask values
+    blending the two; exactly the targets where the mask is 1, and without masks."""
+    if targets is None or masks is None:
+        return targets
+    m = masks.to(targets)
+    return m * targets + (1 - m) * FILL
 
 
 def fill(target: torch.Tensor, render: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
