@@ -103,14 +103,14 @@ def test_sdxl_textual_inversion_loads_in_diffusers_with_two_calls(sdxl_run, pipe
     from safetensors.torch import load_file
 
     from embedpin.cli import main
-    from embedpin.config import RunConfig
     from embedpin.guidance.build import build
     from embedpin.optimizer.session import Session
 
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(ti)]) == 0
     state = load_file(str(ti))
-    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (N_VECTORS, W1) and state["clip_g"].shape == (N_VECTORS, W2)
+    assert set(state) == {"clip_l", "clip_g"}
+    assert state["clip_l"].shape == (N_VECTORS, W1) and state["clip_g"].shape == (N_VECTORS, W2)
     with safe_open(str(ti), framework="pt") as f:
         meta = json.loads(f.metadata()["embedpin"])
     pipe.load_textual_inversion(state["clip_l"], token="<pinned>", text_encoder=pipe.text_encoder,
