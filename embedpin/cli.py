@@ -170,7 +170,8 @@ def _optimize_parser(sub):
                    help="join the Ray cluster at ADDR (started with `ray start --head`; default: $RAY_ADDRESS)")
     g.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
                    help=f"a worker whose chunk takes longer counts as hung: it is restarted and its candidates re-run "
-                        f"elsewhere; a model load may take this, and at least 600 s (default: {ds.worker_timeout:g})")
+                        f"elsewhere; a model load may take this, and at least 600 s, the inversion stage as much per 100 "
+                        f"steps (default: {ds.worker_timeout:g})")
     g.add_argument("--worker-restarts", type=int, default=None, metavar="N",
                    help=f"restarts of a dead or hung worker (each reloads the model) before it is given up "
                         f"(default: {ds.worker_restarts})")

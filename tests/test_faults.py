@@ -15,12 +15,10 @@ import threading
 import time
 
 import pytest
-from micro_run import PROMPT, SMALL, STAR
+from micro_run import PROMPT, SMALL, STAR, timeless_state
 from micro_run import runs as _runs
 
 from embedpin.cli import main
-
-TIMES = ("seconds",)
 
 
 @pytest.fixture
@@ -92,11 +90,6 @@ def _one_error_line(capsys, run, *words) -> str:
     return err[0]
 
 
-def _timeless(path) -> dict:
-    state = json.loads(path.read_text())
-    state["history"] = [{k: v for k, v in h.items() if k not in TIMES} for h in state["history"]]
-    return state
-
 
 def test_a_full_then_read_only_run_folder_and_a_replaced_target(finished, disk, tmp_path, capsys):
     target = shutil.copy(STAR, tmp_path / "star.png")
@@ -129,7 +122,7 @@ def test_a_full_then_read_only_run_folder_and_a_replaced_target(finished, disk, 
     assert json.loads((run / "state.json").read_text())["generation"] == 2 and _lost(seen["committed"], run) == []
 
     assert main(["optimize", "--resume", str(run), "--quiet"]) == 0  # 4. ends as the uninterrupted run
-    assert _timeless(run / "state.json") == _timeless(finished / "state.json")
+    assert timeless_state(run / "state.json") == timeless_state(finished / "state.json")
     for g in range(3):
         rel = f"generations/{g:04d}/generation.json"
         assert (run / rel).read_bytes() == (finished / rel).read_bytes(), rel

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro_run import PROMPT, STAR
+from micro_run import PROMPT, STAR, timeless_state
 from micro_run import runs as _runs
 from PIL import Image
 
@@ -235,7 +235,6 @@ def test_a_masked_run_keeps_the_mask_beside_its_target_and_the_report_shows_it(t
 
 PAIR = ["--prompt", "a star", "--vectors", "1", "--population", "3", "--batch", "2", "--steps", "2",
         "--validation-seeds", "2", "--quiet"]  # 3 tokens: a short token analysis
-TIMES = ("seconds",)  # wall-clock fields of state.json's history: the only thing two identical runs differ in
 
 
 def _pair(tmp_path, alpha: bool) -> tuple[str, str, str]:
@@ -253,11 +252,6 @@ def _pair(tmp_path, alpha: bool) -> tuple[str, str, str]:
     return paths[0], paths[1], _save(tmp_path / "mask.png", mask, "L")
 
 
-def _timeless(path) -> dict:
-    state = json.loads(path.read_text())
-    state["history"] = [{k: v for k, v in h.items() if k not in TIMES} for h in state["history"]]
-    return state
-
 
 def _files(run) -> list:
     """Every record, image and figure of a run folder (not config.toml and inputs.json: they name the input files)."""
@@ -268,7 +262,7 @@ def _files(run) -> list:
 def _same_run(a, b) -> None:
     from embedpin.pinned import load_pinned
 
-    assert _timeless(a / "state.json") == _timeless(b / "state.json")
+    assert timeless_state(a / "state.json") == timeless_state(b / "state.json")
     assert _files(a) == _files(b)
     for rel in _files(a):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel

@@ -235,11 +235,12 @@ class RayEvaluator:
 
     def invert(self, progress=None) -> np.ndarray | None:
         """The inversion stage on one worker (re-run on another if it is lost); its losses are
-        replayed into ``progress`` when it is back. It may take ``--worker-timeout`` per 100 steps."""
+        replayed into ``progress`` when it is back. Once per run, like a model load, it may take as
+        long as a load (``--worker-timeout``, at least ``LOAD_TIMEOUT``) per 100 steps."""
         if not self.config.inverts():
             return None
-        steps = self.config.search.inversion_steps
-        call = _Call("invert", ("inversion",), "inversion", timeout=self.scale.worker_timeout * max(1.0, steps / 100))
+        allowed = max(self.scale.worker_timeout, LOAD_TIMEOUT) * max(1.0, self.config.search.inversion_steps / 100)
+        call = _Call("invert", ("inversion",), "inversion", timeout=allowed)
         fitted, losses = self._run([call])[0]
         for step, loss in enumerate(losses):
             if progress is not None:
