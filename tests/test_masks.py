@@ -233,7 +233,7 @@ def test_a_masked_run_keeps_the_mask_beside_its_target_and_the_report_shows_it(t
 # state.json (but for its clocks), every generation's records, images and error maps, the report's
 # figures, the pinned tensors and the token analysis, bitwise.
 
-PAIR = ["--prompt", "a star", "--vectors", "1", "--population", "3", "--batch", "2", "--steps", "2",
+PAIR = ["--prompt", "a star", "--inversion-steps", "3", "--vectors", "1", "--population", "3", "--batch", "2", "--steps", "2",
         "--validation-seeds", "2", "--quiet"]  # 3 tokens: a short token analysis
 
 
