@@ -22,7 +22,7 @@ def _config(target, out, generations):
     c.render.batch, c.render.steps = 4, 8
     c.optim.generations, c.optim.tol_fun, c.optim.tol_x = generations, 0.0, 0.0
     c.optim.validation_seeds = 8
-    c.search.inversion_steps = 60  # a fifth of the default: the suite's time
+    c.search.inversion_steps = 40  # an eighth of the default: the suite's time
     c.out = str(out)
     return c.validate()
 
@@ -33,7 +33,7 @@ def test_pinned_result_beats_the_plain_prompt_on_validation_seeds(tmp_path):
     img = render(s.components, encode_prompt(s.components, CAPTION).hidden, s.ctx.negative.hidden, 5.0,
                  plan).images[0, 0]
     save_png(tmp_path / "target.png", img)
-    res = run(_config(tmp_path / "target.png", tmp_path / "runs", 4), quiet=True)
-    assert res.validation_loss < 0.95 * res.plain_validation_loss, (res.validation_loss, res.plain_validation_loss)
+    res = run(_config(tmp_path / "target.png", tmp_path / "runs", 3), quiet=True)
+    assert res.validation_loss < 0.8 * res.plain_validation_loss, (res.validation_loss, res.plain_validation_loss)  # 0.63x
     # the default run searches what a textual-inversion file holds: the file is the result
     assert res.file_validation_loss == res.validation_loss

@@ -47,7 +47,8 @@ def test_sizes_that_cannot_be_rendered_are_refused(settings, aspect, says):
 
 
 def _optimize(out, *extra):
-    return ["optimize", "--target", STAR, "--prompt", "a star", "--out", str(out), "--inversion-steps", "2", "--generations", "1",
+    return ["optimize", "--target", STAR, "--prompt", "a star", "--out", str(out), "--inversion-steps", "2",
+            "--inversion-batch", "2", "--generations", "1",
             "--population", "2", "--batch", "2", "--steps", "2", "--validation-seeds", "1", "--quiet", *extra]
 
 
