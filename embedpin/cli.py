@@ -18,9 +18,9 @@ from pathlib import Path
 from embedpin.errors import ConfigError, EmbedpinError
 
 EPILOG = """examples:
-  embedpin optimize --target examples/target.png --prompt "a small red circle in the center on a plain blue background"
+  embedpin optimize --target examples/star.png --prompt "a star"
   embedpin optimize --resume runs/0001-a-small-red-circle
-  embedpin optimize --target examples/target.png --prompt "a red circle" --workers 2   # Ray workers, one per GPU
+  embedpin optimize --target examples/star.png --prompt "a star" --workers 2   # Ray workers, one per GPU
   embedpin export runs/0001-a-small-red-circle --format textual-inversion -o pinned.safetensors
   embedpin render runs/0001-a-small-red-circle --seed 7 -n 8 -o out/
 """

@@ -6,9 +6,9 @@ the guidance context, the search space and the scorer. ``Session.evaluate(X, g)`
 global state. ``Session.batch(X, plan)`` is the same as the run loop receives it, wherever the
 session lives (this process or a Ray worker): a compact, numpy-only
 :class:`~embedpin.optimizer.batch.Batch`; ``plain_batch(plan)`` does it for the plain prompt and
-``pinned(x)`` gives the conditioning a pinned result file holds. ``Session.validate(X)`` renders
-candidates as a user would (plain batches) on the run's validation seeds, which no search render
-uses (``optimizer.seeds``); ``Session.validate_plain()`` does the same for the plain prompt.
+``pinned(x)`` gives the conditioning a pinned result file holds. The run's validation renders
+are batches on the validation plan (plain batches on seeds no search render uses,
+``optimizer.seeds``).
 """
 
 from __future__ import annotations
@@ -308,12 +308,6 @@ class Session:
         """The conditioning of candidate ``x`` [n] (None: the plain prompt) as a pinned result holds it."""
         cond = self.plain_conditioning() if x is None else self.conditioning(self.space.decode(np.asarray(x)[None]))
         return Pinned(cond.tensors(0), float(cond.cfg[0]))
-
-    def validate(self, X: np.ndarray) -> Evaluation:
-        """Candidates X [k, n] rendered as plain batches on the validation seeds, scored."""
-        if self.validation is None:
-            raise ConfigError("validation is off (--validation-seeds 0)")
-        return self.evaluate(X, plan=self.validation)
 
     @torch.no_grad()
     def plain_conditioning(self) -> Conditioning:
