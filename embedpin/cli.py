@@ -19,10 +19,10 @@ from embedpin.errors import ConfigError, EmbedpinError
 
 EPILOG = """examples:
   embedpin optimize --target examples/star.png --prompt "a star"
-  embedpin optimize --resume runs/0001-a-small-red-circle
+  embedpin optimize --resume runs/0001-a-star
   embedpin optimize --target examples/star.png --prompt "a star" --workers 2   # Ray workers, one per GPU
-  embedpin export runs/0001-a-small-red-circle --format textual-inversion -o pinned.safetensors
-  embedpin render runs/0001-a-small-red-circle --seed 7 -n 8 -o out/
+  embedpin export runs/0001-a-star --format textual-inversion -o pinned.safetensors
+  embedpin render runs/0001-a-star --seed 7 -n 8 -o out/
 """
 
 
