@@ -33,6 +33,7 @@ from embedpin.guidance.context import GuidanceContext
 from embedpin.guidance.deltas import emphasis, insert_vectors
 from embedpin.guidance.encode import encode_from_embeds
 from embedpin.render.latents import encode as encode_latents
+from embedpin.render.sampler import sdxl_time_ids
 from embedpin.scoring.masks import readable_targets
 
 
@@ -89,8 +90,7 @@ def _unet_kwargs(components, pooled: torch.Tensor | None, n: int, size: tuple[in
     """SDXL's added conditioning for a batch of n (time ids: the render size, no crop)."""
     if pooled is None:
         return {}
-    h, w = size
-    ids = pooled.new_tensor([[h, w, 0, 0, h, w]]).expand(n, -1)
+    ids = sdxl_time_ids(*size, pooled.device, pooled.dtype).expand(n, -1)
     return {"added_cond_kwargs": {"text_embeds": pooled.expand(n, -1), "time_ids": ids}}
 
 

@@ -156,6 +156,12 @@ def _conditioning(components, cond, negative, cfg) -> tuple[torch.Tensor, torch.
     return cond.to(dev), negative.to(dev), cfg.to(dev)
 
 
+def sdxl_time_ids(height: int, width: int, device, dtype=torch.float32) -> torch.Tensor:
+    """SDXL's micro-conditioning time ids [1, 6] for a render of height x width: original size,
+    crop top-left (0, 0) and target size, all the render size (Podell et al. 2023, 2.2)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+
+
 def _added(components, plan: RenderPlan, pooled, negative_pooled, n: int) -> tuple | None:
     """SDXL's added conditioning (pooled [λ, P], negative pooled [1 or λ, P], time ids [1, 6]),
     checked; None for a UNet without it. Time ids: original size, crop top-left (0, 0) and
@@ -172,8 +178,7 @@ def _added(components, plan: RenderPlan, pooled, negative_pooled, n: int) -> tup
         raise ConfigError(f"pooled embeddings {list(pooled.shape)} / {list(negative_pooled.shape)} do not match "
                           f"{n} candidates")
     dev = components.device
-    ids = torch.tensor([[plan.height, plan.width, 0, 0, plan.height, plan.width]], dtype=torch.float32, device=dev)
-    return pooled.to(dev), negative_pooled.to(dev), ids
+    return pooled.to(dev), negative_pooled.to(dev), sdxl_time_ids(plan.height, plan.width, dev)
 
 
 def _start_steps(plan: RenderPlan, strength, n: int, init_image) -> list[int]:
