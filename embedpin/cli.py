@@ -159,7 +159,7 @@ def _optimize_parser(sub):
                    help=f"weight of the spread across seeds (a std, from independent image pairs; default: {d.score.std_weight})")
     g.add_argument("--weighting", default=None, choices=WEIGHTINGS,
                    help=f"hyperbatch weighting over lineage depth (default: {d.score.weighting})")
-    g.add_argument("--ppd", type=float, default=None, help=f"ꟻLIP pixels per degree (default: {d.score.ppd})")
+    g.add_argument("--ppd", type=float, default=None, help=f"ꟻLIP pixels per degree (default: {d.score.ppd:.2f})")
     g = p.add_argument_group("scale-out (Ray; pip install 'embedpin[ray]'; the result does not depend on these, "
                              "so they are not part of the run's config.toml and work with --resume)")
     g.add_argument("--workers", type=int, default=None, metavar="N",

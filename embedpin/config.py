@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ SEED_SCHEDULES = ("rotate", "fixed")
 DTYPES = ("float32", "float16", "bfloat16")
 KEEP_IMAGES = ("best", "all")
 PLACEMENTS = ("before", "after")
+# ꟻLIP's viewing condition (Andersson et al. 2020, sec. 5): a 0.7 m wide 3840-pixel monitor seen from 0.7 m,
+# in pixels per degree of visual angle (67.02): the run's default and the library's.
+FLIP_PPD = 0.7 * (3840 / 0.7) * math.pi / 180
 
 
 @dataclass
@@ -112,7 +116,7 @@ class ScoreConfig:
     std_weight: float = 0.5
     weighting: str = "none"      # hyperbatch weighting over lineage depth
     weighting_scale: float = 1.0
-    ppd: float = 67.0
+    ppd: float = FLIP_PPD
 
 
 @dataclass

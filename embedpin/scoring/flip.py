@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from embedpin.config import FLIP_PPD
 from embedpin.scoring.color import (
     hyab,
     linear_to_hunt_lab,
@@ -27,7 +28,7 @@ from embedpin.scoring.color import (
 )
 from embedpin.scoring.masks import fill, masked_mean
 
-DEFAULT_PPD = 0.7 * (3840 / 0.7) * math.pi / 180  # 67.02: 0.7 m wide 4K monitor seen from 0.7 m
+DEFAULT_PPD = FLIP_PPD  # one definition, in embedpin.config
 QC, PC, PT, GW, QF = 0.7, 0.4, 0.95, 0.082, 0.5  # FLIP's constants (paper, Table 1)
 # Contrast sensitivity Gaussians (a, b) per opponent channel: Y, Cx, and Cz's two lobes.
 CSF = ((1.0, 0.0047), (1.0, 0.0053), (34.1, 0.04), (13.5, 0.025))
