@@ -12,14 +12,9 @@ seed: a resumed run renders exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import numpy as np
+from embedpin.render.noise import derived_seed
 
 SEARCH, VALIDATION = 1, 2  # SeedSequence branches of the run seed
-
-
-def derived_seed(seed: int, *path: int) -> int:
-    """A well-mixed 63-bit seed for the branch ``path`` of ``seed``."""
-    return int(np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def search_seed(seed: int, generation: int, schedule: str = "rotate") -> int:

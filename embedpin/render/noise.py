@@ -15,9 +15,16 @@ import numpy as np
 import torch
 
 
+def derived_seed(seed: int, *path: int) -> int:
+    """A well-mixed 63-bit seed for the branch ``path`` of ``seed`` (numpy's SeedSequence: distinct
+    paths give independent streams). The one seed mixer of a run: noise members here, search and
+    validation seeds in ``optimizer.seeds``."""
+    return int(np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def member_seed(seed: int, member: int) -> int:
-    """A well-mixed 63-bit seed for lineage member ``member`` (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(seed), int(member)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """The seed of lineage member ``member``'s noise stream."""
+    return derived_seed(seed, member)
 
 
 def member_seeds(seed: int, lineage: torch.Tensor) -> torch.Tensor:
