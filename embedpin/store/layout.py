@@ -1,6 +1,6 @@
 """The names inside a run folder ``runs/<id>/``: every file and folder name, and the functions
-that build the relative paths of its numbered files. Nothing else in embedpin spells them
-(``tests/test_config_store.py`` checks).
+that build the relative paths of its numbered files. Code elsewhere names them through this
+module, never by spelling them (``tests/test_config_store.py`` checks).
 
 Layout::
 
