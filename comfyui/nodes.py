@@ -29,7 +29,7 @@ from embedpin.errors import ConfigError, EmbedpinError, InputError
 from embedpin.models.schedulers import SCHEDULERS
 from embedpin.pinned import export_run, load_pinned, usage_prompt
 from embedpin.runner import resume, run
-from embedpin.store import RunStore, write_text
+from embedpin.store import PINNED, STATE, RunStore, write_text
 
 from . import bridge
 
@@ -154,7 +154,7 @@ class Pin:
     @staticmethod
     def _run(config, comp, out: Path, node_id) -> Path:
         """This input's run: continued if a queue before stopped it, run if there is none."""
-        done = sorted(p for p in out.glob("[0-9][0-9][0-9][0-9]-*") if (p / "state.json").is_file())
+        done = sorted(p for p in out.glob("[0-9][0-9][0-9][0-9]-*") if (p / STATE).is_file())
         if done and RunStore.open(done[-1]).read_state().status == "finished":
             return done[-1]
         hooks = bridge.Hooks(comp.unet, config.optim.generations or 1, node_id)
@@ -180,7 +180,7 @@ class Pin:
 
 def run_choices() -> list[str]:
     root = runs_root()
-    found = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("*/*/pinned.safetensors"))
+    found = sorted(p.parent.relative_to(root).as_posix() for p in root.glob(f"*/*/{PINNED}"))
     return found or ["(no runs yet)"]
 
 
@@ -219,7 +219,7 @@ class LoadPinned:
 
     @classmethod
     def IS_CHANGED(cls, run, run_folder=""):
-        pinned = cls._folder(run, run_folder) / "pinned.safetensors"
+        pinned = cls._folder(run, run_folder) / PINNED
         return pinned.stat().st_mtime if pinned.is_file() else ""
 
 

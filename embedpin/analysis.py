@@ -44,7 +44,7 @@ from embedpin.optimizer.cmaes import CMAES
 from embedpin.optimizer.mo import MOCMAES
 from embedpin.optimizer.session import Session, validation_plan
 from embedpin.optimizer.setup import input_digests
-from embedpin.store import ANALYSIS, Run, RunStore, TokenAnalysis, TokenRow, load_run, read_analysis, write_json
+from embedpin.store import ANALYSIS, CONFIG, RunStore, TokenAnalysis, TokenRow, load_run, read_analysis, write_json
 
 TIGHT = 0.10       # weight 0 or 2x raises the loss by >= 10 % of the pinned loss
 IRRELEVANT = 0.01  # no variant moves the loss by more than 1 % of the pinned loss
@@ -61,7 +61,7 @@ def verdict(loss: float, remove: float, zero: float, double: float) -> str:
     return "loose"
 
 
-def weight_spread(run: Run, session: Session) -> np.ndarray | None:
+def weight_spread(run: RunStore, session: Session) -> np.ndarray | None:
     """Per token, the final search distribution's spread along its weight multiplier (weight
     multiplier units, module docstring); None when token weights were not searched or the run
     has no optimizer state yet."""
@@ -76,7 +76,7 @@ def weight_spread(run: Run, session: Session) -> np.ndarray | None:
     return (block.to_value(m + s) - block.to_value(m - s)) / 2
 
 
-def _pinned_params(run: Run) -> dict[str, np.ndarray]:
+def _pinned_params(run: RunStore) -> dict[str, np.ndarray]:
     """The pinned result's parameters {block: [1, size]} (none: the plain prompt)."""
     best = run.best
     if best is None or best.kind == "plain" or not best.params:
@@ -148,10 +148,10 @@ def analyze(run_dir: str | Path, device: str = "auto") -> TokenAnalysis:
     in the run folder (``analysis.json``, which the report shows); refused when an input file is
     not the one the run started with."""
     run = load_run(run_dir)
-    if run.config is None:
-        raise InputError(f"{run.root} has no config.toml")
-    config = run.config
-    RunStore(run.root).check_inputs(input_digests(config))
+    config = run.config()
+    if config is None:
+        raise InputError(f"{run.root} has no {CONFIG}")
+    run.check_inputs(input_digests(config))
     config.model.device = device
     session = Session.of_run(run, config)
     plan = session.validation or validation_plan(

@@ -30,7 +30,17 @@ from embedpin.models.loader import load_components
 from embedpin.optimizer.batch import Pinned, RunInfo
 from embedpin.optimizer.session import Session, pick_device
 from embedpin.render.sampler import RenderPlan, render, render_one
-from embedpin.store import PINNED, FileRecord, PinnedRecord, Run, load_run, save_png, write_bytes
+from embedpin.store import (
+    GENERATIONS,
+    PINNED,
+    VALIDATION,
+    FileRecord,
+    PinnedRecord,
+    RunStore,
+    load_run,
+    save_png,
+    write_bytes,
+)
 
 FORMAT = "embedpin-pinned"
 
@@ -76,7 +86,7 @@ def load_pinned(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if p.is_dir():
         p = p / PINNED
     if not p.is_file():
-        raise InputError(f"{path}: no pinned result here (a run folder with pinned.safetensors, or the file)")
+        raise InputError(f"{path}: no pinned result here (a run folder with {PINNED}, or the file)")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -226,14 +236,14 @@ def render_pinned(source: str | Path, seed: int = 0, n: int = 8, out: str | Path
     return paths
 
 
-def _find_image(run: Run, rel: str):
+def _find_image(run: RunStore, rel: str):
     """(generation or None, the record holding image ``rel`` (run-relative), its index b)."""
     parts = PurePosixPath(rel).parts
-    if len(parts) >= 2 and parts[0] == "validation":
+    if len(parts) >= 2 and parts[0] == VALIDATION:
         plain = run.state.plain_validation
         if plain is not None and rel in plain.images:
             return None, None, plain.images.index(rel)
-    if len(parts) >= 3 and parts[0] == "generations" and parts[1].isdigit() and int(parts[1]) in run.generations:
+    if len(parts) >= 3 and parts[0] == GENERATIONS and parts[1].isdigit() and int(parts[1]) in run.generations:
         g = int(parts[1])
         record, inner = run.generation(g), PurePosixPath(*parts[2:]).as_posix()
         for c in record.candidates:
@@ -257,7 +267,7 @@ def render_image(run_dir: str | Path, image: str, out: str | Path, device: str =
     rel = Path(image)
     rel = (rel.resolve().relative_to(run.root.resolve()) if rel.is_absolute() else rel).as_posix()
     g, record, b = _find_image(run, rel)
-    config = run.config
+    config = run.config()
     config.model.device = device
     session = Session.of_run(run, config)
     if record is None:

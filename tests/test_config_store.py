@@ -1,13 +1,17 @@
 """Config validation / TOML round trip, the run store's atomic writes, CLI error handling."""
 
+import ast
 import json
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import embedpin
 from embedpin.cli import main
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError, InputError
@@ -18,6 +22,7 @@ from embedpin.store import (
     PinnedRecord,
     RunState,
     RunStore,
+    layout,
     write_json,
 )
 
@@ -172,3 +177,40 @@ def test_a_state_with_an_unknown_status_or_version_is_refused(tmp_path):
         s.state_path.write_text(json.dumps(bad))
         with pytest.raises(InputError, match=message):
             s.read_state()
+
+
+# Spellings of run-folder names outside embedpin/store/ not yet replaced by the layout's names:
+# files that are being restructured on other branches (their integration replaces these and
+# empties this table). api.py's is export's default output file, named like the run's.
+PENDING = {("embedpin/runner.py", "index.html"): 2, ("embedpin/runner.py", "generations"): 1,
+           ("embedpin/cli.py", "index.html"): 1, ("embedpin/api.py", "pinned.safetensors"): 1}
+
+
+def _layout_spellings(tree: ast.AST):
+    """The run-folder names (``store.layout``'s) a module's code spells: a string with a file
+    name as one of its ``/`` parts, or one that starts with a folder name and ``/``, or a bare
+    folder name joined to a path (``root / "targets"``) or compared; docstrings are prose."""
+    names = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
+    parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr)}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in docs:
+            continue
+        parts, parent = node.value.split("/"), parents.get(id(node))
+        yield from (p for p in parts if p in names and "." in p)
+        joined = isinstance(parent, ast.Compare) or isinstance(parent, ast.BinOp) and isinstance(parent.op, ast.Div)
+        if parts[0] in names and "." not in parts[0] and (len(parts) > 1 or joined):
+            yield parts[0]
+
+
+def test_only_the_layout_spells_the_run_folders_names():
+    package = Path(embedpin.__file__).parent
+    found = Counter()
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).as_posix()
+        if not rel.startswith("embedpin/store/"):
+            found.update((rel, name) for name in _layout_spellings(ast.parse(path.read_text(encoding="utf-8"))))
+    assert dict(found) == {k: v for k, v in PENDING.items() if k in found}, \
+        "spell run-folder names with embedpin.store.layout's constants and path functions"

@@ -41,7 +41,7 @@ from embedpin.scoring.masks import readable_targets, target_masks
 from embedpin.scoring.scorer import Scorer, ScoreResult
 from embedpin.scoring.targets import expand_paths, load_targets
 from embedpin.space import SearchSpace
-from embedpin.store import INVERSION, Run, read_vectors, to_uint8
+from embedpin.store import INVERSION, RunStore, read_vectors, to_uint8
 
 if TYPE_CHECKING:
     from embedpin.models.components import Components
@@ -229,11 +229,11 @@ class Session:
         return vectors.detach().float().cpu().numpy()
 
     @classmethod
-    def of_run(cls, run: Run, config: RunConfig | None = None) -> Session:
-        """The session of a run folder (``store.Run``; ``config``: its config, changed, e.g. the
+    def of_run(cls, run: RunStore, config: RunConfig | None = None) -> Session:
+        """The session of a run folder (``store.RunStore``; ``config``: its config, changed, e.g. the
         device), with the token vectors its inversion stage fitted as the search's x = 0, so that
         its records' parameters decode to what the run rendered."""
-        session = cls.prepare(config or run.config)
+        session = cls.prepare(config or run.config())
         if run.state.inversion is not None and run.state.inversion.steps:
             session.use_vectors(read_vectors(run.root / INVERSION))
         return session

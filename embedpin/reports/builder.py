@@ -18,9 +18,8 @@ from embedpin.reports import plots
 from embedpin.reports.images import animation, frame
 from embedpin.reports.pages import generation_context, run_context
 from embedpin.reports.templating import render
-from embedpin.store import Run, load_run, read_analysis, write_text
+from embedpin.store import ASSETS, GENERATION, PAGE, RunStore, load_run, read_analysis, write_text
 
-ASSETS = "report"  # per-page folder of plots, thumbnails and frames
 RUN_PLOTS = (  # (file, title, plotter, source, caption: how to read it)
     ("loss.png", "best / median / worst loss", plots.loss_plot, "history",
      "The generation's candidates on the search seeds: falling lines mean the search is finding better conditionings; "
@@ -56,7 +55,7 @@ def update(run_dir: str | Path, generation: int | None = None) -> Path:
         generation = max(run.generations, default=None)
     if generation is not None:
         if generation not in run.generations:
-            raise InputError(f"generation {generation} of {run.root} has no generation.json")
+            raise InputError(f"generation {generation} of {run.root} has no {GENERATION}")
         write_generation(run, generation, assets=True)
         if generation - 1 in run.generations:
             write_generation(run, generation - 1, assets=False)
@@ -71,7 +70,7 @@ def rebuild(run_dir: str | Path) -> Path:
     return write_run(run)
 
 
-def write_generation(run: Run, generation: int, assets: bool = True) -> Path:
+def write_generation(run: RunStore, generation: int, assets: bool = True) -> Path:
     """Write ``generations/NNNN/index.html``; its histogram and GIF frame too when ``assets``
     is set or they are missing (thumbnails are always made once per image)."""
     record = run.generation(generation)
@@ -86,10 +85,10 @@ def write_generation(run: Run, generation: int, assets: bool = True) -> Path:
     if assets or not (folder / ASSETS / "frame.png").exists():
         write_frame(run, generation, context)
     context["histogram"] = f"{ASSETS}/histogram.png" if histogram.exists() else None
-    return write_text(folder / "index.html", render("generation.html", **context))
+    return write_text(folder / PAGE, render("generation.html", **context))
 
 
-def write_frame(run: Run, generation: int, context: dict) -> bool:
+def write_frame(run: RunStore, generation: int, context: dict) -> bool:
     """The animation frame of a generation: its best candidate's thumbnails."""
     folder = run.generation_dir(generation)
     best = [c for c in context["candidates"] if c["is_best"]] or context["candidates"][:1]
@@ -97,7 +96,7 @@ def write_frame(run: Run, generation: int, context: dict) -> bool:
     return frame(tiles, folder / ASSETS / "frame.png", f"gen {generation}")
 
 
-def write_run(run: Run) -> Path:
+def write_run(run: RunStore) -> Path:
     """Write the run page ``index.html`` with its plots and the best-over-generations GIF."""
     assets = run.root / ASSETS
     sources = {"history": run.history, "pareto": run.pareto, "analysis": read_analysis(run.root),
@@ -109,7 +108,7 @@ def write_run(run: Run) -> Path:
         if not path.exists():
             write_frame(run, g, generation_context(run, g, run.generation(g)))
     gif = f"{ASSETS}/best.gif" if animation(frames, assets / "best.gif") else None
-    return write_text(run.root / "index.html", render("run.html", **run_context(run, written, gif)))
+    return write_text(run.root / PAGE, render("run.html", **run_context(run, written, gif)))
 
 
 def _float(value) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from embedpin.store import save_image
+from embedpin.store import ASSETS, save_image
 
 THUMB_SIZE = 128  # longest side of a page thumbnail, pixels
 OWN_THUMB_BYTES = 8192  # an image that fits THUMB_SIZE and is no bigger than this is its own thumbnail
@@ -20,7 +20,7 @@ FRAME_TILE = 64  # longest side of one image inside an animation frame, pixels
 
 def thumb_relpath(image_rel: str) -> str:
     """``"images/c00_i00.png" -> "report/thumbs/images/c00_i00.jpg"`` (relative to the same folder)."""
-    return str(Path("report", "thumbs", image_rel).with_suffix(".jpg").as_posix())
+    return str(Path(ASSETS, "thumbs", image_rel).with_suffix(".jpg").as_posix())
 
 
 def thumbnail(src: Path, dst: Path, size: int = THUMB_SIZE) -> Path | None:

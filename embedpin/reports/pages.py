@@ -18,11 +18,15 @@ from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
 from embedpin.reports.templating import num
 from embedpin.store import (
+    PAGE,
     PREVIEW,
+    TARGETS,
     CandidateRecord,
     GenerationRecord,
-    Run,
+    RunStore,
     generation_dirname,
+    generation_path,
+    in_generation,
     read_analysis,
     target_file,
 )
@@ -97,20 +101,20 @@ def candidate_context(folder: Path, c: CandidateRecord, best: int | None, tokens
                 params=params_rows(c.params, tokens), images=entries, is_best=c.index == best)
 
 
-def generation_context(run: Run, generation: int, record: GenerationRecord) -> dict:
+def generation_context(run: RunStore, generation: int, record: GenerationRecord) -> dict:
     """Everything the generation page shows, paths relative to ``generations/NNNN/``."""
     folder = run.generation_dir(generation)
     best = record.best_candidate
     candidates = [candidate_context(folder, c, best, run.state.tokens) for c in _loss_order(record.candidates)]
     for c in candidates:
         for image in c["images"]:
-            image["path"] = f"generations/{generation_dirname(generation)}/{image['path']}"
+            image["path"] = in_generation(generation, image["path"])
     errmaps = [image_entry(folder, rel, caption=f"image {j}")
                for j, rel in enumerate(record.errmaps or []) if (folder / relpath(rel)).exists()]
     on_disk = set(run.generations)
 
     def page(g: int) -> str | None:
-        return f"../{generation_dirname(g)}/index.html" if g in on_disk else None
+        return f"../{generation_dirname(g)}/{PAGE}" if g in on_disk else None
 
     return dict(
         run=_run_summary(run), run_arg=run_argument(run), generation=generation, sigma=record.sigma,
@@ -122,7 +126,7 @@ def generation_context(run: Run, generation: int, record: GenerationRecord) -> d
     )
 
 
-def _run_summary(run: Run) -> dict:
+def _run_summary(run: RunStore) -> dict:
     return dict(id=run.id, status=run.status, count=run.count)
 
 
@@ -152,7 +156,7 @@ def folder_argument(root: Path) -> str:
     return shlex.quote(f"runs/{root.name}" if root.parent.name == "runs" else str(root))
 
 
-def run_argument(run: Run) -> str:
+def run_argument(run: RunStore) -> str:
     """The run folder as a user types it in a command (:func:`folder_argument`)."""
     return folder_argument(run.root)
 
@@ -167,15 +171,15 @@ def usage_commands(where: str) -> list[str]:
     ]
 
 
-def commands(run: Run) -> list[str]:
+def commands(run: RunStore) -> list[str]:
     """The commands a user copies to export and re-render the pinned conditioning."""
     return usage_commands(run_argument(run))[:3]
 
 
-def targets_context(run: Run) -> tuple[list[dict], dict | None]:
+def targets_context(run: RunStore) -> tuple[list[dict], dict | None]:
     """Target and guide thumbnails (thumbnails live under ``report/thumbs/targets/``); a target
     with a mask carries it as ``mask``."""
-    folder = run.root / "targets"
+    folder = run.root / TARGETS
     shown = (".png", ".jpg", ".jpeg", ".webp")
     files = sorted(p for p in folder.glob("target_*") if p.suffix.lower() in shown)
     targets = [dict(_target(run, p), name=p.stem, mask=_mask(run, p)) for p in files]
@@ -183,20 +187,20 @@ def targets_context(run: Run) -> tuple[list[dict], dict | None]:
     return targets, [dict(_target(run, p), name=p.stem) for p in guides]
 
 
-def _mask(run: Run, target: Path) -> dict | None:
+def _mask(run: RunStore, target: Path) -> dict | None:
     """The thumbnail entry of a target's mask (``store.target_file(i, "mask")``), None without one."""
     index = target.stem.rpartition("_")[2]
     path = run.root / target_file(int(index), "mask") if index.isdigit() else None
     return dict(_target(run, path), name=path.stem) if path is not None and path.is_file() else None
 
 
-def _target(run: Run, path: Path) -> dict:
-    rel = f"targets/{path.name}"
+def _target(run: RunStore, path: Path) -> dict:
+    rel = f"{TARGETS}/{path.name}"
     shown = thumbnail(path, run.root / thumb_relpath(rel))
     return dict(href=rel, thumb=None if shown is None else shown.relative_to(run.root).as_posix())
 
 
-def best_context(run: Run) -> dict | None:
+def best_context(run: RunStore) -> dict | None:
     """The best candidate so far: where it is, its loss, parameters and images."""
     best = run.best
     if best is None:
@@ -205,14 +209,14 @@ def best_context(run: Run) -> dict | None:
         return dict(generation=None, candidate="plain", loss=best.loss, params=[], images=[], page=None,
                     validated=True)
     g = int(best.generation)
-    prefix = f"generations/{generation_dirname(g)}/"
+    prefix = f"{generation_path(g)}/"
     images = []
     if best.images:  # a validated result: its plain renders on the validation seeds
         images = _image_entries(run.root, "", best.images, best.image_losses)
     elif g in run.generations and (found := run.generation(g).candidate(best.candidate)) is not None:
         images = _image_entries(run.generation_dir(g), prefix, found.images, found.image_losses)
     return dict(generation=g, candidate=best.candidate, loss=best.loss, params=params_rows(best.params, run.state.tokens),
-                images=images, page=prefix + "index.html", validated=bool(best.validation))
+                images=images, page=prefix + PAGE, validated=bool(best.validation))
 
 
 def _image_entries(folder: Path, prefix: str, images: list[str] | None, losses: list | None) -> list[dict]:
@@ -221,22 +225,22 @@ def _image_entries(folder: Path, prefix: str, images: list[str] | None, losses: 
             for j, rel in enumerate(images or [])]
 
 
-def file_context(run: Run) -> dict | None:
+def file_context(run: RunStore) -> dict | None:
     """The run's textual-inversion file: its validation loss and images, the prompt it is used
     with (None: none has beaten the plain prompt, or the run has no token vectors)."""
     file = run.state.file
     if file is None:
         return None
-    config = run.config
+    config = run.config()
     prompt = config.prompt.prompt if config else ""
     before = config is not None and config.search.placement == "before"
     usage = " ".join(p for p in (["<pinned>", prompt] if before else [prompt, "<pinned>"]) if p)
     return dict(loss=file.loss, generation=file.generation, kind=file.kind, usage=usage,
-                page=f"generations/{generation_dirname(file.generation)}/index.html",
+                page=in_generation(file.generation, PAGE),
                 images=_image_entries(run.root, "", file.images, file.image_losses))
 
 
-def plain_validation_context(run: Run) -> dict | None:
+def plain_validation_context(run: RunStore) -> dict | None:
     """The plain prompt on the validation seeds: its loss and images (None without validation)."""
     plain = run.state.plain_validation
     if plain is None:
@@ -244,7 +248,7 @@ def plain_validation_context(run: Run) -> dict | None:
     return dict(loss=plain.loss, flip=plain.flip, images=_image_entries(run.root, "", plain.images, plain.image_losses))
 
 
-def generation_rows(run: Run) -> list[dict]:
+def generation_rows(run: RunStore) -> list[dict]:
     """One table row per generation (history and/or on disk), with its page link and, for runs on
     Ray workers, the worker time split as text (``worker_split``: "w0 3.1 · w1 2.9"; sorted by the
     slowest worker, ``worker_max``)."""
@@ -252,7 +256,7 @@ def generation_rows(run: Run) -> list[dict]:
     for g in run.generations:
         rows.setdefault(g, dict(generation=g))
     on_disk = set(run.generations)
-    return [dict(row, page=f"generations/{generation_dirname(g)}/index.html" if g in on_disk else None,
+    return [dict(row, page=in_generation(g, PAGE) if g in on_disk else None,
                  worker_split=worker_split(row.get("workers")),
                  worker_max=max(row["workers"].values()) if worker_split(row.get("workers")) else None)
             for g, row in sorted(rows.items())]
@@ -265,7 +269,7 @@ def worker_split(seconds: dict | None) -> str | None:
     return " · ".join(f"{name} {num(float(s), 3)}" for name, s in seconds.items())
 
 
-def analysis_context(run: Run) -> dict | None:
+def analysis_context(run: RunStore) -> dict | None:
     """``embedpin analyze``'s table for the run page (None: not measured), with whether it is
     older than the run's last generation."""
     a = read_analysis(run.root)
@@ -277,14 +281,14 @@ def analysis_context(run: Run) -> dict | None:
                 irrelevant=100 * a.irrelevant, rows=rows, stale=a.generation != run.count)
 
 
-def run_context(run: Run, plots: list[dict], gif: str | None) -> dict:
+def run_context(run: RunStore, plots: list[dict], gif: str | None) -> dict:
     """Everything the run page shows, paths relative to ``runs/<id>/``."""
     targets, guide = targets_context(run)
     token_plot = next((p for p in plots if p.get("name") == "tokens.png"), None)
     return dict(
         analysis=analysis_context(run), token_plot=token_plot, run_arg=run_argument(run),
         plots=[p for p in plots if p is not token_plot], analyze=f"embedpin analyze {run_argument(run)}",
-        run=_run_summary(run), live=run.live, recipe=recipe(run.config), config_rows=config_rows(run.config),
+        run=_run_summary(run), live=run.live, recipe=recipe(run.config()), config_rows=config_rows(run.config()),
         targets=targets, guides=guide, best=best_context(run), plain=plain_validation_context(run),
         file=file_context(run), carries=any(b.get("name") == "token_vectors" for b in (run.state.space or {}).get("blocks", [])),
         notes=list(run.state.notes or []), gif=gif,
