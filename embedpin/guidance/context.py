@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from embedpin.config import MICRO, OptimConfig, RenderConfig, SearchConfig
+from embedpin.config import BASES, MICRO, VECTOR_BASES, OptimConfig, RenderConfig, SearchConfig
 from embedpin.errors import ConfigError
 from embedpin.guidance.blocks import blocks
 from embedpin.guidance.concepts import ConceptMapping, map_concepts
@@ -45,8 +45,6 @@ from embedpin.guidance.tween import cluster_profile
 if TYPE_CHECKING:
     from embedpin.models.components import Components
 
-DELTA_BASES = ("image", "pca", "random")
-VECTOR_BASES = ("pca", "random")
 
 
 @dataclass(frozen=True)
@@ -257,8 +255,8 @@ def _check_options(o: GuidanceOptions, components) -> None:
     d = components.text_dim
     if o.mapping not in MODES:
         raise ConfigError(f"unknown mapping mode {o.mapping!r}; choose one of: {', '.join(MODES)}")
-    if o.delta_basis is not None and o.delta_basis not in DELTA_BASES:
-        raise ConfigError(f"unknown delta basis {o.delta_basis!r}; choose one of: {', '.join(DELTA_BASES)}")
+    if o.delta_basis is not None and o.delta_basis not in BASES:
+        raise ConfigError(f"unknown delta basis {o.delta_basis!r}; choose one of: {', '.join(BASES)}")
     if o.vector_basis not in VECTOR_BASES:
         raise ConfigError(f"unknown token-vector basis {o.vector_basis!r}; choose one of: {', '.join(VECTOR_BASES)}")
     for name, k in (("delta_k", o.delta_k), ("vector_k", o.vector_k)):
