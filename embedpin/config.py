@@ -337,8 +337,12 @@ class OptimConfig:
     max_distance: float | None = setting(None, group="optimizer", check=((lambda v: v > 0), "must be > 0"),
                                          help="multi-objective size limiter: best loss within this distance from the "
                                               "plain prompt")
-    tol_fun: float = 1e-6
-    tol_x: float = 1e-6
+    tol_fun: float = setting(1e-6, group="optimizer", flag=None,
+                             help="CMA-ES stops when the last generation's losses and the recent best losses each "
+                                  "span less than this (config.toml only)")
+    tol_x: float = setting(1e-6, group="optimizer", flag=None,
+                           help="CMA-ES stops when every coordinate of sigma p_c and sigma sqrt(diag C) is under this "
+                                "(config.toml only)")
     search_seeds: str = setting("rotate", group="optimizer", choices=SEED_SCHEDULES,
                                 help="rotate: new render seeds every generation; fixed: the same seeds every "
                                      "generation (default: {default})")

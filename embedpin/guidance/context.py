@@ -354,16 +354,13 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
     an empty prompt with a guide image is image-only guidance. concepts: one or more concept
     prompts (need a guide image). init_image: img2img start image (enables ``strength``).
     init_vectors [n_vectors, Din]: the placeholders' start (an existing embedding) instead of
-    the init words.
+    the init words. A prompt, a guide image or both, and a guide image for concepts: a run's
+    config is checked for them (RunConfig.validate), so they are not checked again here.
     """
     o = options or GuidanceOptions()
     _check_options(o, components)
     concept_list = [concepts] if isinstance(concepts, str) else list(concepts or [])
     has_guide = guide is not None and not (isinstance(guide, (list, tuple)) and not guide)
-    if not prompt.strip() and not has_guide:
-        raise ConfigError("empty prompt and no guide image: give a prompt, a guide image, or both")
-    if concept_list and not has_guide:
-        raise ConfigError("concept mapping needs a guide image")
     if any(not c.strip() for c in concept_list):
         raise ConfigError("empty concept prompt")
     init = _init_vectors(components, o, init_vectors) if o.n_vectors > 0 else None
