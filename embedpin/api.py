@@ -22,11 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from embedpin.config import SETTINGS, RunConfig, ScaleConfig, settings_from_keywords
+from embedpin.config import SCALE, SETTINGS, RunConfig, ScaleConfig, settings_from_keywords
 from embedpin.errors import ConfigError
 from embedpin.store import PINNED
 
-SCALE_SETTINGS = {s.key for s in SETTINGS if s.section == "scale"}  # where it renders (ScaleConfig)
+SCALE_SETTINGS = {s.key for s in SETTINGS if s.section == SCALE}  # where it renders (ScaleConfig)
 
 
 def run_config(config: str | Path | None = None, **settings: Any) -> RunConfig:

@@ -124,11 +124,15 @@ class Setting:
         """What a given flag value sets the field to (``--no-hyperbatch``: hyperbatch False)."""
         return False if self.kind == "off" and given else given
 
+    def _owner(self, config):
+        """The dataclass that holds this field: ``config``'s section, or ``config`` itself."""
+        return getattr(config, self.section) if self.section not in ("", SCALE) else config
+
     def get(self, config) -> Any:
-        return getattr(getattr(config, self.section) if self.section not in ("", SCALE) else config, self.name)
+        return getattr(self._owner(config), self.name)
 
     def put(self, config, value) -> None:
-        setattr(getattr(config, self.section) if self.section not in ("", SCALE) else config, self.name, value)
+        setattr(self._owner(config), self.name, value)
 
     def validate(self, value) -> None:
         """This setting's own rules (choices, range) on a value; ConfigError with one line."""
