@@ -24,9 +24,8 @@ import comfy.model_management
 import folder_paths
 
 from embedpin.api import run_config
-from embedpin.config import SearchConfig
+from embedpin.config import SCHEDULERS, SearchConfig
 from embedpin.errors import ConfigError, EmbedpinError, InputError
-from embedpin.models.schedulers import SCHEDULERS
 from embedpin.pinned import export_run, load_pinned, usage_prompt
 from embedpin.runner import resume, run
 from embedpin.store import PINNED, STATE, RunStore, write_text

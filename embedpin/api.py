@@ -6,89 +6,39 @@
     embedpin.export(result.run_dir, format="textual-inversion", output="pinned.safetensors")
 
 ``optimize``'s keywords are the ``embedpin optimize`` long flags with underscores
-(``validation_seeds=16`` is ``--validation-seeds 16``). They are turned into that command
-line and parsed by the CLI's own parser, so the same inputs give the same ``config.toml``,
-the same defaults and the same validation messages through either door. Errors are
+(``validation_seeds=16`` is ``--validation-seeds 16``, ``no_hyperbatch=True`` is
+``--no-hyperbatch``), or the config's field names (``n_vectors``, ``targets``); ``config=``
+is ``--config``. Each value is converted and checked as its flag's words are (both come from
+the settings declared in :mod:`embedpin.config`), so the same inputs give the same
+``config.toml``, the same defaults and the same validation messages through either door. Errors are
 :class:`embedpin.errors.EmbedpinError` subclasses (the CLI prints them as ``error: ...``).
 The stages are imported inside the functions, so ``import embedpin`` stays light.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
 
+from embedpin.config import SCALE, SETTINGS, RunConfig, ScaleConfig, settings_from_keywords
 from embedpin.errors import ConfigError
 from embedpin.store import PINNED
 
-_NOT_SETTINGS = {"help", "resume", "json", "quiet"}  # CLI flags that are not run settings
-SCALE_SETTINGS = {"workers", "ray_address", "worker_timeout", "worker_restarts"}  # where it renders (ScaleConfig)
+SCALE_SETTINGS = {s.key for s in SETTINGS if s.section == SCALE}  # where it renders (ScaleConfig)
 
 
-def _optimize_actions() -> dict[str, argparse.Action]:
-    from embedpin.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices["optimize"]._actions if a.dest not in _NOT_SETTINGS}
-
-
-def _words(value: Any) -> list[str]:
-    """One value or several (list, tuple) as command-line words."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [str(v) for v in values]
+def run_config(config: str | Path | None = None, **settings: Any) -> RunConfig:
+    """The validated :class:`~embedpin.config.RunConfig` that ``optimize(**settings)`` runs:
+    the defaults, then the ``config`` TOML file's, then ``settings`` (None: the default)."""
+    return RunConfig.from_settings(settings_from_keywords(settings), config)
 
 
-def optimize_argv(settings: dict[str, Any]) -> list[str]:
-    """``optimize`` keywords -> the equivalent ``embedpin optimize`` arguments.
-
-    None means "the default" (the flag is left out); repeatable flags (--target, --guide)
-    take a list; --blocks takes a list or a comma-separated string; on/off flags a bool."""
-    actions = _optimize_actions()
-    argv = ["optimize"]
-    for key, value in settings.items():
-        action = actions.get(key)
-        if action is None:
-            raise ConfigError(f"unknown setting {key!r}; the settings are embedpin optimize's long flags "
-                              f"with underscores: {', '.join(sorted(actions))}")
-        if value is None:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif action.nargs == 0:  # store_true
-            argv += [flag] if value else []
-        elif isinstance(action, argparse._AppendAction):
-            for word in _words(value):
-                argv += [flag, word]
-        elif key == "blocks" and isinstance(value, (list, tuple)):
-            argv += [flag, ",".join(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def _parse(settings: dict[str, Any]) -> argparse.Namespace:
-    from embedpin.cli import build_parser
-
-    return build_parser().parse_args(optimize_argv(settings))
-
-
-def run_config(**settings):
-    """The validated :class:`~embedpin.config.RunConfig` that ``optimize(**settings)`` runs."""
-    from embedpin.cli import config_from_args
-
-    return config_from_args(_parse(settings))
-
-
-def scale_config(**settings):
+def scale_config(config: str | Path | None = None, **settings: Any) -> ScaleConfig:
     """The validated :class:`~embedpin.config.ScaleConfig` (``workers``, ``ray_address``, ...) of
     ``optimize(**settings)`` / ``resume(..., **settings)``; ``ray_address`` defaults to $RAY_ADDRESS."""
-    from embedpin.cli import scale_from_args
-
-    return scale_from_args(_parse(settings))
+    return ScaleConfig.from_settings(settings_from_keywords(settings))
 
 
 def _with_pinned(result):
@@ -104,11 +54,11 @@ def optimize(target=None, prompt: str | None = None, *, quiet: bool = True, **se
     ``plain_validation_loss``, …) with ``pinned``: the pinned tensors (``prompt_embeds``, …).
     ``target``: an image path, a folder, or a list of them (None: self mode). ``workers=N`` /
     ``ray_address=...`` render on Ray workers (``--workers``, ``--ray-address``)."""
-    from embedpin.cli import config_from_args, scale_from_args
     from embedpin.runner import run
 
-    args = _parse(dict(target=target, prompt=prompt, **settings))
-    return _with_pinned(run(config_from_args(args), quiet=quiet, scale=scale_from_args(args)))
+    settings = dict(target=target, prompt=prompt, **settings)
+    config, scale = run_config(**settings), scale_config(**settings)
+    return _with_pinned(run(config, quiet=quiet, scale=scale))
 
 
 def resume(run_dir: str | Path, *, quiet: bool = True, **scale):

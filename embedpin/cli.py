@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,216 +32,61 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def _max_batch(text: str) -> int | None:
-    """``--max-batch``: a number, or ``auto`` (None: probed on a GPU)."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or auto: {text!r}") from None
+def _flag_type(s):
+    """argparse's ``type`` for a setting: its own conversion (the API keywords' too)."""
+    def convert(text: str):
+        try:
+            return s.convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = s.name
+    return convert
+
+
+def _add_setting(g, s) -> None:
+    """The flag of one declared setting (embedpin.config.Setting), default None: not given."""
+    if s.kind == "switch":
+        g.add_argument(s.flag, dest=s.key, action=argparse.BooleanOptionalAction, default=None, help=s.help_text())
+    elif s.kind == "off":
+        g.add_argument(s.flag, dest=s.key, action="store_true", default=None, help=s.help_text())
+    else:
+        metavar = s.metavar or ("{" + ",".join(s.choices) + "}" if s.choices else None)
+        g.add_argument(s.flag, dest=s.key, type=_flag_type(s), default=None, metavar=metavar, help=s.help_text(),
+                       action="append" if s.kind == "append" else "store")
 
 
 def _optimize_parser(sub):
-    from embedpin.config import BASES, BLOCKS, KEEP_IMAGES, PLACEMENTS, WEIGHTINGS, RunConfig, ScaleConfig, by_model
-    from embedpin.models.schedulers import SCHEDULERS
-    from embedpin.optimizer.cmaes import POLISH_GENERATIONS
+    """``optimize``: a flag per declared setting (embedpin.config.FLAGGED), in its help group,
+    and the flags that are not settings."""
+    from embedpin.config import FLAGGED, GROUPS
 
-    d, ds = RunConfig(), ScaleConfig()
     p = sub.add_parser("optimize", help="pin a prompt's conditioning to target image(s)")  # (each help text states its default)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--target", action="append", default=None, metavar="PATH",
-                   help="target image file or folder (repeatable); omitted: self mode, pin to lower "
-                        "variation across seeds")
-    g.add_argument("--mask", action="append", default=None, metavar="MASK",
-                   help="which part of the target to pin: white = pin, black = ignore, grey = a weight between; "
-                        "once for all targets or once per target, in target order (repeatable; resized with "
-                        "its target; default: none, the whole image counts)")
-    g.add_argument("--prompt", default=None, help="the prompt to pin")
-    g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--guide", action="append", default=None, metavar="IMAGE",
-                   help="guide image for CLIP image guidance (FlexDiffuse mapping onto the prompt)")
-    g.add_argument("--concepts", default=None, help="second prompt selecting which guide-image features map in")
-    g.add_argument("--init-image", default=None, help="img2img init image")
-    g.add_argument("--text-target", default=None, help="target text for a CLIP text loss")
-    g.add_argument("--guide-target", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"without --guide: the target image(s) are the guide images of image guidance and "
-                        f"the delta's image basis (default: {d.prompt.guide_target})")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"micro (built in) | diffusers folder | hub id (cached, else downloaded) | "
-                                                 f".safetensors checkpoint (default: {d.model.name})")
-    g.add_argument("--clip", action="append", default=None, metavar="FOLDER_OR_ID",
-                   help="image CLIP model folder or hub id (real models; repeatable: SDXL takes one tower per "
-                        "text encoder, e.g. ViT-L/14 and ViT-bigG/14; the first also serves the CLIP loss)")
-    g.add_argument("--model-config", default=None,
-                   help="single-file checkpoints: which configs to load them with, a shipped one (sd15, sd21, sd21-base, "
-                        "sdxl-base) or a diffusers folder / hub id (default: the shipped config the file's shapes fit)")
-    g.add_argument("--device", default=None, help=f"auto | cpu | cuda | cuda:N | mps (default: {d.model.device})")
-    g.add_argument("--dtype", default=None, help=f"float32 | float16 | bfloat16 (default: {d.model.dtype})")
-    g.add_argument("--clip-skip", type=int, default=None, help=f"skip last text-encoder layers (default: "
-                                                                f"{d.prompt.clip_skip})")
-    g = p.add_argument_group("search space")
-    g.add_argument("--blocks", default=None,
-                   help=f"comma-separated search blocks from {{{','.join(BLOCKS)}}} (default: "
-                        f"{','.join(d.search.blocks)})")
-    g.add_argument("--basis", default=None, choices=BASES,
-                   help=f"basis of the conditioning delta and of the token vectors (these take pca or "
-                        f"random; default: {d.search.basis})")
-    g.add_argument("--rank", type=int, default=None, help=f"basis size K (default: {d.search.rank})")
-    g.add_argument("--vectors", type=int, default=None, help=f"textual-inversion tokens (default: {d.search.n_vectors})")
-    g.add_argument("--init-word", default=None,
-                   help=f"token vectors start here: a word, comma-separated words (one per vector), or auto "
-                        f"(the words CLIP ranks highest for the target; default: {d.search.init_word})")
-    g.add_argument("--init-embedding", default=None, metavar="FILE.safetensors",
-                   help="start the token vectors at an existing textual-inversion embedding (A1111 / ComfyUI / kohya "
-                        "/ embedpin .safetensors of this model's family; its rows set the number of vectors, and "
-                        "they are used even when token_vectors is not searched)")
-    g.add_argument("--placement", default=None, choices=PLACEMENTS,
-                   help=f"where the token vectors stand in the prompt you will use: after its words (\"<prompt> "
-                        f"<pinned>\") or before them (\"<pinned> <prompt>\": the text encoder is causal, so only "
-                        f"there can they change the words' states; default: {d.search.placement})")
-    g.add_argument("--inversion-steps", type=int, default=None, metavar="N",
-                   help=f"before the search, fit the token vectors to the targets by gradient descent on the model's "
-                        f"own denoising loss (textual inversion, in the prompt as you will use it) for N steps; "
-                        f"the search then starts there. 0: off, gradient-free only (default: "
-                        f"{d.search.inversion_steps})")
-    g.add_argument("--inversion-batch", type=int, default=None, metavar="N",
-                   help=f"noised target samples per inversion step (default: {d.search.inversion_batch})")
-    g.add_argument("--inversion-lr", type=float, default=None,
-                   help=f"inversion step size, in typical token-embedding coordinates (default: "
-                        f"{d.search.inversion_lr})")
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--population", type=int, default=None, help="candidates per generation (default: 4 + 3 ln N)")
-    g.add_argument("--generations", type=int, default=None,
-                   help=f"generations (default: {POLISH_GENERATIONS} after the inversion stage, else 16 floor(ln N))")
-    g.add_argument("--sigma0", type=float, default=None, help=f"initial step size (default: {d.optim.sigma0})")
-    g.add_argument("--seed", type=int, default=None, help=f"seed for everything (default: {d.optim.seed})")
-    g.add_argument("--max-distance", type=float, default=None,
-                   help="multi-objective size limiter: best loss within this distance from the plain prompt")
-    g.add_argument("--search-seeds", default=None, choices=["rotate", "fixed"],
-                   help=f"rotate: new render seeds every generation; fixed: the same seeds every generation "
-                        f"(default: {d.optim.search_seeds})")
-    g.add_argument("--validation-seeds", type=int, default=None, metavar="N",
-                   help=f"plain renders per validated candidate, on seeds the search never uses; the pinned "
-                        f"result is the best on them; 0 turns validation off (default: {d.optim.validation_seeds})")
-    g = p.add_argument_group("rendering")
-    g.add_argument("--batch", type=int, default=None, help=f"images per candidate B (default: {d.render.batch})")
-    g.add_argument("--steps", type=int, default=None, help=f"sampling steps (default, by model: {by_model('steps')})")
-    g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
-                   help=f"sampler (default, by model: {by_model('scheduler')})")
-    g.add_argument("--width", type=int, default=None,
-                   help="image width in pixels, a multiple of the model's VAE x UNet factor (SD: 64); default: the "
-                        "first target's aspect ratio at the model's native area (micro 64², SD 1.x 512², SD 2.x "
-                        "768², SDXL 1024²); with only --width or --height, the other follows that ratio")
-    g.add_argument("--height", type=int, default=None, help="image height in pixels (see --width)")
-    g.add_argument("--size", type=int, default=None, help="square images: --width and --height both this")
-    g.add_argument("--cfg", type=float, default=None,
-                   help=f"classifier-free guidance scale (default, by model: {by_model('cfg')})")
-    g.add_argument("--strength", type=float, default=None, help=f"img2img strength (default: {d.render.strength})")
-    g.add_argument("--renoise", type=float, default=None,
-                   help="hyperbatch branch re-noise for deterministic samplers: eta of the ancestral step a "
-                        "copy takes at branches after step 0, whose copy is a second root (default 1, the DDPM "
-                        "posterior's amount; higher: more diverse siblings, from about 2 all noise is replaced "
-                        "and colours wash out)")
-    g.add_argument("--roots", type=int, default=None,
-                   help=f"independent initial latents per candidate in a hyperbatch, a power of two; the rest "
-                        f"of the batch branches from them (default: {d.render.roots})")
-    g.add_argument("--max-batch", type=_max_batch, default=None, metavar="N|auto",
-                   help="most images per UNet call, CFG halves included; auto: on a GPU the most its free memory "
-                        "holds (measured by a probe; halved if a call still runs out of memory), elsewhere 256 "
-                        "(default: auto)")
-    g.add_argument("--no-hyperbatch", action="store_true", help="plain batches instead of hyperbatches")
-    g = p.add_argument_group("loss")
-    g.add_argument("--flip-weight", type=float, default=None, help=f"weight of ꟻLIP (default: {d.score.flip_weight})")
-    g.add_argument("--clip-weight", type=float, default=None, help=f"weight of CLIP (default: {d.score.clip_weight})")
-    g.add_argument("--std-weight", type=float, default=None,
-                   help=f"weight of the spread across seeds (a std, from independent image pairs; default: {d.score.std_weight})")
-    g.add_argument("--weighting", default=None, choices=WEIGHTINGS,
-                   help=f"hyperbatch weighting over lineage depth (default: {d.score.weighting})")
-    g.add_argument("--ppd", type=float, default=None, help=f"ꟻLIP pixels per degree (default: {d.score.ppd:.2f})")
-    g = p.add_argument_group("scale-out (Ray; pip install 'embedpin[ray]'; the result does not depend on these, "
-                             "so they are not part of the run's config.toml and work with --resume)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="render on N Ray workers: a local Ray cluster with one worker per GPU (CPU workers where "
-                        "there is no GPU); with --ray-address, N workers on that cluster (default: one per GPU there)."
-                        " 0: in this process (default)")
-    g.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="join the Ray cluster at ADDR (started with `ray start --head`; default: $RAY_ADDRESS)")
-    g.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
-                   help=f"a worker whose chunk takes longer counts as hung: it is restarted and its candidates re-run "
-                        f"elsewhere; a model load may take this, and at least 600 s, the inversion stage as much per 100 "
-                        f"steps (default: {ds.worker_timeout:g})")
-    g.add_argument("--worker-restarts", type=int, default=None, metavar="N",
-                   help=f"restarts of a dead or hung worker (each reloads the model) before it is given up "
-                        f"(default: {ds.worker_restarts})")
-    g = p.add_argument_group("run")
-    g.add_argument("--config", default=None, metavar="FILE.toml", help="read settings from a TOML config first")
-    g.add_argument("--out", default=None, help=f"folder for runs (default: {d.out})")
-    g.add_argument("--keep-images", default=None, choices=KEEP_IMAGES,
-                   help=f"best: at 256² and up the run keeps compressed thumbnails of every image and full-size "
-                        f"PNGs of each generation's best candidate (any image re-renders exactly with embedpin "
-                        f"render); all: full-size PNGs of every image (default: {d.keep_images})")
+    for name, title in GROUPS.items():
+        g = p.add_argument_group(title)
+        if name == "run":
+            g.add_argument("--config", default=None, metavar="FILE.toml", help="read settings from a TOML config first")
+        for s in FLAGGED:
+            if s.group == name:
+                _add_setting(g, s)
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run")
     g.add_argument("--json", action="store_true", help="print one JSON summary object last")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def config_from_args(a):
-    """Build the RunConfig: defaults, then --config TOML, then explicit flags."""
-    from embedpin.config import RunConfig
+def _given(a) -> dict:
+    """The settings given on the command line (Setting -> value; None: not given)."""
+    from embedpin.config import FLAGGED
 
-    cfg = RunConfig.from_toml(a.config) if a.config else RunConfig()
-    sets = {
-        ("model", "name"): a.model, ("model", "clip"): a.clip, ("model", "model_config"): a.model_config,
-        ("model", "device"): a.device, ("model", "dtype"): a.dtype,
-        ("prompt", "prompt"): a.prompt, ("prompt", "negative"): a.negative, ("prompt", "guide"): a.guide,
-        ("prompt", "concepts"): a.concepts, ("prompt", "init_image"): a.init_image,
-        ("prompt", "clip_skip"): a.clip_skip, ("prompt", "guide_target"): a.guide_target,
-        ("search", "blocks"): [b.strip() for b in a.blocks.split(",") if b.strip()] if a.blocks else None,
-        ("search", "basis"): a.basis, ("search", "rank"): a.rank, ("search", "n_vectors"): a.vectors,
-        ("search", "init_word"): a.init_word, ("search", "init_embedding"): a.init_embedding,
-        ("search", "placement"): a.placement, ("search", "inversion_steps"): a.inversion_steps,
-        ("search", "inversion_batch"): a.inversion_batch, ("search", "inversion_lr"): a.inversion_lr,
-        ("optim", "population"): a.population, ("optim", "generations"): a.generations,
-        ("optim", "sigma0"): a.sigma0, ("optim", "seed"): a.seed, ("optim", "max_distance"): a.max_distance,
-        ("optim", "search_seeds"): a.search_seeds, ("optim", "validation_seeds"): a.validation_seeds,
-        ("render", "roots"): a.roots,
-        ("render", "batch"): a.batch, ("render", "steps"): a.steps, ("render", "scheduler"): a.scheduler,
-        ("render", "size"): a.size, ("render", "width"): a.width, ("render", "height"): a.height,
-        ("render", "cfg"): a.cfg, ("render", "strength"): a.strength,
-        ("render", "max_batch"): a.max_batch, ("render", "renoise"): a.renoise,
-        ("render", "hyperbatch"): False if a.no_hyperbatch else None,
-        ("score", "targets"): a.target, ("score", "masks"): a.mask, ("score", "text_target"): a.text_target,
-        ("score", "flip_weight"): a.flip_weight, ("score", "clip_weight"): a.clip_weight,
-        ("score", "std_weight"): a.std_weight, ("score", "weighting"): a.weighting, ("score", "ppd"): a.ppd,
-    }
-    for (section, key), value in sets.items():
-        if value is not None:
-            setattr(getattr(cfg, section), key, value)
-    if a.out is not None:
-        cfg.out = a.out
-    if a.keep_images is not None:
-        cfg.keep_images = a.keep_images
-    return cfg.validate()
-
-
-def scale_from_args(a):
-    """The ScaleConfig: --workers, --ray-address (else $RAY_ADDRESS), --worker-timeout, --worker-restarts."""
-    from embedpin.config import ScaleConfig
-
-    scale = ScaleConfig()
-    address = a.ray_address if a.ray_address is not None else os.environ.get("RAY_ADDRESS") or None
-    for key, value in (("workers", a.workers), ("ray_address", address), ("worker_timeout", a.worker_timeout),
-                       ("worker_restarts", a.worker_restarts)):
-        if value is not None:
-            setattr(scale, key, value)
-    return scale.validate()
+    return {s: getattr(a, s.key) for s in FLAGGED}
 
 
 def cmd_optimize(a) -> int:
-    config = None if a.resume else config_from_args(a)  # argument errors answer before torch is imported
-    scale = scale_from_args(a)
+    from embedpin.config import RunConfig, ScaleConfig
+
+    given = _given(a)  # defaults, then --config, then the flags; argument errors answer before torch is imported
+    config = None if a.resume else RunConfig.from_settings(given, a.config)
+    scale = ScaleConfig.from_settings(given)
     from embedpin.runner import resume, run
 
     result = resume(a.resume, quiet=a.quiet, scale=scale) if a.resume else run(config, quiet=a.quiet, scale=scale)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,48 +23,225 @@ else:  # pragma: no cover
 BLOCKS = ("guidance", "cfg", "strength", "token_weights", "delta", "token_vectors", "linear_start", "linear_end",
           "clustered", "threshold", "threshold_floor", "max_image", "header_cap", "concept")
 BASES = ("image", "pca", "random")
+VECTOR_BASES = ("pca", "random")  # the token vectors' bases (BASES but the guide image's)
 WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
 SEED_SCHEDULES = ("rotate", "fixed")
 DTYPES = ("float32", "float16", "bfloat16")
 KEEP_IMAGES = ("best", "all")
 PLACEMENTS = ("before", "after")
+# The samplers a user can choose (--scheduler); embedpin.models.schedulers maps each to its diffusers class.
+SCHEDULERS = ("euler", "euler-a", "ddim", "ddpm", "dpm++2m", "dpm++2m-karras", "dpm++sde", "dpm++sde-karras", "unipc",
+              "heun", "lms", "pndm")
 # ꟻLIP's viewing condition (Andersson et al. 2020, sec. 5): a 0.7 m wide 3840-pixel monitor seen from 0.7 m,
 # in pixels per degree of visual angle (67.02): the run's default and the library's.
 FLIP_PPD = 0.7 * (3840 / 0.7) * math.pi / 180
+POLISH_GENERATIONS = 8  # generations after a gradient stage has found the start: the search polishes it
+
+# The optimize command's help groups, in order: name -> title.
+GROUPS = {
+    "inputs": "inputs", "model": "model", "search": "search space", "optimizer": "optimizer",
+    "rendering": "rendering", "loss": "loss",
+    "scale": "scale-out (Ray; pip install 'embedpin[ray]'; the result does not depend on these, so they are not "
+             "part of the run's config.toml and work with --resume)",
+    "run": "run",
+}
+SCALE = "scale"  # the section of ScaleConfig's settings (not part of a RunConfig)
+
+
+@dataclass(frozen=True, eq=False)  # (hashed by identity: given settings are dict keys)
+class Setting:
+    """One setting's declaration, the metadata of its config field: everything the CLI flag,
+    ``--help``, the API keyword and :meth:`RunConfig.validate` need. ``kind``: ``value`` (one
+    value), ``append`` (a repeatable flag, a list), ``csv`` (a comma-separated list),
+    ``switch`` (``--x / --no-x``) or ``off`` (``--no-x`` sets the field False). ``check``:
+    (predicate, message after the flag name, ``{value}`` filled in), tried on every value but
+    None. ``by_model``: the default is the model family's (:data:`MODEL_DEFAULTS`)."""
+
+    help: str
+    group: str
+    flag: str | None = ""        # "": --<field name with dashes>; None: config-only (no flag, no keyword)
+    kind: str = "value"
+    parse: Callable[[str], Any] | None = None  # text -> value; None: the field's type
+    choices: tuple[str, ...] | None = None
+    check: tuple[Callable[[Any], bool], str] | None = None
+    metavar: str | None = None
+    by_model: bool = False
+    shown: str = ""              # format spec of the default in --help
+    # filled in from the field (see SETTINGS):
+    name: str = ""
+    section: str = ""            # RunConfig's section ("" for RunConfig's own fields), or SCALE
+    type: str = ""
+    default: Any = None
+
+    @property
+    def key(self) -> str:
+        """The API keyword: the long flag with underscores (``validation_seeds``, ``no_hyperbatch``)."""
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def label(self) -> str:
+        """How messages name the setting: its flag, else its config key."""
+        return self.flag or self.name
+
+    def help_text(self) -> str:
+        """The help text with its default (``{default}``) or the families' defaults (``{by_model}``)."""
+        value = self.default
+        shown = ",".join(value) if isinstance(value, list) else format(value, self.shown)
+        by = by_model(self.name) if self.by_model else ""
+        return self.help.replace("{default}", shown).replace("{by_model}", by)
+
+    def convert(self, text: str) -> Any:
+        """One command-line word -> the value (None: not given); ValueError with argparse's wording."""
+        if self.kind == "csv":
+            return [b.strip() for b in text.split(",") if b.strip()] or None
+        base = self.type.replace(" | None", "").replace("list[str]", "str")
+        parse = self.parse or {"int": int, "float": float}.get(base, str)
+        try:
+            value = parse(text)
+        except ValueError:
+            if self.parse:
+                raise
+            raise ValueError(f"invalid {base} value: {text!r}") from None
+        if self.choices and value not in self.choices:
+            raise ValueError(f"invalid choice: {value!r} (choose from {', '.join(map(repr, self.choices))})")
+        return value
+
+    def from_keyword(self, value: Any) -> Any:
+        """An API keyword's value -> the value the flag gives (None: not given): the command-line
+        words it stands for, converted as the CLI converts them."""
+        if value is None:
+            return None
+        if self.kind in ("switch", "off"):
+            return bool(value) if self.kind == "switch" else (True if value else None)
+        if self.kind == "append":
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return [self.convert(str(v)) for v in values] or None
+        if self.kind == "csv" and isinstance(value, (list, tuple)):
+            value = ",".join(value)
+        return self.convert(str(value))
+
+    def field_value(self, given: Any) -> Any:
+        """What a given flag value sets the field to (``--no-hyperbatch``: hyperbatch False)."""
+        return False if self.kind == "off" and given else given
+
+    def _owner(self, config):
+        """The dataclass that holds this field: ``config``'s section, or ``config`` itself."""
+        return getattr(config, self.section) if self.section not in ("", SCALE) else config
+
+    def get(self, config) -> Any:
+        return getattr(self._owner(config), self.name)
+
+    def put(self, config, value) -> None:
+        setattr(self._owner(config), self.name, value)
+
+    def validate(self, value) -> None:
+        """This setting's own rules (choices, range) on a value; ConfigError with one line."""
+        if value is None or self.kind == "csv":
+            return
+        if self.choices:
+            _check(value in self.choices, f"{self.label} must be one of {', '.join(self.choices)} (got {value!r})")
+        if self.check:
+            ok, message = self.check
+            _check(ok(value), f"{self.label} {message.format(value=value)}")
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **declared) -> Any:
+    """A config field and its :class:`Setting` (``declared``: the Setting's fields)."""
+    meta = {"setting": Setting(**declared)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(low) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be >= {low} (got {{value}})"
+
+
+def above(low) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"must be > {low} (got {{value}})"
+
+
+def max_batch_text(text: str) -> int | None:
+    """``--max-batch``: a number, or ``auto`` (None: probed on a GPU)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a number or auto: {text!r}") from None
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "micro"          # micro | diffusers folder | hub id | .safetensors file
-    clip: list[str] = field(default_factory=list)  # image towers (folders / hub ids); micro ships its own
-    model_config: str | None = None  # single-file checkpoints: a shipped config's name or a diffusers folder
-    device: str = "auto"         # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "float32"
+    name: str = setting("micro", group="model", flag="--model",
+                        help="micro (built in) | diffusers folder | hub id (cached, else downloaded) | .safetensors "
+                             "checkpoint (default: {default})")
+    clip: list[str] = setting(
+        factory=list, group="model", kind="append", metavar="FOLDER_OR_ID",
+        help="image CLIP model folder or hub id (real models; repeatable: SDXL takes one tower per text encoder, e.g. "
+             "ViT-L/14 and ViT-bigG/14; the first also serves the CLIP loss)")
+    model_config: str | None = setting(
+        None, group="model",
+        help="single-file checkpoints: which configs to load them with, a shipped one (sd15, sd21, sd21-base, "
+             "sdxl-base) or a diffusers folder / hub id (default: the shipped config the file's shapes fit)")
+    device: str = setting("auto", group="model", help="auto | cpu | cuda | cuda:N | mps (default: {default})")
+    dtype: str = setting("float32", group="model", check=((lambda v: v in DTYPES), f"must be one of {', '.join(DTYPES)}"),
+                         help=f"{' | '.join(DTYPES)} (default: {{default}})")
 
 
 @dataclass
 class PromptConfig:
-    prompt: str = ""
-    negative: str = ""
-    guide: list[str] = field(default_factory=list)   # guide image(s) for image guidance
-    concepts: str | None = None                       # second prompt selecting image features
-    init_image: str | None = None                     # img2img init image
-    clip_skip: int = 0
-    guide_target: bool = True                         # no --guide: the targets are the guide images
+    prompt: str = setting("", group="inputs", help="the prompt to pin")
+    negative: str = setting("", group="inputs", help="negative prompt")
+    guide: list[str] = setting(factory=list, group="inputs", kind="append", metavar="IMAGE",
+                               help="guide image for CLIP image guidance (FlexDiffuse mapping onto the prompt)")
+    concepts: str | None = setting(None, group="inputs",
+                                   help="second prompt selecting which guide-image features map in")
+    init_image: str | None = setting(None, group="inputs", help="img2img init image")
+    clip_skip: int = setting(0, group="model", check=((lambda v: v >= 0), "must be >= 0"),
+                             help="skip last text-encoder layers (default: {default})")
+    guide_target: bool = setting(True, group="inputs", kind="switch",
+                                 help="without --guide: the target image(s) are the guide images of image guidance "
+                                      "and the delta's image basis (default: {default})")
 
 
 @dataclass
 class SearchConfig:
-    blocks: list[str] = field(default_factory=lambda: ["token_vectors"])
-    basis: str = "pca"           # basis of the delta / token vectors: image | pca | random
-    rank: int = 16               # K: basis size of the delta / token-vector blocks
-    n_vectors: int = 4           # textual-inversion placeholder tokens
-    init_word: str = "auto"      # token vectors start here: a word, words "a,b" (one per vector), or "auto"
-    init_embedding: str | None = None  # or at an existing textual-inversion file's vectors (.safetensors)
-    placement: str = "before"    # where the placeholders stand in the usage prompt: before | after its words
-    inversion_steps: int = 300   # gradient textual inversion of the token vectors before the search (0: off)
-    inversion_batch: int = 16    # (target, timestep, noise) samples per inversion step
-    inversion_lr: float = 1.0    # Adam's step per coordinate, in typical coordinates of the token table
+    blocks: list[str] = setting(factory=lambda: ["token_vectors"], group="search", kind="csv",
+                                help=f"comma-separated search blocks from {{{','.join(BLOCKS)}}} (default: {{default}})")
+    basis: str = setting("pca", group="search", choices=BASES,
+                         help="basis of the conditioning delta and of the token vectors (these take pca or random; "
+                              "default: {default})")
+    rank: int = setting(16, group="search", check=at_least(1), help="basis size K (default: {default})")
+    n_vectors: int = setting(4, group="search", flag="--vectors", check=at_least(1),
+                             help="textual-inversion tokens (default: {default})")
+    init_word: str = setting("auto", group="search", check=((lambda v: bool(v.replace(",", "").strip())),
+                                                            "must name a word, words or auto"),
+                             help="token vectors start here: a word, comma-separated words (one per vector), or auto "
+                                  "(the words CLIP ranks highest for the target; default: {default})")
+    init_embedding: str | None = setting(
+        None, group="search", metavar="FILE.safetensors",
+        help="start the token vectors at an existing textual-inversion embedding (A1111 / ComfyUI / kohya / embedpin "
+             ".safetensors of this model's family; its rows set the number of vectors, and they are used even when "
+             "token_vectors is not searched)")
+    placement: str = setting("before", group="search", choices=PLACEMENTS,
+                             help="where the token vectors stand in the prompt you will use: after its words "
+                                  "(\"<prompt> <pinned>\") or before them (\"<pinned> <prompt>\": the text encoder is "
+                                  "causal, so only there can they change the words' states; default: {default})")
+    inversion_steps: int = setting(300, group="search", metavar="N", check=at_least(0),
+                                   help="before the search, fit the token vectors to the targets by gradient descent "
+                                        "on the model's own denoising loss (textual inversion, in the prompt as you "
+                                        "will use it) for N steps; the search then starts there. 0: off, "
+                                        "gradient-free only (default: {default})")
+    inversion_batch: int = setting(16, group="search", metavar="N", check=at_least(1),
+                                   help="noised target samples per inversion step (default: {default})")
+    inversion_lr: float = setting(1.0, group="search", check=above(0),
+                                  help="inversion step size, in typical token-embedding coordinates (default: "
+                                       "{default})")
 
 
 @dataclass(frozen=True)
@@ -92,44 +270,90 @@ def by_model(field_name: str) -> str:
 
 @dataclass
 class RenderConfig:
-    batch: int = 8
-    steps: int | None = None     # None: the model's (MODEL_DEFAULTS)
-    scheduler: str | None = None  # None: the model's
-    size: int | None = None      # square shorthand for width = height
-    width: int | None = None     # None: from the first target's aspect ratio at the model's native area
-    height: int | None = None
-    cfg: float | None = None     # None: the model's
-    hyperbatch: bool = True
-    max_batch: int | None = None  # images per UNet call; None: auto (GPU: the most that fits, probed; CPU: 256)
-    strength: float = 0.6        # img2img strength (with init_image)
-    renoise: float | None = None  # eta of a copy's ancestral step at a branch (None: 1 for ODE samplers)
-    roots: int = 2               # independent initial latents per candidate in a hyperbatch
+    batch: int = setting(8, group="rendering", check=at_least(1), help="images per candidate B (default: {default})")
+    steps: int | None = setting(None, group="rendering", by_model=True, check=at_least(1),
+                                help="sampling steps (default, by model: {by_model})")
+    scheduler: str | None = setting(None, group="rendering", by_model=True, choices=tuple(sorted(SCHEDULERS)),
+                                    help="sampler (default, by model: {by_model})")
+    size: int | None = setting(None, group="rendering", check=at_least(8),
+                               help="square images: --width and --height both this")
+    width: int | None = setting(None, group="rendering", check=at_least(8),
+                                help="image width in pixels, a multiple of the model's VAE x UNet factor (SD: 64); "
+                                     "default: the first target's aspect ratio at the model's native area (micro 64², "
+                                     "SD 1.x 512², SD 2.x 768², SDXL 1024²); with only --width or --height, the other "
+                                     "follows that ratio")
+    height: int | None = setting(None, group="rendering", check=at_least(8),
+                                 help="image height in pixels (see --width)")
+    cfg: float | None = setting(None, group="rendering", by_model=True, check=at_least(0),
+                                help="classifier-free guidance scale (default, by model: {by_model})")
+    hyperbatch: bool = setting(True, group="rendering", flag="--no-hyperbatch", kind="off",
+                               help="plain batches instead of hyperbatches")
+    max_batch: int | None = setting(None, group="rendering", parse=max_batch_text, metavar="N|auto",
+                                    check=((lambda v: v >= 2), "must be >= 2 or auto (got {value})"),
+                                    help="most images per UNet call, CFG halves included; auto: on a GPU the most its "
+                                         "free memory holds (measured by a probe; halved if a call still runs out of "
+                                         "memory), elsewhere 256 (default: auto)")
+    strength: float = setting(0.6, group="rendering", check=((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1] (got "
+                                                                                            "{value})"),
+                              help="img2img strength (default: {default})")
+    renoise: float | None = setting(None, group="rendering", check=at_least(0),
+                                    help="hyperbatch branch re-noise for deterministic samplers: eta of the ancestral "
+                                         "step a copy takes at branches after step 0, whose copy is a second root "
+                                         "(default 1, the DDPM posterior's amount; higher: more diverse siblings, from "
+                                         "about 2 all noise is replaced and colours wash out)")
+    roots: int = setting(2, group="rendering", check=(_power_of_two, "must be a power of two (got {value})"),
+                         help="independent initial latents per candidate in a hyperbatch, a power of two; the rest of "
+                              "the batch branches from them (default: {default})")
 
 
 @dataclass
 class ScoreConfig:
-    targets: list[str] = field(default_factory=list)  # files / folders; empty = self mode
-    masks: list[str] = field(default_factory=list)    # white = pin, black = ignore: none, one for all, or one per target
-    text_target: str | None = None
-    flip_weight: float = 1.0
-    clip_weight: float = 0.0
-    std_weight: float = 0.5
-    weighting: str = "none"      # hyperbatch weighting over lineage depth
-    weighting_scale: float = 1.0
-    ppd: float = FLIP_PPD
+    targets: list[str] = setting(factory=list, group="inputs", flag="--target", kind="append", metavar="PATH",
+                                 help="target image file or folder (repeatable); omitted: self mode, pin to lower "
+                                      "variation across seeds")
+    masks: list[str] = setting(factory=list, group="inputs", flag="--mask", kind="append", metavar="MASK",
+                               help="which part of the target to pin: white = pin, black = ignore, grey = a weight "
+                                    "between; once for all targets or once per target, in target order (repeatable; "
+                                    "resized with its target; default: none, the whole image counts)")
+    text_target: str | None = setting(None, group="inputs", help="target text for a CLIP text loss")
+    flip_weight: float = setting(1.0, group="loss", help="weight of ꟻLIP (default: {default})")
+    clip_weight: float = setting(0.0, group="loss", help="weight of CLIP (default: {default})")
+    std_weight: float = setting(0.5, group="loss", check=at_least(0),
+                                help="weight of the spread across seeds (a std, from independent image pairs; "
+                                     "default: {default})")
+    weighting: str = setting("none", group="loss", choices=WEIGHTINGS,
+                             help="hyperbatch weighting over lineage depth (default: {default})")
+    weighting_scale: float = setting(1.0, group="loss", flag=None, check=above(0),
+                                     help="the hyperbatch weighting's scale (config.toml only)")
+    ppd: float = setting(FLIP_PPD, group="loss", shown=".2f", check=((lambda v: v > 0), "must be > 0"),
+                         help="ꟻLIP pixels per degree (default: {default})")
 
 
 @dataclass
 class OptimConfig:
-    population: int | None = None   # None: 4 + 3 ln N
-    generations: int | None = None  # None: 8 after an inversion stage, else 16 floor(ln N)
-    sigma0: float = 0.5
-    seed: int = 0
-    max_distance: float | None = None
-    tol_fun: float = 1e-6
-    tol_x: float = 1e-6
-    search_seeds: str = "rotate"    # rotate: new render seeds every generation; fixed: the same ones
-    validation_seeds: int = 16      # plain renders per validated candidate on seeds the search never uses
+    population: int | None = setting(None, group="optimizer", check=at_least(2),
+                                     help="candidates per generation (default: 4 + 3 ln N)")
+    generations: int | None = setting(None, group="optimizer", check=at_least(1),
+                                      help=f"generations (default: {POLISH_GENERATIONS} after the inversion stage, "
+                                           f"else 16 floor(ln N))")
+    sigma0: float = setting(0.5, group="optimizer", check=above(0), help="initial step size (default: {default})")
+    seed: int = setting(0, group="optimizer", help="seed for everything (default: {default})")
+    max_distance: float | None = setting(None, group="optimizer", check=((lambda v: v > 0), "must be > 0"),
+                                         help="multi-objective size limiter: best loss within this distance from the "
+                                              "plain prompt")
+    tol_fun: float = setting(1e-6, group="optimizer", flag=None,
+                             help="CMA-ES stops when the last generation's losses and the recent best losses each "
+                                  "span less than this (config.toml only)")
+    tol_x: float = setting(1e-6, group="optimizer", flag=None,
+                           help="CMA-ES stops when every coordinate of sigma p_c and sigma sqrt(diag C) is under this "
+                                "(config.toml only)")
+    search_seeds: str = setting("rotate", group="optimizer", choices=SEED_SCHEDULES,
+                                help="rotate: new render seeds every generation; fixed: the same seeds every "
+                                     "generation (default: {default})")
+    validation_seeds: int = setting(16, group="optimizer", metavar="N", check=at_least(0),
+                                    help="plain renders per validated candidate, on seeds the search never uses; the "
+                                         "pinned result is the best on them; 0 turns validation off (default: "
+                                         "{default})")
 
 
 @dataclass
@@ -139,21 +363,42 @@ class ScaleConfig:
     same on any number of workers, so these settings are given per invocation (``--workers``,
     ``--ray-address`` or ``RAY_ADDRESS``, also with ``--resume``) and never written to config.toml."""
 
-    workers: int = 0                # 0: in-process; N: N Ray workers (one per GPU where there are GPUs)
-    ray_address: str | None = None  # join the Ray cluster there (``ray start --head``) instead of starting one
-    worker_timeout: float = 600.0   # seconds one chunk may take before its worker counts as hung (a model load: >= 600)
-    worker_restarts: int = 3        # restarts of a dead or hung worker (each reloads the model) before it is given up
+    workers: int = setting(0, group="scale", metavar="N", check=at_least(0),
+                           help="render on N Ray workers: a local Ray cluster with one worker per GPU (CPU workers "
+                                "where there is no GPU); with --ray-address, N workers on that cluster (default: one "
+                                "per GPU there). 0: in this process (default)")
+    ray_address: str | None = setting(None, group="scale", metavar="ADDR",
+                                      check=((lambda v: bool(v.strip())), "must not be empty"),
+                                      help="join the Ray cluster at ADDR (started with `ray start --head`; default: "
+                                           "$RAY_ADDRESS)")
+    worker_timeout: float = setting(600.0, group="scale", metavar="SECONDS", shown="g", check=above(0),
+                                    help="a worker whose chunk takes longer counts as hung: it is restarted and its "
+                                         "candidates re-run elsewhere; a model load may take this, and at least 600 s, "
+                                         "the inversion stage as much per 100 steps (default: {default})")
+    worker_restarts: int = setting(3, group="scale", metavar="N", check=at_least(0),
+                                   help="restarts of a dead or hung worker (each reloads the model) before it is "
+                                        "given up (default: {default})")
 
     @property
     def distributed(self) -> bool:
         """Whether candidates render on Ray workers."""
         return self.workers > 0 or self.ray_address is not None
 
+    @classmethod
+    def from_settings(cls, given: dict[Setting, Any]) -> ScaleConfig:
+        """The validated ScaleConfig of given settings (flags or keywords; others are ignored);
+        no ``ray_address``: $RAY_ADDRESS."""
+        scale = cls(ray_address=os.environ.get("RAY_ADDRESS") or None)
+        for s, value in given.items():
+            if s.section == SCALE and value is not None:
+                s.put(scale, s.field_value(value))
+        return scale.validate()
+
     def validate(self) -> ScaleConfig:
-        _check(self.workers >= 0, f"--workers must be >= 0 (got {self.workers})")
-        _check(self.ray_address is None or bool(self.ray_address.strip()), "--ray-address must not be empty")
-        _check(self.worker_timeout > 0, f"--worker-timeout must be > 0 (got {self.worker_timeout})")
-        _check(self.worker_restarts >= 0, f"--worker-restarts must be >= 0 (got {self.worker_restarts})")
+        """Each setting's declared rules."""
+        for s in SETTINGS:
+            if s.section == SCALE:
+                s.validate(s.get(self))
         return self
 
 
@@ -170,58 +415,42 @@ class RunConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    out: str = "runs"
-    keep_images: str = "best"  # best: at 256² and up, thumbnails of all, full PNGs of each generation's best; all
+    out: str = setting("runs", group="run", help="folder for runs (default: {default})")
+    keep_images: str = setting("best", group="run", choices=KEEP_IMAGES,
+                               help="best: at 256² and up the run keeps compressed thumbnails of every image and "
+                                    "full-size PNGs of each generation's best candidate (any image re-renders exactly "
+                                    "with embedpin render); all: full-size PNGs of every image (default: {default})")
+
+    @classmethod
+    def from_settings(cls, given: dict[Setting, Any], toml: str | Path | None = None) -> RunConfig:
+        """The validated RunConfig: the defaults, then the ``toml`` config file's, then the given
+        settings (flags or API keywords; None: not given; ScaleConfig's are ignored)."""
+        config = cls.from_toml(toml) if toml else cls()
+        for s, value in given.items():
+            if s.section != SCALE and value is not None:
+                s.put(config, s.field_value(value))
+        return config.validate()
 
     def validate(self) -> RunConfig:
-        """Check every range a user can get wrong; raise ConfigError with one line."""
-        render, search, optim, score, prompt = self.render, self.search, self.optim, self.score, self.prompt
-        _check(render.batch >= 1, f"--batch must be >= 1 (got {render.batch})")
-        _check(render.steps is None or render.steps >= 1, f"--steps must be >= 1 (got {render.steps})")
-        for name in ("size", "width", "height"):
-            value = getattr(render, name)
-            _check(value is None or value >= 8, f"--{name} must be >= 8 (got {value})")
+        """Check every range a user can get wrong; raise ConfigError with one line: each
+        setting's declared rules, then the rules between settings."""
+        for s in SETTINGS:
+            if s.section != SCALE:
+                s.validate(s.get(self))
+        render, search, score, prompt = self.render, self.search, self.score, self.prompt
         _check(render.size is None or (render.width is None and render.height is None),
                "give --size (a square) or --width / --height, not both")
-        _check(render.max_batch is None or render.max_batch >= 2, f"--max-batch must be >= 2 or auto (got "
-                                                                   f"{render.max_batch})")
-        _check(0.0 <= render.strength <= 1.0, f"--strength must be in [0, 1] (got {render.strength})")
-        _check(render.cfg is None or render.cfg >= 0, f"--cfg must be >= 0 (got {render.cfg})")
-        _check(self.keep_images in KEEP_IMAGES, f"--keep-images must be one of {', '.join(KEEP_IMAGES)} "
-                                                f"(got {self.keep_images!r})")
-        _check(render.renoise is None or render.renoise >= 0, f"--renoise must be >= 0 (got {render.renoise})")
         unknown = [b for b in search.blocks if b not in BLOCKS]
         _check(not unknown, f"unknown search block(s) {unknown}; choose from {', '.join(BLOCKS)}")
         _check(len(search.blocks) > 0, "at least one search block must be on")
-        _check(search.basis in BASES, f"--basis must be one of {', '.join(BASES)} (got {search.basis!r})")
-        _check(search.rank >= 1, f"--rank must be >= 1 (got {search.rank})")
-        _check(search.n_vectors >= 1, f"--vectors must be >= 1 (got {search.n_vectors})")
-        _check(search.placement in PLACEMENTS, f"--placement must be one of {', '.join(PLACEMENTS)} "
-                                               f"(got {search.placement!r})")
-        _check(search.inversion_steps >= 0, f"--inversion-steps must be >= 0 (got {search.inversion_steps})")
-        _check(search.inversion_batch >= 1, f"--inversion-batch must be >= 1 (got {search.inversion_batch})")
-        _check(search.inversion_lr > 0, f"--inversion-lr must be > 0 (got {search.inversion_lr})")
-        _check(optim.population is None or optim.population >= 2, f"--population must be >= 2 (got {optim.population})")
-        _check(optim.generations is None or optim.generations >= 1, f"--generations must be >= 1 (got {optim.generations})")
-        _check(optim.sigma0 > 0, f"--sigma0 must be > 0 (got {optim.sigma0})")
-        _check(optim.max_distance is None or optim.max_distance > 0, "--max-distance must be > 0")
-        _check(optim.search_seeds in SEED_SCHEDULES, f"--search-seeds must be one of {', '.join(SEED_SCHEDULES)}")
-        _check(optim.validation_seeds >= 0, f"--validation-seeds must be >= 0 (got {optim.validation_seeds})")
-        _check(render.roots >= 1 and not render.roots & (render.roots - 1), f"--roots must be a power of two (got {render.roots})")
-        _check(bool(search.init_word.replace(",", "").strip()), "--init-word must name a word, words or auto")
         _check(score.flip_weight >= 0 and score.clip_weight >= 0, "loss weights must be >= 0")
         _check(score.flip_weight + score.clip_weight > 0, "at least one of --flip-weight / --clip-weight must be > 0")
-        _check(score.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}")
-        _check(score.ppd > 0, "--ppd must be > 0")
-        _check(self.model.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
-        _check(prompt.clip_skip >= 0, "--clip-skip must be >= 0")
         _check(bool(prompt.prompt.strip()) or bool(prompt.guide), "give a --prompt, a --guide image, or both")
         _check(prompt.concepts is None or bool(prompt.guide), "--concepts needs a --guide image to take concepts from")
         _check("strength" not in search.blocks or prompt.init_image, "the 'strength' block needs --init-image")
         guides = bool(prompt.guide) or (prompt.guide_target and bool(score.targets))
         _check(not (GUIDED_BLOCKS & set(search.blocks)) or guides,
                "the guidance blocks need a --guide image (or --target with --guide-target)")
-        _check(not score.targets or score.flip_weight > 0 or score.clip_weight > 0, "targets need a loss weight")
         self._check_masks()
         self._absolute_paths()
         self._check_files()
@@ -331,6 +560,41 @@ def _build(cls, d: Any, where: str):
 _SECTIONS = {(RunConfig, "model"): ModelConfig, (RunConfig, "prompt"): PromptConfig,
              (RunConfig, "search"): SearchConfig, (RunConfig, "render"): RenderConfig,
              (RunConfig, "score"): ScoreConfig, (RunConfig, "optim"): OptimConfig}
+
+
+def _declared():
+    """Each declared field's Setting, its field's name, section, type and default filled in."""
+    sections = {**{k: c for (_, k), c in _SECTIONS.items()}, "": RunConfig, SCALE: ScaleConfig}
+    for section, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            if "setting" in f.metadata:
+                s = f.metadata["setting"]
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                yield dataclasses.replace(s, name=f.name, section=section, type=str(f.type), default=default,
+                                          flag=s.flag if s.flag != "" else "--" + f.name.replace("_", "-"))
+
+
+SETTINGS: tuple[Setting, ...] = tuple(_declared())
+FLAGGED = tuple(s for s in SETTINGS if s.flag)  # the settings with a flag (and an API keyword)
+_KEYWORDS = {**{s.name: s for s in FLAGGED}, **{s.key: s for s in FLAGGED}}  # field names, and the flags' keywords
+
+
+def settings_from_keywords(keywords: dict[str, Any]) -> dict[Setting, Any]:
+    """API keywords (the long flags with underscores, or the field names) -> the given settings,
+    each value converted as its flag's word would be (None: not given). ConfigError for an
+    unknown keyword or a value the flag would not take, in the CLI's words."""
+    given = {}
+    for key, value in keywords.items():
+        s = _KEYWORDS.get(key)
+        if s is None:
+            raise ConfigError(f"unknown setting {key!r}; the settings are embedpin optimize's long flags "
+                              f"with underscores: {', '.join(sorted(['config', *(s.key for s in FLAGGED)]))}")
+        try:
+            off_field = key != s.key and s.kind == "off" and value is not None  # hyperbatch=False: --no-hyperbatch
+            given[s] = s.from_keyword(not value if off_field else value)
+        except ValueError as e:
+            raise ConfigError(f"embedpin optimize: argument {s.flag}: {e}") from None
+    return given
 
 
 def _typed(f: dataclasses.Field, v, where: str):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import embedpin
-from embedpin.cli import build_parser, config_from_args, main
+from embedpin.cli import _given, build_parser, main
+from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,8 @@ TINY = dict(inversion_steps=2, generations=1, population=4, batch=2, steps=4, va
 
 
 def _cli_config(argv):
-    return config_from_args(build_parser().parse_args(argv))
+    a = build_parser().parse_args(argv)
+    return RunConfig.from_settings(_given(a), a.config)
 
 
 def test_keywords_are_the_cli_flags():

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from embedpin.api import run_config
 from embedpin.errors import ConfigError, InputError, ModelError
 from embedpin.guidance import (
     GuidanceOptions,
@@ -311,10 +312,10 @@ def test_bad_inputs_raise_user_errors(comps, images, tmp_path):
         make_context(comps, PROMPT, guide=garbage)
     with pytest.raises(InputError):
         make_context(comps, PROMPT, guide=tmp_path / "missing.png")
-    with pytest.raises(ConfigError):
-        make_context(comps, "   ")
-    with pytest.raises(ConfigError):
-        make_context(comps, PROMPT, concepts="creepy tree")
+    with pytest.raises(ConfigError, match="give a --prompt, a --guide image, or both"):  # (the run's config)
+        run_config(prompt="   ")
+    with pytest.raises(ConfigError, match="--concepts needs a --guide image"):
+        run_config(prompt=PROMPT, concepts="creepy tree")
     with pytest.raises(ConfigError):
         make_context(comps, PROMPT, options=GuidanceOptions(mapping="best"))
     plain = make_context(comps, PROMPT)

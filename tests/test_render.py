@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embedpin.api import run_config
 from embedpin.errors import ConfigError
 from embedpin.models.micro.arch import random_components
 from embedpin.models.micro.dataset import batch as shapes_batch
@@ -75,8 +76,8 @@ def test_schedule_roots_branch_at_step_0_and_the_rest_late():
     assert unet_evaluations(8, 20, [0, 0, 17]) == 4 * 18 + 8 * 2  # four roots from step 0
     assert branch_schedule(8, 20, roots=1) == [6, 11, 17]  # one trunk, no second root
     assert branch_schedule(8, 20, roots=8) == [] and branch_schedule(2, 20) == []  # all roots: a plain batch
-    with pytest.raises(ConfigError, match="power of two"):
-        branch_schedule(8, 20, roots=3)
+    with pytest.raises(ConfigError, match="power of two"):  # checked once, in the run's config
+        run_config(prompt="x", roots=3)
 
 
 @settings(max_examples=80, deadline=None)
@@ -107,11 +108,19 @@ def test_schedule_and_lineage_properties(batch, steps, roots):
 
 @pytest.mark.parametrize("bad", [
     dict(batch=0), dict(steps=0), dict(batch=2.5), dict(height=30), dict(width=66),
-    dict(scheduler="dpm++3m"), dict(max_batch=1), dict(renoise=-0.5), dict(seed=-1), dict(eta=-0.1),
+    dict(scheduler="dpm++3m"), dict(seed=-1), dict(eta=-0.1),
 ])
 def test_bad_plans_raise_config_error(bad):
     with pytest.raises(ConfigError):
         RenderPlan(**bad).validate(vae_scale_factor=4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_batch=1), "--max-batch must be >= 2 or auto"), (dict(renoise=-0.5), "--renoise must be >= 0"),
+])
+def test_run_settings_of_a_plan_are_checked_in_the_config(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config(prompt="x", **bad)
 
 
 # ---------------------------------------------------------------- rendering

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage.transform import resize
 
+from embedpin.api import run_config
 from embedpin.errors import ConfigError
 from embedpin.models.clip import clip_image_embeds, clip_text_embeds
 from embedpin.scoring.aggregate import WORST_LOSS, aggregate, lineage_levels
@@ -314,17 +315,22 @@ def test_scorer_combines_flip_and_clip_terms(components, natural_pairs):
     assert torch.allclose(result.loss, result.flip + 0.5 * result.clip, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(flip_weight=0.0, clip_weight=0.0), "weights"),
-    (dict(flip_weight=-1.0), "weights"),
-    (dict(hyperbatch_weighting="cubic"), "weighting"),
-    (dict(clip_weight=1.0), "CLIP"),
-    (dict(ppd=0.0), "ppd > 0"),
-    (dict(std_weight=-1.0), "std weight"),
+def test_scorer_without_clip_rejects_a_clip_weight():
+    with pytest.raises(ConfigError, match="CLIP"):
+        Scorer(None, None, clip_weight=1.0)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(flip_weight=0.0, clip_weight=0.0), "at least one of --flip-weight / --clip-weight"),
+    (dict(flip_weight=-1.0), "loss weights must be >= 0"),
+    (dict(weighting="cubic"), "invalid choice"),
+    (dict(ppd=0.0), "--ppd must be > 0"),
+    (dict(std_weight=-1.0), "--std-weight must be >= 0"),
 ])
-def test_scorer_rejects_bad_settings(kwargs, match):
+def test_bad_score_settings_are_config_errors(settings, match):
+    """The scorer's settings are checked once, in the run's config (the scorer trusts them)."""
     with pytest.raises(ConfigError, match=match):
-        Scorer(None, None, **kwargs)
+        run_config(prompt="x", **settings)
 
 
 def test_default_ppd_is_flip_evaluators():

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from embedpin.config import MICRO, OptimConfig, RenderConfig, SearchConfig
+from embedpin.config import BASES, MICRO, VECTOR_BASES, OptimConfig, RenderConfig, SearchConfig
 from embedpin.errors import ConfigError
 from embedpin.guidance.blocks import blocks
 from embedpin.guidance.concepts import ConceptMapping, map_concepts
@@ -45,8 +45,6 @@ from embedpin.guidance.tween import cluster_profile
 if TYPE_CHECKING:
     from embedpin.models.components import Components
 
-DELTA_BASES = ("image", "pca", "random")
-VECTOR_BASES = ("pca", "random")
 
 
 @dataclass(frozen=True)
@@ -257,8 +255,8 @@ def _check_options(o: GuidanceOptions, components) -> None:
     d = components.text_dim
     if o.mapping not in MODES:
         raise ConfigError(f"unknown mapping mode {o.mapping!r}; choose one of: {', '.join(MODES)}")
-    if o.delta_basis is not None and o.delta_basis not in DELTA_BASES:
-        raise ConfigError(f"unknown delta basis {o.delta_basis!r}; choose one of: {', '.join(DELTA_BASES)}")
+    if o.delta_basis is not None and o.delta_basis not in BASES:
+        raise ConfigError(f"unknown delta basis {o.delta_basis!r}; choose one of: {', '.join(BASES)}")
     if o.vector_basis not in VECTOR_BASES:
         raise ConfigError(f"unknown token-vector basis {o.vector_basis!r}; choose one of: {', '.join(VECTOR_BASES)}")
     for name, k in (("delta_k", o.delta_k), ("vector_k", o.vector_k)):
@@ -356,16 +354,13 @@ def make_context(components, prompt: str, negative: str = "", guide: ImageLike |
     an empty prompt with a guide image is image-only guidance. concepts: one or more concept
     prompts (need a guide image). init_image: img2img start image (enables ``strength``).
     init_vectors [n_vectors, Din]: the placeholders' start (an existing embedding) instead of
-    the init words.
+    the init words. A prompt, a guide image or both, and a guide image for concepts: a run's
+    config is checked for them (RunConfig.validate), so they are not checked again here.
     """
     o = options or GuidanceOptions()
     _check_options(o, components)
     concept_list = [concepts] if isinstance(concepts, str) else list(concepts or [])
     has_guide = guide is not None and not (isinstance(guide, (list, tuple)) and not guide)
-    if not prompt.strip() and not has_guide:
-        raise ConfigError("empty prompt and no guide image: give a prompt, a guide image, or both")
-    if concept_list and not has_guide:
-        raise ConfigError("concept mapping needs a guide image")
     if any(not c.strip() for c in concept_list):
         raise ConfigError("empty concept prompt")
     init = _init_vectors(components, o, init_vectors) if o.n_vectors > 0 else None

@@ -9,14 +9,14 @@ import torch
 
 from embedpin.errors import ConfigError
 from embedpin.models.checkpoint import prediction_name
-from embedpin.models.schedulers import SCHEDULERS, check_scheduler
+from embedpin.models.schedulers import SCHEDULER_CLASSES, check_scheduler
 
 
 def make_scheduler(name: str, config: dict):
     """A fresh diffusers scheduler of the named kind, built from a model's scheduler config."""
     import diffusers  # here, not at the top: the loader imports diffusers first (models.loader)
 
-    cls_name, overrides = SCHEDULERS[check_scheduler(name)]
+    cls_name, overrides = SCHEDULER_CLASSES[check_scheduler(name)]
     cls = getattr(diffusers, cls_name)
     try:
         return cls.from_config({**config, **overrides})

@@ -1,14 +1,16 @@
-"""The sampler names a user can choose, as plain data (no torch): the CLI's --help and
-argument checks read them without loading the model stack."""
+"""The diffusers scheduler behind each sampler name a user can choose (the names:
+:data:`embedpin.config.SCHEDULERS`, where the CLI's --help and argument checks read them
+without loading the model stack)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from embedpin.config import SCHEDULERS
 from embedpin.errors import ConfigError
 
-# Scheduler names a user can pass to --scheduler -> diffusers class name (+ config overrides).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+# Each of config.SCHEDULERS -> diffusers class name (+ config overrides); tests/test_settings.py checks the keys.
+SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
@@ -25,7 +27,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def check_scheduler(name: str) -> str:
-    """``name`` if it is one of :data:`SCHEDULERS`, else the one ConfigError every entry point gives."""
+    """``name`` if it is one of :data:`embedpin.config.SCHEDULERS`, else the one ConfigError library
+    callers get (a run's config is checked before, by RunConfig.validate)."""
     if name not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(sorted(SCHEDULERS))}")
     return name

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from deap import base, cma
 
+from embedpin.config import POLISH_GENERATIONS as POLISH_GENERATIONS  # (re-exported: the runner reads it here)
 from embedpin.errors import ConfigError, InputError
 from embedpin.optimizer.rng import deap_rng, make_rng, rng_from_json, rng_to_json
 
@@ -40,7 +41,6 @@ def default_population(n: int) -> int:
     return int(4 + 3 * math.log(n))
 
 
-POLISH_GENERATIONS = 8  # after a gradient stage has found the start: the search polishes it
 
 
 def default_generations(n: int) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from embedpin.config import OptimConfig, SearchConfig
 from embedpin.errors import ModelError
 from embedpin.guidance.context import GuidanceContext
 from embedpin.guidance.deltas import emphasis, insert_vectors
@@ -47,10 +48,10 @@ class InversionSettings:
     in units of a typical coordinate (the token table's mean row norm / √Din); ``seed``: the
     stage's generator."""
 
-    steps: int = 300
-    batch: int = 16
-    lr: float = 0.1
-    seed: int = 0
+    steps: int = SearchConfig.inversion_steps  # (defaults: the run config's, held once in embedpin.config)
+    batch: int = SearchConfig.inversion_batch
+    lr: float = SearchConfig.inversion_lr
+    seed: int = OptimConfig.seed
 
 
 def alphas_cumprod(components) -> torch.Tensor:

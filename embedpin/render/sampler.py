@@ -83,21 +83,17 @@ class RenderPlan:
     roots: int = RenderConfig.roots
 
     def validate(self, vae_scale_factor: int | None = None) -> RenderPlan:
-        """Raise ConfigError on a value a user could have mistyped; return self."""
+        """Raise ConfigError on a value a user could have mistyped; return self. ``max_batch``,
+        ``renoise`` and ``roots`` come from a run's config, checked there (RunConfig.validate), or
+        are the defaults; only what other callers give (the render command's steps) is checked here."""
         for name in ("batch", "steps", "height", "width"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not _is_int(self.max_batch) or self.max_batch < 2:
-            raise ConfigError(f"max batch must be an integer >= 2 (a latent's two CFG halves), got {self.max_batch!r}")
         check_scheduler(self.scheduler)
-        if self.renoise is not None and not self.renoise >= 0:
-            raise ConfigError(f"renoise must be >= 0, got {self.renoise!r}")
         if not self.eta >= 0:
             raise ConfigError(f"eta must be >= 0, got {self.eta!r}")
-        if not _is_int(self.roots) or self.roots < 1 or self.roots & (self.roots - 1):
-            raise ConfigError(f"roots must be a power of two (1, 2, 4, ...), got {self.roots!r}")
         f = vae_scale_factor
         if f and (self.height % f or self.width % f):
             raise ConfigError(f"image size {self.width}x{self.height} must be a multiple of the VAE factor {f}")

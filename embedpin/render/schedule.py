@@ -49,12 +49,9 @@ def branch_schedule(batch: int, steps: int, roots: int = 2) -> list[int]:
     B=8, 20 steps, 2 roots -> [0, 9, 17]: 68 of 160 evaluations; 4 roots -> [0, 0, 17]: 92;
     B=64 -> [0, 3, 7, 10, 14, 17]: 336 of 1280. ``roots >= B`` (or ``B = 1``) is a plain
     batch (``[]``); ``steps`` too few for one evaluation per batch size fall back to a
-    plain batch with a warning.
+    plain batch with a warning. ``batch``, ``steps`` and ``roots`` are a checked plan's
+    (:meth:`RenderPlan.validate`; ``roots``: :meth:`embedpin.config.RunConfig.validate`).
     """
-    if batch < 1 or steps < 1:
-        raise ConfigError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
-    if roots < 1 or roots & (roots - 1):
-        raise ConfigError(f"roots must be a power of two (1, 2, 4, ...), got {roots}")
     k, r = doublings(batch), doublings(roots)
     later = k - r  # doublings after step 0, at distinct steps in [1, steps - 2]
     if later <= 0:

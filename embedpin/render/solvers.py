@@ -189,7 +189,7 @@ _MULTISTEP = ("d1", "d2", "d3")
 
 
 def make_sampler(name: str, eta: float = 0.0) -> Sampler:
-    """The sampler for one of ``embedpin.models.schedulers.SCHEDULERS``' names."""
+    """The sampler for one of :data:`embedpin.config.SCHEDULERS` (tests/test_settings.py checks the table's keys)."""
     table = {
         "euler": Sampler(euler),
         "euler-a": Sampler(partial(ancestral, eta=1.0), draws=1),

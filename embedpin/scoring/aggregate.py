@@ -38,7 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-WEIGHTINGS = ("none", "geometric", "exponential", "polynomial")
+from embedpin.config import WEIGHTINGS as WEIGHTINGS  # (one definition, in embedpin.config)
+
 WORST_LOSS = 1e10  # finite, exact in float32, above any real loss (CMA-ES only needs the ranking)
 
 

@@ -26,7 +26,7 @@ from embedpin.config import ScoreConfig
 from embedpin.errors import ConfigError
 from embedpin.models.clip import clip_image_embeds, clip_text_embeds, require_clip
 from embedpin.models.components import Components
-from embedpin.scoring.aggregate import WEIGHTINGS, WORST_LOSS, aggregate
+from embedpin.scoring.aggregate import WORST_LOSS, aggregate
 from embedpin.scoring.clip_loss import cosine_distance, pairwise_cosine_distance
 from embedpin.scoring.flip import (
     FlipReference,
@@ -65,7 +65,10 @@ def _off_diagonal_mean(pairs: torch.Tensor) -> torch.Tensor:
 
 
 class Scorer:
-    """Scores generations against fixed targets (images and/or a text) or in self mode."""
+    """Scores generations against fixed targets (images and/or a text) or in self mode.
+
+    The loss weights, weighting, its scale and ppd are a run's ScoreConfig, checked by
+    RunConfig.validate (the defaults are its defaults), so they are not checked again here."""
 
     def __init__(self, components: Components | None, targets: torch.Tensor | None = None,
                  flip_weight: float = ScoreConfig.flip_weight, clip_weight: float = ScoreConfig.clip_weight,
@@ -73,14 +76,6 @@ class Scorer:
                  hyperbatch_weighting: str = ScoreConfig.weighting,
                  hyperbatch_scale: float = ScoreConfig.weighting_scale, ppd: float = ScoreConfig.ppd,
                  masks: torch.Tensor | None = None):
-        if flip_weight < 0 or clip_weight < 0 or flip_weight + clip_weight <= 0:
-            raise ConfigError("loss weights must be >= 0 with at least one of flip/clip weight > 0")
-        if hyperbatch_weighting not in WEIGHTINGS:
-            raise ConfigError(f"unknown hyperbatch weighting {hyperbatch_weighting!r}; "
-                              f"choose one of: {', '.join(WEIGHTINGS)}")
-        if ppd <= 0 or std_weight < 0 or hyperbatch_scale <= 0:
-            raise ConfigError(f"need ppd > 0, std weight >= 0 and hyperbatch scale > 0; got {ppd}, "
-                              f"{std_weight}, {hyperbatch_scale}")
         if targets is not None and (targets.dim() != 4 or targets.shape[1] != 3 or len(targets) == 0):
             raise ValueError(f"targets must be [T, 3, H, W], got {tuple(targets.shape)}")
         if masks is not None and (targets is None or masks.shape != (len(targets), 1, *targets.shape[-2:])):
