@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from embedpin.config import SCALE, SETTINGS, RunConfig, ScaleConfig, settings_from_keywords
+from embedpin.config import PLACEHOLDER, SCALE, SETTINGS, RunConfig, ScaleConfig, settings_from_keywords
 from embedpin.errors import ConfigError
 from embedpin.store import PINNED
 
@@ -81,8 +81,8 @@ def load_pinned(path: str | Path):
     return load(path)
 
 
-def export(run_dir: str | Path, format: str = "diffusers", output: str | Path = "pinned.safetensors",
-           token: str = "<pinned>") -> Path:
+def export(run_dir: str | Path, format: str = "diffusers", output: str | Path = PINNED,
+           token: str = PLACEHOLDER) -> Path:
     """Write a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file
     (``embedpin export``); returns the file written."""
     from embedpin.pinned import export_run

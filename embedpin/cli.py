@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from embedpin.config import PLACEHOLDER
 from embedpin.errors import ConfigError, EmbedpinError
 
 EPILOG = """examples:
@@ -123,11 +124,11 @@ def cmd_export(a) -> int:
 
 def cmd_report(a) -> int:
     from embedpin.reports.builder import rebuild
-    from embedpin.store import RunStore
+    from embedpin.store import PAGE, RunStore
 
     store = RunStore.open(a.run)
     rebuild(store.root)
-    print(f"wrote {store.root / 'index.html'}")
+    print(f"wrote {store.root / PAGE}")
     return 0
 
 
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder")
     e.add_argument("--format", required=True, choices=["diffusers", "textual-inversion"])
     e.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    e.add_argument("--token", default="<pinned>", help="placeholder token name for textual inversion")
+    e.add_argument("--token", default=PLACEHOLDER, help="placeholder token name for textual inversion")
     e.set_defaults(fn=cmd_export)
     rp = sub.add_parser("report", help="rebuild a run's HTML report from its store")
     rp.add_argument("run")

@@ -35,6 +35,10 @@ SCHEDULERS = ("euler", "euler-a", "ddim", "ddpm", "dpm++2m", "dpm++2m-karras", "
 # ꟻLIP's viewing condition (Andersson et al. 2020, sec. 5): a 0.7 m wide 3840-pixel monitor seen from 0.7 m,
 # in pixels per degree of visual angle (67.02): the run's default and the library's.
 FLIP_PPD = 0.7 * (3840 / 0.7) * math.pi / 180
+PLACEHOLDER = "<pinned>"  # the placeholder token an exported textual inversion is used by, by default
+CPU_MAX_BATCH = 256  # images per UNet call without a GPU to probe (host memory): the largest batch a run uses anyway
+# The image-guidance blocks (FlexDiffuse's parameters, embedpin.guidance.flex) and the concept weight: they need guide images.
+FLEX_BLOCKS = ("linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image", "header_cap")
 POLISH_GENERATIONS = 8  # generations after a gradient stage has found the start: the search polishes it
 
 # The optimize command's help groups, in order: name -> title.
@@ -230,8 +234,8 @@ class SearchConfig:
              "token_vectors is not searched)")
     placement: str = setting("before", group="search", choices=PLACEMENTS,
                              help="where the token vectors stand in the prompt you will use: after its words "
-                                  "(\"<prompt> <pinned>\") or before them (\"<pinned> <prompt>\": the text encoder is "
-                                  "causal, so only there can they change the words' states; default: {default})")
+                                  f"(\"<prompt> {PLACEHOLDER}\") or before them (\"{PLACEHOLDER} <prompt>\": the text encoder is "
+                                  "causal, so only there can they change the words' states; default: {{default}})")
     inversion_steps: int = setting(300, group="search", metavar="N", check=at_least(0),
                                    help="before the search, fit the token vectors to the targets by gradient descent "
                                         "on the model's own denoising loss (textual inversion, in the prompt as you "
@@ -292,7 +296,7 @@ class RenderConfig:
                                     check=((lambda v: v >= 2), "must be >= 2 or auto (got {value})"),
                                     help="most images per UNet call, CFG halves included; auto: on a GPU the most its "
                                          "free memory holds (measured by a probe; halved if a call still runs out of "
-                                         "memory), elsewhere 256 (default: auto)")
+                                         f"memory), elsewhere {CPU_MAX_BATCH} (default: auto)")
     strength: float = setting(0.6, group="rendering", check=((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1] (got "
                                                                                             "{value})"),
                               help="img2img strength (default: {default})")
@@ -403,8 +407,7 @@ class ScaleConfig:
 
 
 # Blocks that need guide images ("guidance" stands for those the run's guide images allow).
-GUIDED_BLOCKS = frozenset({"linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image",
-                           "header_cap", "concept"})
+GUIDED_BLOCKS = frozenset({*FLEX_BLOCKS, "concept"})
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
-from embedpin.config import RunConfig
+from embedpin.config import PLACEHOLDER, RunConfig
 from embedpin.errors import ConfigError, InputError
 from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.guidance.encode import input_widths
@@ -137,7 +137,7 @@ class Exported:
         return lines
 
 
-def export_run(run: str | Path, fmt: str, output: str | Path, token: str = "<pinned>") -> Exported:
+def export_run(run: str | Path, fmt: str, output: str | Path, token: str = PLACEHOLDER) -> Exported:
     """Export a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file.
 
     The textual-inversion file is the run's file (``file_vectors``: its best validated

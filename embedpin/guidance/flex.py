@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from embedpin.config import FLEX_BLOCKS
 from embedpin.guidance.mapping import Mapping
 from embedpin.guidance.tween import tween, tween_weights
 
-FLEX_PARAMS = ("linear_start", "linear_end", "clustered", "threshold", "threshold_floor", "max_image", "header_cap")
+FLEX_PARAMS = FLEX_BLOCKS
 
 
 def image_guidance(text: torch.Tensor, mapping: Mapping, profile: torch.Tensor,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-CPU_MAX_BATCH = 256  # CPU / MPS: no probe (host memory); the largest batch the run uses anyway
+from embedpin.config import CPU_MAX_BATCH
+
 MARGIN = 0.8         # of the free memory: the VAE, CLIP, FLIP and the allocator's slack share the rest
 
 

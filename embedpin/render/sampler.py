@@ -42,7 +42,7 @@ from functools import partial
 
 import torch
 
-from embedpin.config import MICRO, OptimConfig, RenderConfig
+from embedpin.config import CPU_MAX_BATCH, MICRO, OptimConfig, RenderConfig
 from embedpin.errors import ConfigError
 from embedpin.models.components import make_scheduler
 from embedpin.models.schedulers import check_scheduler
@@ -77,7 +77,7 @@ class RenderPlan:
     width: int = 64
     seed: int = OptimConfig.seed
     hyperbatch: bool = RenderConfig.hyperbatch
-    max_batch: int = 256
+    max_batch: int = CPU_MAX_BATCH
     renoise: float | None = RenderConfig.renoise
     eta: float = 0.0
     roots: int = RenderConfig.roots

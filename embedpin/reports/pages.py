@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from embedpin.config import RunConfig
+from embedpin.config import PLACEHOLDER, RunConfig
 from embedpin.errors import InputError
 from embedpin.reports.images import thumb_relpath, thumbnail
 from embedpin.reports.lineage import group_colours, lineage_array, trunk_groups
@@ -234,7 +234,7 @@ def file_context(run: RunStore) -> dict | None:
     config = run.config()
     prompt = config.prompt.prompt if config else ""
     before = config is not None and config.search.placement == "before"
-    usage = " ".join(p for p in (["<pinned>", prompt] if before else [prompt, "<pinned>"]) if p)
+    usage = " ".join(p for p in ([PLACEHOLDER, prompt] if before else [prompt, PLACEHOLDER]) if p)
     return dict(loss=file.loss, generation=file.generation, kind=file.kind, usage=usage,
                 page=in_generation(file.generation, PAGE),
                 images=_image_entries(run.root, "", file.images, file.image_losses))
