@@ -292,7 +292,7 @@ class PinningRun:
         unwritable) leaves it resumable from its last committed generation, marked interrupted where
         the folder can still be written, and is raised again naming the command that continues it."""
         try:
-            return self.generations()
+            return self._generations()
         except (EmbedpinError, OSError) as e:
             error = e if isinstance(e, EmbedpinError) else _store_error(e, self.store.root)
             self._mark_stopped(f"error: {error}")
@@ -309,7 +309,7 @@ class PinningRun:
         except OSError:
             pass
 
-    def generations(self) -> RunResult:
+    def _generations(self) -> RunResult:
         """Start (or go on), then search until the last generation, convergence or a stop: Ctrl-C
         (:class:`_Interrupt`), the host's ``stop()`` or :class:`StopRun`. A stopped run ends as
         last committed, interrupted unless it converged or had done all its generations."""
