@@ -157,8 +157,8 @@ def instrument(comp, stages: Stages):
     stages.wrap(session_module, "distance", "text encoding and guidance")
     stages.wrap(Scorer, "flip_per_image", "FLIP")
     stages.wrap(Scorer, "error_maps", "FLIP")
-    stages.wrap(runner_module, "_commit", "optimizer, store and reports")
-    stages.wrap(runner_module, "_report", "optimizer, store and reports")
+    stages.wrap(runner_module.PinningRun, "commit", "optimizer, store and reports")
+    stages.wrap(runner_module.PinningRun, "report", "optimizer, store and reports")
 
 
 def measure(arch: str, size: int, dtype: str, device: str, out: Path, generations: int = 2) -> dict:
@@ -170,22 +170,21 @@ def measure(arch: str, size: int, dtype: str, device: str, out: Path, generation
     session_module.load_components = lambda *a, **kw: comp  # the run loads our random-weight model
     stages = Stages(comp.device)
     instrument(comp, stages)
-    loop = runner_module._loop
+    loop = runner_module.PinningRun.loop
 
-    def measured_loop(setup, ev, store, opt, state, quiet):  # time only the last generation
+    def measured_loop(run):  # time only the last generation
         nonlocal per_generation
-        total = setup.config.optim.generations
-        setup.config.optim.generations = total - 1
-        loop(setup, ev, store, opt, state, quiet)
-        setup.config.optim.generations, stages.on = total, True
+        run.total -= 1
+        loop(run)
+        run.total, stages.on = run.total + 1, True
         t = time.perf_counter()
-        result = loop(setup, ev, store, opt, store.read_state(), quiet)
+        result = loop(run)
         per_generation = time.perf_counter() - t
         stages.on = False
         return result
 
     per_generation = 0.0
-    runner_module._loop = measured_loop
+    runner_module.PinningRun.loop = measured_loop
     target = str(Path(__file__).resolve().parents[1] / "examples" / "star.png")
     settings = dict(model=comp.name, target=target, prompt="a large red star at the top left on a plain blue background",
                     generations=generations, population=6, batch=4, steps=6, validation_seeds=4, size=size,
@@ -193,7 +192,7 @@ def measure(arch: str, size: int, dtype: str, device: str, out: Path, generation
     try:
         result = runner_module.run(run_config(**settings), quiet=True)
     finally:
-        runner_module._loop = loop
+        runner_module.PinningRun.loop = loop
     import json
 
     state = json.loads((result.run_dir / "state.json").read_text())

@@ -24,26 +24,32 @@ result does not depend on where its candidates rendered. A mistake that ends a r
 worker lost, a run folder that fills up or turns read-only) leaves it resumable from its last
 committed generation, with one ``error:`` line; Ctrl-C stops after the current generation, a
 second Ctrl-C at once, both leaving it resumable the same way.
+
+The loop is :class:`PinningRun`, one object per run (or resume) holding the setup, the evaluator,
+the store, the state and the optimizer; it prints nothing. What it has to say goes to its hooks
+(``events.RunHooks``): :func:`run` and :func:`resume` give it the terminal's
+(``terminal.Terminal``: progress bar and notes unless ``quiet``), which also passes ``progress``
+and ``stop`` on to a host application's hooks.
 """
 
 from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
-from tqdm import tqdm
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import EmbedpinError, StoreError
+from embedpin.events import RunHooks, StopRun
 from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.optimizer.batch import Batch
 from embedpin.optimizer.cmaes import CMAES, POLISH_GENERATIONS, default_generations
@@ -75,6 +81,10 @@ from embedpin.store import (
     validation_image,
     write_vectors,
 )
+from embedpin.terminal import Terminal
+
+__all__ = ["PinningRun", "RunHooks", "RunResult", "StopRun", "file_exact", "load_optimizer", "make_optimizer", "resume", "run",
+           "total_generations"]
 
 
 @dataclass
@@ -147,27 +157,14 @@ def total_generations(setup: RunSetup, opt) -> int:
     return c.optim.generations or (POLISH_GENERATIONS if c.inverts() else default_generations(opt.n))
 
 
-class StopRun(Exception):
-    """Raised by a host application's code while a run renders (``RunHooks``): stop now; the run
-    stays resumable from its last committed generation, as after a second Ctrl-C."""
-
-
-@dataclass
-class RunHooks:
-    """How a host application (a node in ComfyUI) follows and stops a run: ``progress(done,
-    total)`` after each committed generation; ``stop()`` asked after each one (True: stop there,
-    resumable). To stop within a generation, raise :class:`StopRun` from the host's own code
-    (a UNet forward hook, say)."""
-    progress: Callable[[int, int], None] = lambda done, total: None
-    stop: Callable[[], bool] = lambda: False
-
-
 class _Interrupt:
-    """First Ctrl-C: stop after the current generation's writes. Second: stop now. Later ones are
-    ignored while the run writes that it stopped (the stop itself is never cut short). Signals reach
-    only the main thread: a run on another thread, a host application's, is stopped by its hooks."""
+    """First Ctrl-C: stop after the current generation's writes (``hooks.stopping()`` says so).
+    Second: stop now. Later ones are ignored while the run writes that it stopped (the stop itself
+    is never cut short). Signals reach only the main thread: a run on another thread, a host
+    application's, is stopped by its hooks."""
 
-    def __init__(self):
+    def __init__(self, hooks: RunHooks):
+        self.hooks = hooks
         self.requested = self.now = False
 
     def __enter__(self):
@@ -182,7 +179,7 @@ class _Interrupt:
             self.now = True
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this generation (Ctrl-C again to stop now; the run stays resumable)", flush=True)
+        self.hooks.stopping()
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -195,16 +192,18 @@ def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None
     """Start a new run: validate and load everything (in the workers, with ``scale``), then create
     the run folder and loop. ``evaluator``: render with this one instead (the caller closes it);
     ``components``: render in this process with a model already loaded (a host application's);
-    ``hooks``: a host application's progress and stop (:class:`RunHooks`)."""
+    ``hooks``: a host application's progress and stop (:class:`RunHooks`); ``quiet``: no progress
+    bar and no notes (see :func:`_observer`)."""
     config.validate()
-    with _evaluator(config, scale, evaluator, quiet, components) as ev:
+    hooks = _observer(quiet, hooks)
+    with _evaluator(config, scale, evaluator, hooks.note, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         store = RunStore.create(setup.config, setup.files(), input_digests(setup.config))  # (model defaults filled in)
         state = store.read_state()
         state.space = ev.info.space
         state.notes = ev.info.notes or None
         state.tokens = ev.info.tokens or None
-        return _loop(setup, ev, store, make_optimizer(setup), state, quiet, hooks or RunHooks())
+        return PinningRun(setup, ev, store, state, make_optimizer(setup), hooks).loop()
 
 
 def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None = None,
@@ -216,37 +215,32 @@ def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None =
     state = store.read_state()
     config = store.config()
     store.check_inputs(input_digests(config))
-    with _evaluator(config, scale, evaluator, quiet, components) as ev:
+    hooks = _observer(quiet, hooks)
+    with _evaluator(config, scale, evaluator, hooks.note, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(setup)
-        return _loop(setup, ev, store, opt, state, quiet, hooks or RunHooks())
+        return PinningRun(setup, ev, store, state, opt, hooks).loop()
+
+
+def _observer(quiet: bool, hooks: RunHooks | None) -> Terminal:
+    """Who hears the run's events: the terminal (``terminal.Terminal``: progress bar, notes; with
+    ``quiet`` only the answer to Ctrl-C), passing ``progress`` and ``stop`` on to the host's hooks."""
+    return Terminal(quiet, hooks)
 
 
 @contextmanager
-def _evaluator(config: RunConfig, scale: ScaleConfig | None, given: Evaluator | None, quiet: bool, components=None):
+def _evaluator(config: RunConfig, scale: ScaleConfig | None, given: Evaluator | None,
+               notify: Callable[[str], None], components=None):
     """``given``, or an evaluator opened for ``scale`` (or ``components``) and closed on the way
-    out (its Ray workers stopped, a Ray cluster it started shut down)."""
+    out (its Ray workers stopped, a Ray cluster it started shut down); ``notify``: where its notes go."""
     if given is not None:
         yield given
         return
-    ev = open_evaluator(config, scale or ScaleConfig(), _notes(quiet), components)
+    ev = open_evaluator(config, scale or ScaleConfig(), notify, components)
     try:
         yield ev
     finally:
         ev.close()
-
-
-def _loop(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool,
-          hooks: RunHooks) -> RunResult:
-    """The generations; a mistake that ends the run midway (every worker lost, the run folder
-    unwritable) leaves it resumable from its last committed generation, marked interrupted where
-    the folder can still be written, and is raised again naming the command that continues it."""
-    try:
-        return _generations(setup, ev, store, opt, state, quiet, hooks)
-    except (EmbedpinError, OSError) as e:
-        error = e if isinstance(e, EmbedpinError) else _store_error(e, store.root)
-        _mark_stopped(store, f"error: {error}")
-        raise type(error)(f"{error}; the run stays resumable: embedpin optimize --resume {store.root}") from None
 
 
 def _store_error(e: OSError, root: Path) -> StoreError:
@@ -254,134 +248,380 @@ def _store_error(e: OSError, root: Path) -> StoreError:
     return StoreError(f"cannot write the run folder {root}: {e.strerror or e}")
 
 
-def _mark_stopped(store: RunStore, reason: str) -> None:
-    """Mark the run interrupted, if its folder can still be written (else it stays as last committed)."""
-    try:
-        state = store.read_state()
-        state.status, state.stop_reason = "interrupted", reason
-        store.write_state(state)
-        _report(store, None)
-    except OSError:
-        pass
+class _Validated(NamedTuple):
+    """A generation's candidates rendered on the validation seeds: their records, xs and batch."""
+    records: list[CandidateRecord]
+    xs: list[np.ndarray]
+    batch: Batch
 
 
-def _generations(setup: RunSetup, ev: Evaluator, store: RunStore, opt, state: RunState, quiet: bool,
-                 hooks: RunHooks) -> RunResult:
-    total = total_generations(setup, opt)
-    for note in setup.info.notes if not quiet else []:
-        print(f"note: {note}", file=sys.stderr)
-    ev.notify = _notes(quiet)
-    state.status = "running"
-    store.write_state(state)
-    _report(store, None)
-    if not quiet:
-        print(f"run folder: {store.root}\nreport: {store.root / 'index.html'} (open it now: it refreshes itself "
-              f"while the run goes)", file=sys.stderr, flush=True)
-    bar = tqdm(total=total, initial=state.generation, disable=quiet, unit="gen", dynamic_ncols=True)
-    reason = "generations"
-    with _Interrupt() as stop:
+@dataclass
+class _Generation:
+    """A generation in flight: its number ``g``, candidates X [λ, n], their batch and (finite)
+    losses, which may be pinned (``eligible``), the distribution's mean when it is validated (the
+    first and last generation) and when the generation started."""
+    g: int
+    X: np.ndarray
+    batch: Batch
+    losses: np.ndarray
+    eligible: np.ndarray
+    center: np.ndarray | None
+    t0: float
+
+    @property
+    def best(self) -> int:
+        """The generation's best candidate: the lowest loss among the eligible (any, when none is)."""
+        if self.eligible.any():
+            return int(np.argmin(np.where(self.eligible, self.losses, np.inf)))
+        return int(np.argmin(self.losses))
+
+
+class PinningRun:
+    """One run's loop over its generations: the setup (``RunSetup``), the evaluator that renders,
+    the run folder (``RunStore``), the committed state (``RunState``), the optimizer, and the hooks
+    that hear what happens (``RunHooks``). Each generation asks, renders, tells, validates,
+    commits, pins and reports (:meth:`generation`); ``state`` is always what was last committed
+    plus the generation being committed."""
+
+    def __init__(self, setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, opt, hooks: RunHooks):
+        self.setup, self.ev, self.store, self.state, self.opt, self.hooks = setup, ev, store, state, opt, hooks
+        self.total = total_generations(setup, opt)
+
+    def loop(self) -> RunResult:
+        """The generations; a mistake that ends the run midway (every worker lost, the run folder
+        unwritable) leaves it resumable from its last committed generation, marked interrupted where
+        the folder can still be written, and is raised again naming the command that continues it."""
         try:
-            if setup.validation is not None and state.plain_validation is None:
-                _validate_plain(setup, ev, store, state)
-                store.write_state(state)
-            _inversion(setup, ev, store, state, quiet)
-            while state.generation < total and not stop.requested:
-                g = state.generation
-                t0 = time.time()
-                X = opt.ask()                                    # 1. ask: X [λ, n]
-                center = opt.stats()["mean"] if g in (0, total - 1) else None  # validated: the start and the end
-                batch = ev.evaluate(X, setup.search_plan(g), f"generation {g}")  # 2-5. decode, build, render, score
-                losses = _finite(batch.loss)
-                opt.tell(X, losses, batch.distance)              # 6. tell
-                _commit(setup, ev, store, state, opt, g, batch, losses, X, center, t0)  # 7-8. validate, commit
-                _report(store, g)                                # 8. report
-                _progress(bar, state, ev, quiet)
-                hooks.progress(state.generation, total)
-                if hooks.stop():
-                    stop.requested = True
-                    break
-                if _converged(setup, opt, state):
-                    reason = "converged"
-                    break
-        except (KeyboardInterrupt, StopRun):
-            stop.requested = True
-        finally:
-            bar.close()
-        state = store.read_state()  # as last committed (a generation stopped midway is not)
-        interrupted = stop.requested and reason != "converged" and state.generation < total
+            return self._generations()
+        except (EmbedpinError, OSError) as e:
+            error = e if isinstance(e, EmbedpinError) else _store_error(e, self.store.root)
+            self._mark_stopped(f"error: {error}")
+            raise type(error)(f"{error}; the run stays resumable: embedpin optimize --resume {self.store.root}") \
+                from None
+
+    def _mark_stopped(self, reason: str) -> None:
+        """Mark the run interrupted, if its folder can still be written (else it stays as last committed)."""
+        try:
+            state = self.store.read_state()
+            state.status, state.stop_reason = "interrupted", reason
+            self.store.write_state(state)
+            self.report(None)
+        except OSError:
+            pass
+
+    def _generations(self) -> RunResult:
+        """Start (or go on), then search until the last generation, convergence or a stop: Ctrl-C
+        (:class:`_Interrupt`), the host's ``stop()`` or :class:`StopRun`. A stopped run ends as
+        last committed, interrupted unless it converged or had done all its generations."""
+        self._start()
+        self.hooks.begin(self.state.generation, self.total)
+        reason = "generations"
+        with _Interrupt(self.hooks) as stop:
+            try:
+                reason = self._search(stop)
+            except (KeyboardInterrupt, StopRun):
+                stop.requested = True
+            finally:
+                self.hooks.end()
+            return self._finish(reason, stop.requested and reason != "converged")
+
+    def _start(self) -> None:
+        """Say the setup's notes (and route the evaluator's), mark the run running and say where it is."""
+        for note in self.setup.info.notes:
+            self.hooks.note(note)
+        self.ev.notify = self.hooks.note
+        self.state.status = "running"
+        self.store.write_state(self.state)
+        self.report(None)
+        self.hooks.started(self.store.root)
+
+    def _search(self, stop: _Interrupt) -> str:
+        """The plain prompt's validation and the inversion stage where not done yet, then the
+        generations; returns why they ended: "converged" or "generations" (all done, or stopped)."""
+        if self.setup.validation is not None and self.state.plain_validation is None:
+            self.validate_plain()
+            self.store.write_state(self.state)
+        self.inversion()
+        while self.state.generation < self.total and not stop.requested:
+            self.generation()
+            if self.hooks.stop():
+                stop.requested = True
+                break
+            if self.converged():
+                return "converged"
+        return "generations"
+
+    def _finish(self, reason: str, stopped: bool) -> RunResult:
+        """Record how the run ended, on its state as last committed (a generation stopped midway is not)."""
+        self.state = state = self.store.read_state()
+        interrupted = stopped and state.generation < self.total
         state.status = "interrupted" if interrupted else "finished"
         state.stop_reason = "interrupted" if interrupted else reason
-        store.write_state(state)
-        _report(store, None)
-    hist, plain = state.history, state.plain_validation
-    best = state.best.loss if state.best else math.nan
-    validated = plain is not None
-    return RunResult(store.root, best, hist[0].best if hist else math.nan, state.generation,
-                     sum(h.renders for h in hist) + (plain.renders if validated else 0), interrupted, state.stop_reason,
-                     best if validated and state.best else None, plain.loss if validated else None,
-                     state.file.loss if state.file else None, workers=ev.workers)
+        self.store.write_state(state)
+        self.report(None)
+        return self.result(interrupted)
 
+    def result(self, interrupted: bool) -> RunResult:
+        """The run's figures from its state: the pinned loss (a validation loss when the plain
+        prompt was validated), the first generation's best, renders with validation included."""
+        state, plain = self.state, self.state.plain_validation
+        hist = state.history
+        best = state.best.loss if state.best else math.nan
+        return RunResult(
+            run_dir=self.store.root, best_loss=best, first_best_loss=hist[0].best if hist else math.nan,
+            generations=state.generation, renders=sum(h.renders for h in hist) + (plain.renders if plain else 0),
+            interrupted=interrupted, stop_reason=state.stop_reason,
+            validation_loss=best if plain is not None and state.best else None,
+            plain_validation_loss=plain.loss if plain is not None else None,
+            file_validation_loss=state.file.loss if state.file else None, workers=self.ev.workers)
 
-def _inversion(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, quiet: bool) -> None:
-    """The gradient stage before the search (``--inversion-steps``): fit the token vectors to the
-    targets once, keep them in the run folder, and start the search there; a resumed run reads
-    them back (a run stopped during the stage does it again: it is a function of the config)."""
-    path = store.root / INVERSION
-    if state.inversion is not None:
-        if state.inversion.steps:
-            ev.use_vectors(read_vectors(path))
-        return
-    if state.generation > 0:
-        return
-    losses: list[float] = []
-    steps = setup.config.search.inversion_steps
-    bar = tqdm(total=steps, disable=quiet, unit="step", desc="inversion", dynamic_ncols=True, leave=False)
+    def inversion(self) -> None:
+        """The gradient stage before the search (``--inversion-steps``): fit the token vectors to the
+        targets once, keep them in the run folder, and start the search there; a resumed run reads
+        them back (a run stopped during the stage does it again: it is a function of the config).
+        A model without a gradient leaves the search gradient-free, from the init words."""
+        done = self.state.inversion
+        if done is not None and done.steps:
+            self.ev.use_vectors(read_vectors(self.store.root / INVERSION))
+        if done is not None or self.state.generation > 0:
+            return
+        losses: list[float] = []
 
-    def progress(step: int, loss: float) -> None:
-        losses.append(loss)
-        bar.set_postfix(refresh=False, loss=f"{loss:.4f}")
-        bar.update(1)
+        def progress(step: int, loss: float) -> None:
+            losses.append(loss)
+            self.hooks.inversion_step(step, loss)
 
-    t0 = time.time()
-    try:
-        vectors = ev.invert(progress)
-    except NoGradient as e:
-        state.inversion = InversionRecord(steps=0, seconds=round(time.time() - t0, 3), note=f"{e}: gradient-free only")
-        store.write_state(state)
-        _notes(quiet)(f"{e}; the search goes on gradient-free from the init words")
-        return
-    finally:
-        bar.close()
-    if vectors is None:
-        return
-    write_vectors(path, vectors)
-    tenth = max(1, len(losses) // 10)
-    state.inversion = InversionRecord(steps=len(losses), seconds=round(time.time() - t0, 3),
-                                      loss_start=float(np.mean(losses[:tenth])), loss_end=float(np.mean(losses[-tenth:])))
-    store.write_state(state)
-    ev.use_vectors(vectors)
-    if not quiet:
-        tqdm.write(f"inversion: {len(losses)} steps in {state.inversion.seconds:.0f}s, denoising loss "
-                   f"{state.inversion.loss_start:.4f} -> {state.inversion.loss_end:.4f}; the search starts there",
-                   file=sys.stderr)
+        self.hooks.inversion_begin(self.setup.config.search.inversion_steps)
+        t0 = time.time()
+        try:
+            vectors = self.ev.invert(progress)
+        except NoGradient as e:
+            self.state.inversion = InversionRecord(steps=0, seconds=round(time.time() - t0, 3),
+                                                   note=f"{e}: gradient-free only")
+            self.store.write_state(self.state)
+            self.hooks.note(f"{e}; the search goes on gradient-free from the init words")
+            return
+        finally:
+            self.hooks.inversion_end()
+        if vectors is not None:
+            self._start_from(vectors, losses, time.time() - t0)
 
+    def _start_from(self, vectors, losses: list[float], seconds: float) -> None:
+        """Keep the fitted vectors (``INVERSION``) and their record (the mean denoising loss over the
+        first and the last tenth of the steps); the search's x = 0 is now them."""
+        write_vectors(self.store.root / INVERSION, vectors)
+        tenth = max(1, len(losses) // 10)
+        self.state.inversion = InversionRecord(steps=len(losses), seconds=round(seconds, 3),
+                                               loss_start=float(np.mean(losses[:tenth])),
+                                               loss_end=float(np.mean(losses[-tenth:])))
+        self.store.write_state(self.state)
+        self.ev.use_vectors(vectors)
+        self.hooks.inverted(self.state.inversion)
 
-def _notes(quiet: bool):
-    """Where an evaluator's notes (a worker lost, restarted) go: above the progress bar, on stderr."""
-    if quiet:
-        return lambda message: None
-    return lambda message: tqdm.write(f"note: {message}", file=sys.stderr)
+    def generation(self) -> None:
+        """Generation ``state.generation``: ask, render and score (the evaluator), tell, then
+        validate and commit it (:meth:`commit`), update the report and tell the hooks."""
+        g, t0 = self.state.generation, time.time()
+        X = self.opt.ask()                                    # 1. ask: X [λ, n]
+        center = self.opt.stats()["mean"] if g in (0, self.total - 1) else None  # validated: the start and the end
+        batch = self.ev.evaluate(X, self.setup.search_plan(g), f"generation {g}")  # 2-5. decode, build, render, score
+        losses = _finite(batch.loss)
+        self.opt.tell(X, losses, batch.distance)              # 6. tell
+        self.commit(_Generation(g, X, batch, losses, self.eligible(batch.distance, losses), center, t0))  # 7-8.
+        self.report(g)                                        # 8. report
+        self.hooks.generation(self.state, None if self.ev.workers is None else self.ev.alive())
+        self.hooks.progress(self.state.generation, self.total)
+
+    def commit(self, gen: _Generation) -> None:
+        """Generation g in four steps: build its folder and record (validation included), store
+        it as a whole, pin the result it may improve, then write the state that names it."""
+        tmp = self.store.begin_generation(gen.g)
+        record, validated = self._generation_record(tmp, gen)
+        self.store.finish_generation(gen.g, tmp, record)
+        self.pin(gen, record, validated)
+        stats = self.opt.stats()
+        self.state.history.append(self._history_entry(stats, gen, record, validated))
+        if stats["front"] is not None:
+            self.state.pareto = stats["front"]
+        self.state.generation = gen.g + 1
+        self.state.optimizer = self.opt.to_state()
+        self.store.write_state(self.state)
+
+    def _generation_record(self, folder: Path, gen: _Generation) -> tuple[GenerationRecord, _Validated | None]:
+        """Write the generation's images, error maps and validation renders into ``folder``;
+        returns (its record, the validation or None)."""
+        candidates = self._candidates(folder, gen)
+        record = GenerationRecord(
+            generation=gen.g, sigma=float(self.opt.sigma), best_candidate=gen.best,
+            errmaps=self._error_maps(gen.batch.images[gen.best], folder), seed=self.setup.search_plan(gen.g).seed,
+            candidates=candidates)
+        validated = self.validate(folder, gen) if self.setup.validation is not None else None
+        if validated:
+            record.validation = validated.records
+        return record, validated
+
+    def _candidates(self, folder: Path, gen: _Generation) -> list[CandidateRecord]:
+        """Each candidate's images (previews; full PNGs for the best one) and record."""
+        lam, B = gen.batch.images.shape[:2]
+        previews = keeps_previews(self.setup.config)
+        out = []
+        for i in range(lam):
+            saved = [save_render(folder, candidate_image(i, b), gen.batch.images[i, b], previews, full=i == gen.best)
+                     for b in range(B)]
+            record = _candidate_record(gen.batch, i, gen.losses, [shown for shown, _ in saved])
+            record.full = [full for _, full in saved] if saved[0][1] else None
+            out.append(record)
+        return out
+
+    def _history_entry(self, stats: dict, gen: _Generation, record: GenerationRecord,
+                       validated: _Validated | None) -> HistoryEntry:
+        """The generation's line in ``state.history``: its losses, the optimizer's step size and
+        shape, renders (validation included) and, on Ray workers, each worker's seconds."""
+        best_i, batch = gen.best, gen.batch
+        sorted_l = np.sort(gen.losses)
+        lam, B = batch.images.shape[:2]
+        v_renders = len(validated.records) * self.setup.validation.batch if validated else 0
+        best = record.candidates[best_i]
+        return HistoryEntry(
+            generation=gen.g, best=float(gen.losses[best_i]), median=float(np.median(sorted_l)),
+            worst=float(sorted_l[-1]), sigma=stats["sigma"], axis_ratio=stats["axis_ratio"],
+            eigenvalues=stats["eigenvalues"], flip=best.flip, clip=best.clip, best_candidate=best_i,
+            best_params=best.params, validation={v.kind: v.loss for v in validated.records} if validated else None,
+            seconds=time.time() - gen.t0, renders=int(lam * B) + v_renders, validation_renders=v_renders,
+            unet_evals=int(batch.unet_evals),
+            workers=None if self.ev.workers is None else _worker_seconds([batch] + ([validated.batch] if validated
+                                                                                    else [])))
+
+    def pin(self, gen: _Generation, record: GenerationRecord, validated: _Validated | None) -> None:
+        """The pinned result: the validation best (with validation), else the search's best."""
+        best = record.candidates[gen.best]
+        if validated:
+            self.pin_validated(gen.g, validated)
+        elif gen.eligible[gen.best] and (self.state.best is None or best.loss < self.state.best.loss):
+            self.state.best = PinnedRecord(generation=gen.g, candidate=gen.best, loss=best.loss, flip=best.flip,
+                                           clip=best.clip, distance=best.distance, params=best.params,
+                                           x=[float(v) for v in gen.X[gen.best]])
+            self.write_pinned()
+
+    def pin_validated(self, g: int, validated: _Validated) -> None:
+        """Pin the lowest validation loss among this generation's validated candidates if it
+        beats the pinned result so far (within ``--max-distance`` with the size limiter), and keep
+        the lowest all-in-vectors one as the run's textual-inversion file if it beats the file so
+        far and the plain prompt."""
+        eligible = [k for k, r in enumerate(validated.records) if r.eligible]
+        pinned = self._pin_best(g, validated, eligible)
+        if self._keep_file(g, validated, eligible) or pinned:
+            self.write_pinned()
+
+    def _pin_best(self, g: int, validated: _Validated, eligible: list[int]) -> bool:
+        """The lowest-loss eligible validated record as ``state.best``, if it beats it; whether it did."""
+        if not eligible:
+            return False
+        k = min(eligible, key=lambda j: validated.records[j].loss)
+        r, best = validated.records[k], self.state.best
+        if r.loss >= (math.inf if best is None or best.loss is None else best.loss):
+            return False
+        self.state.best = PinnedRecord(generation=g, candidate=r.index if r.kind == "best" else r.kind, kind=r.kind,
+                                       loss=r.loss, flip=r.flip, clip=r.clip, distance=r.distance, params=r.params,
+                                       images=r.images, image_losses=r.image_losses, validation=True,
+                                       x=[float(v) for v in validated.xs[k]])
+        return True
+
+    def _keep_file(self, g: int, validated: _Validated, eligible: list[int]) -> bool:
+        """The lowest-loss eligible record a file carries exactly (:func:`file_exact`) as ``state.file``,
+        if it beats the file so far and the plain prompt; whether it did."""
+        exact = [k for k in eligible if file_exact(self.setup, validated.records[k].params)]
+        if not exact:
+            return False
+        k = min(exact, key=lambda j: validated.records[j].loss)
+        r, plain, file = validated.records[k], self.state.plain_validation, self.state.file
+        if r.loss >= (math.inf if file is None else file.loss) or (plain is not None and r.loss >= plain.loss):
+            return False
+        self.state.file = FileRecord(generation=g, kind=r.kind, loss=r.loss, x=[float(v) for v in validated.xs[k]],
+                                     flip=r.flip, clip=r.clip, params=r.params, images=r.images,
+                                     image_losses=r.image_losses)
+        return True
+
+    def validate(self, folder: Path, gen: _Generation) -> _Validated:
+        """Render the generation's best candidate (and the distribution's mean) on the validation
+        seeds, their images in ``folder/validation/``."""
+        kinds = [("best", gen.best, gen.X[gen.best])] + ([("mean", None, gen.center)] if gen.center is not None
+                                                         else [])
+        xs = [x for _, _, x in kinds]
+        batch = self.ev.evaluate(np.stack(xs), self.setup.validation, f"generation {gen.g} validation")
+        losses = _finite(batch.loss)
+        eligible = self.eligible(batch.distance, losses)
+        records, previews = [], keeps_previews(self.setup.config)
+        for k, (kind, index, _) in enumerate(kinds):
+            names = [save_render(folder, validation_image(kind, b), img, previews)[0]
+                     for b, img in enumerate(batch.images[k])]
+            record = _candidate_record(batch, k, losses, [f"generations/{generation_dirname(gen.g)}/{n}"
+                                                          for n in names])
+            record.index, record.kind, record.eligible = index, kind, bool(eligible[k])
+            records.append(record)
+        return _Validated(records, xs, batch)
+
+    def validate_plain(self) -> None:
+        """The plain prompt on the validation seeds: its record (images under ``validation/``),
+        and the pinned result until a candidate beats it."""
+        batch = self.ev.evaluate_plain(self.setup.validation)
+        previews = keeps_previews(self.setup.config)
+        names = [save_render(self.store.root, validation_image("plain", b), img, previews)[0]
+                 for b, img in enumerate(batch.images[0])]
+        plain = PlainValidation(
+            loss=float(batch.loss[0]), flip=None if batch.flip is None else _num(batch.flip[0]),
+            clip=None if batch.clip is None else _num(batch.clip[0]), image_losses=[_num(x) for x in batch.per_image[0]],
+            images=names, seed=self.setup.validation.seed, renders=int(batch.images.shape[1]))
+        self.state.plain_validation = plain
+        if self.state.best is None:
+            self.state.best = PinnedRecord(generation=None, candidate="plain", kind="plain", loss=plain.loss,
+                                           flip=plain.flip, clip=plain.clip, distance=0.0, params={}, images=names,
+                                           image_losses=plain.image_losses, validation=True)
+            self.write_pinned()
+
+    def eligible(self, distance: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        """Candidates that may become the pinned result: all of them, or with the size limiter
+        (``--max-distance``) those within the distance. A generation with none eligible still
+        reports its lowest loss but pins nothing."""
+        limit = self.setup.config.optim.max_distance
+        if limit is None:
+            return np.ones(len(losses), dtype=bool)
+        return np.asarray(distance, dtype=np.float64) <= limit
+
+    def _error_maps(self, images: np.ndarray, folder: Path) -> list[str]:
+        """The best candidate's ꟻLIP error maps (from its uint8 images) as magma PNGs; none in self mode."""
+        maps = self.setup.error_maps(images)
+        if maps is None:
+            return []
+        cmap, previews = matplotlib.colormaps["magma"], keeps_previews(self.setup.config)
+        return [save_render(folder, errmap_image(b), cmap(m)[..., :3].transpose(2, 0, 1), previews)[0]
+                for b, m in enumerate(maps)]
+
+    def write_pinned(self) -> None:
+        """The run's pinned result and textual-inversion file: their conditionings, built by the
+        evaluator, in ``pinned.safetensors``."""
+        best, file, plain = self.state.best, self.state.file, self.state.plain_validation
+        x = best.x if best.x is not None else (self.setup.space.encode(best.params) if best.params else None)
+        pinned = self.ev.pinned(None if x is None else np.asarray(x))
+        save_pinned(self.store.root / PINNED, self.setup.config, self.setup.info, pinned, best,
+                    None if file is None else (self.ev.pinned(np.asarray(file.x)), file), plain and plain.loss)
+
+    def report(self, g: int | None) -> None:
+        """The report's pages: generation ``g``'s and the run page (None: the run page alone)."""
+        update(self.store.root, g)
+
+    def converged(self) -> bool:
+        """The optimizer's own stop (``--tol-fun`` / ``--tol-x``): the search has settled."""
+        optim = self.setup.config.optim
+        return bool(self.opt.should_stop(tol_fun=optim.tol_fun, tol_x=optim.tol_x))
 
 
 def _finite(loss: np.ndarray) -> np.ndarray:
+    """The losses with every non-finite one replaced by a worst value: twice the worst finite
+    loss, at least 1e9 (the optimizer ranks a failed render last)."""
     out = np.asarray(loss, dtype=np.float64)
     worst = np.nanmax(np.where(np.isfinite(out), out, np.nan)) if np.isfinite(out).any() else 1e9
     return np.where(np.isfinite(out), out, max(worst * 2, 1e9) if worst > 0 else 1e9)
-
-
-def _converged(setup: RunSetup, opt, state: RunState) -> bool:
-    optim = setup.config.optim
-    return bool(opt.should_stop(tol_fun=optim.tol_fun, tol_x=optim.tol_x))
 
 
 def _candidate_record(batch: Batch, i: int, losses: np.ndarray, images: list[str]) -> CandidateRecord:
@@ -398,78 +638,6 @@ def _num(x) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _commit(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, opt, g: int, batch: Batch,
-            losses: np.ndarray, X: np.ndarray, center: np.ndarray | None, t0: float) -> None:
-    """Generation g in four steps: build its folder and record (validation included), store
-    it as a whole, pin the result it may improve, then write the state that names it."""
-    tmp = store.begin_generation(g)
-    eligible = _eligible(setup, batch.distance, losses)
-    best_i = int(np.argmin(np.where(eligible, losses, np.inf))) if eligible.any() else int(np.argmin(losses))
-    record, validated = _generation_record(setup, ev, tmp, opt, g, batch, losses, X, best_i, center)
-    store.finish_generation(g, tmp, record)
-    _pin(setup, ev, store, state, g, X[best_i], record, eligible[best_i], validated)
-    stats = opt.stats()
-    state.history.append(_history_entry(setup, ev, stats, g, batch, losses, record, validated, t0))
-    if stats["front"] is not None:
-        state.pareto = stats["front"]
-    state.generation = g + 1
-    state.optimizer = opt.to_state()
-    store.write_state(state)
-
-
-def _generation_record(setup: RunSetup, ev: Evaluator, folder: Path, opt, g: int, batch: Batch, losses: np.ndarray,
-                       X: np.ndarray, best_i: int, center: np.ndarray | None):
-    """Write the generation's images, error maps and validation renders into ``folder``;
-    returns (its record, the validation (records, xs, batch) or None)."""
-    lam, B = batch.images.shape[:2]
-    previews = keeps_previews(setup.config)
-    candidates = []
-    for i in range(lam):
-        saved = [save_render(folder, candidate_image(i, b), batch.images[i, b], previews, full=i == best_i)
-                 for b in range(B)]
-        record = _candidate_record(batch, i, losses, [shown for shown, _ in saved])
-        record.full = [full for _, full in saved] if saved[0][1] else None
-        candidates.append(record)
-    record = GenerationRecord(
-        generation=g, sigma=float(opt.sigma), best_candidate=best_i,
-        errmaps=_error_maps(setup, batch.images[best_i], folder), seed=setup.search_plan(g).seed,
-        candidates=candidates)
-    validated = _validate(setup, ev, folder, g, X[best_i], best_i, center) if setup.validation is not None else None
-    if validated:
-        record.validation = validated[0]
-    return record, validated
-
-
-def _pin(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, g: int, best_x: np.ndarray,
-         record: GenerationRecord, eligible: bool, validated) -> None:
-    """The pinned result: the validation best (with validation), else the search's best."""
-    best_i = record.best_candidate
-    best = record.candidates[best_i]
-    if validated:
-        _pin_validated(setup, ev, store, state, g, *validated)
-    elif eligible and (state.best is None or best.loss < state.best.loss):
-        state.best = PinnedRecord(generation=g, candidate=best_i, loss=best.loss, flip=best.flip, clip=best.clip,
-                                  distance=best.distance, params=best.params, x=[float(v) for v in best_x])
-        _write_pinned(setup, ev, store, state)
-
-
-def _history_entry(setup: RunSetup, ev: Evaluator, stats: dict, g: int, batch: Batch, losses: np.ndarray,
-                   record: GenerationRecord, validated, t0: float) -> HistoryEntry:
-    best_i = record.best_candidate
-    best = record.candidates[best_i]
-    sorted_l = np.sort(losses)
-    lam, B = batch.images.shape[:2]
-    v_renders = len(validated[0]) * setup.validation.batch if validated else 0
-    return HistoryEntry(
-        generation=g, best=float(losses[best_i]), median=float(np.median(sorted_l)), worst=float(sorted_l[-1]),
-        sigma=stats["sigma"], axis_ratio=stats["axis_ratio"], eigenvalues=stats["eigenvalues"],
-        flip=best.flip, clip=best.clip, best_candidate=best_i, best_params=best.params,
-        validation={v.kind: v.loss for v in validated[0]} if validated else None,
-        seconds=time.time() - t0, renders=int(lam * B) + v_renders, validation_renders=v_renders,
-        unet_evals=int(batch.unet_evals),
-        workers=None if ev.workers is None else _worker_seconds([batch] + ([validated[2]] if validated else [])))
-
-
 def _worker_seconds(batches: list[Batch]) -> dict[str, float]:
     """Seconds each worker spent on a generation's batches (its time split), in worker order."""
     total: dict[str, float] = {}
@@ -479,137 +647,9 @@ def _worker_seconds(batches: list[Batch]) -> dict[str, float]:
     return {name: round(total[name], 3) for name in sorted(total)}
 
 
-def _validate(setup: RunSetup, ev: Evaluator, folder: Path, g: int, best_x: np.ndarray, best_i: int,
-              center: np.ndarray | None) -> tuple[list[CandidateRecord], list[np.ndarray], Batch]:
-    """Render the generation's best candidate (and the distribution's mean) on the validation
-    seeds; their images go to ``folder/validation/``. Returns (records, their xs, the batch)."""
-    kinds = [("best", best_i, best_x)] + ([("mean", None, center)] if center is not None else [])
-    return _validated(setup, ev, folder, g, kinds)
-
-
-def _validated(setup: RunSetup, ev: Evaluator, folder: Path, g: int, kinds: list) -> tuple:
-    """Candidates ``kinds`` [(kind, index, x)] rendered on the validation seeds: (records, xs, batch)."""
-    xs = [x for _, _, x in kinds]
-    batch = ev.evaluate(np.stack(xs), setup.validation, f"generation {g} validation")
-    losses = _finite(batch.loss)
-    eligible = _eligible(setup, batch.distance, losses)
-    records, previews = [], keeps_previews(setup.config)
-    for k, (kind, index, _) in enumerate(kinds):
-        names = [save_render(folder, validation_image(kind, b), img, previews)[0]
-                 for b, img in enumerate(batch.images[k])]
-        record = _candidate_record(batch, k, losses, [f"generations/{generation_dirname(g)}/{n}" for n in names])
-        record.index, record.kind, record.eligible = index, kind, bool(eligible[k])
-        records.append(record)
-    return records, xs, batch
-
-
-def _pinned_loss(state: RunState) -> float:
-    return math.inf if state.best is None or state.best.loss is None else state.best.loss
-
-
 def file_exact(setup: RunSetup, params: dict[str, list[float]]) -> bool:
     """Whether a candidate with decoded ``params`` is all in its token vectors: every block a
     textual-inversion file cannot carry (``guidance.blocks.FILE_BLOCKS``) at its default."""
     defaults = {b.name: b.default for b in setup.space.blocks}
     return "token_vectors" in params and all(
         abs(v - defaults[name]) <= 1e-9 for name, values in params.items() if name not in FILE_BLOCKS for v in values)
-
-
-def _pin_validated(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState, g: int,
-                   records: list[CandidateRecord], xs: list[np.ndarray], batch: Batch) -> None:
-    """Pin the lowest validation loss among this generation's validated candidates if it
-    beats the pinned result so far (within ``--max-distance`` with the size limiter), and keep
-    the lowest all-in-vectors one as the run's textual-inversion file if it beats the file so
-    far and the plain prompt."""
-    changed = False
-    eligible = [k for k, r in enumerate(records) if r.eligible]
-    if eligible:
-        k = min(eligible, key=lambda j: records[j].loss)
-        r = records[k]
-        if r.loss < _pinned_loss(state):
-            state.best = PinnedRecord(generation=g, candidate=r.index if r.kind == "best" else r.kind, kind=r.kind,
-                                      loss=r.loss, flip=r.flip, clip=r.clip, distance=r.distance, params=r.params,
-                                      images=r.images, image_losses=r.image_losses, validation=True,
-                                      x=[float(v) for v in xs[k]])
-            changed = True
-    exact = [k for k in eligible if file_exact(setup, records[k].params)]
-    if exact:
-        k = min(exact, key=lambda j: records[j].loss)
-        r, plain = records[k], state.plain_validation
-        if r.loss < (math.inf if state.file is None else state.file.loss) and (plain is None or r.loss < plain.loss):
-            state.file = FileRecord(generation=g, kind=r.kind, loss=r.loss, x=[float(v) for v in xs[k]], flip=r.flip,
-                                    clip=r.clip, params=r.params, images=r.images, image_losses=r.image_losses)
-            changed = True
-    if changed:
-        _write_pinned(setup, ev, store, state)
-
-
-def _validate_plain(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState) -> None:
-    """The plain prompt on the validation seeds: its record (images under ``validation/``),
-    and the pinned result until a candidate beats it."""
-    batch = ev.evaluate_plain(setup.validation)
-    previews = keeps_previews(setup.config)
-    names = [save_render(store.root, validation_image("plain", b), img, previews)[0]
-             for b, img in enumerate(batch.images[0])]
-    plain = PlainValidation(
-        loss=float(batch.loss[0]), flip=None if batch.flip is None else _num(batch.flip[0]),
-        clip=None if batch.clip is None else _num(batch.clip[0]), image_losses=[_num(x) for x in batch.per_image[0]],
-        images=names, seed=setup.validation.seed, renders=int(batch.images.shape[1]))
-    state.plain_validation = plain
-    if state.best is None:
-        state.best = PinnedRecord(generation=None, candidate="plain", kind="plain", loss=plain.loss, flip=plain.flip,
-                                  clip=plain.clip, distance=0.0, params={}, images=names,
-                                  image_losses=plain.image_losses, validation=True)
-        _write_pinned(setup, ev, store, state)
-
-
-def _eligible(setup: RunSetup, distance: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Candidates that may become the pinned result: all of them, or with the size limiter
-    (``--max-distance``) those within the distance. A generation with none eligible still
-    reports its lowest loss but pins nothing."""
-    limit = setup.config.optim.max_distance
-    if limit is None:
-        return np.ones(len(losses), dtype=bool)
-    return np.asarray(distance, dtype=np.float64) <= limit
-
-
-def _error_maps(setup: RunSetup, images: np.ndarray, folder: Path) -> list[str]:
-    """The best candidate's ꟻLIP error maps (from its uint8 images) as magma PNGs; none in self mode."""
-    maps = setup.error_maps(images)
-    if maps is None:
-        return []
-    cmap, previews = matplotlib.colormaps["magma"], keeps_previews(setup.config)
-    return [save_render(folder, errmap_image(b), cmap(m)[..., :3].transpose(2, 0, 1), previews)[0]
-            for b, m in enumerate(maps)]
-
-
-def _write_pinned(setup: RunSetup, ev: Evaluator, store: RunStore, state: RunState) -> None:
-    """The run's pinned result and textual-inversion file: their conditionings, built by the
-    evaluator, in ``pinned.safetensors``."""
-    best, file = state.best, state.file
-    x = best.x if best.x is not None else (setup.space.encode(best.params) if best.params else None)
-    pinned = ev.pinned(None if x is None else np.asarray(x))
-    plain = state.plain_validation
-    save_pinned(store.root / PINNED, setup.config, setup.info, pinned, best,
-                None if file is None else (ev.pinned(np.asarray(file.x)), file), plain and plain.loss)
-
-
-def _report(store: RunStore, g: int | None) -> None:
-    update(store.root, g)
-
-
-def _progress(bar, state: RunState, ev: Evaluator, quiet: bool) -> None:
-    h, best = state.history[-1], state.best
-    shown = {"pinned": "-" if best is None else f"{best.loss:.4f}", "file": "-" if state.file is None else
-             f"{state.file.loss:.4f}"}
-    if ev.workers is not None:
-        shown["workers"] = "{}/{}".format(*ev.alive())
-    bar.set_postfix(refresh=False, **shown)
-    bar.update(1)
-    if not quiet:
-        val = "".join(f"  val {k} {x:.4f}" for k, x in (h.validation or {}).items())
-        plain = state.plain_validation
-        ref = f" (plain {plain.loss:.4f})" if plain else ""
-        ref += f"  file {state.file.loss:.4f}" if state.file else ""
-        bar.write(f"gen {h.generation:4d}  best {h.best:.4f}  median {h.median:.4f}{val}{ref}  "
-                  f"sigma {h.sigma:.3g}  ({h.seconds:.1f}s)")
