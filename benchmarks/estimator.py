@@ -54,7 +54,7 @@ def pinned_run(target: str, folder: str, generations: int) -> str:
     cfg = RunConfig()
     cfg.prompt.prompt, cfg.score.targets, cfg.out = PROMPT, [target], folder
     cfg.optim.generations = generations
-    return str(run(cfg.validate(), quiet=True).run_dir)
+    return str(run(cfg.validate()).run_dir)
 
 
 def losses(session, conds, neg, cfg, plan, seeds: int):

@@ -311,7 +311,7 @@ def evaluate_pair(pair: Pair, pipe, components, folder: Path, args, plain_oracle
     tgt = read_targets(paths)
     config = run_config(pair, paths, str(folder / "runs"), args.set)
     t0 = time.perf_counter()
-    result = run(config, quiet=True)
+    result = run(config)
     seconds = time.perf_counter() - t0
     state = json.loads((result.run_dir / "state.json").read_text())
     tensors, recipe = load_pinned(result.run_dir)

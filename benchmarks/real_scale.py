@@ -190,7 +190,7 @@ def measure(arch: str, size: int, dtype: str, device: str, out: Path, generation
                     generations=generations, population=6, batch=4, steps=6, validation_seeds=4, size=size,
                     out=str(out), device=device, dtype=dtype)
     try:
-        result = runner_module.run(run_config(**settings), quiet=True)
+        result = runner_module.run(run_config(**settings))
     finally:
         runner_module.PinningRun.loop = loop
     import json

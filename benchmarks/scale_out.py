@@ -121,7 +121,7 @@ def one_run(args, name: str, workers: int, kill: str | None = None) -> dict:
         thread.start()
     try:
         t = time.perf_counter()
-        result = run(config, quiet=True, evaluator=ev)
+        result = run(config, evaluator=ev)
         total = time.perf_counter() - t
     finally:
         if thread is not None:

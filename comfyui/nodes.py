@@ -158,8 +158,8 @@ class Pin:
             return done[-1]
         hooks = bridge.Hooks(comp.unet, config.optim.generations or 1, node_id)
         try:
-            result = (resume(done[-1], quiet=True, components=comp, hooks=hooks) if done else
-                      run(config, quiet=True, components=comp, hooks=hooks))
+            result = (resume(done[-1], components=comp, hooks=hooks) if done else
+                      run(config, components=comp, hooks=hooks))
         finally:
             hooks.close()
         if result.interrupted:

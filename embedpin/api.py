@@ -55,10 +55,11 @@ def optimize(target=None, prompt: str | None = None, *, quiet: bool = True, **se
     ``target``: an image path, a folder, or a list of them (None: self mode). ``workers=N`` /
     ``ray_address=...`` render on Ray workers (``--workers``, ``--ray-address``)."""
     from embedpin.runner import run
+    from embedpin.terminal import Terminal
 
     settings = dict(target=target, prompt=prompt, **settings)
     config, scale = run_config(**settings), scale_config(**settings)
-    return _with_pinned(run(config, quiet=quiet, scale=scale))
+    return _with_pinned(run(config, scale=scale, hooks=Terminal(quiet)))
 
 
 def resume(run_dir: str | Path, *, quiet: bool = True, **scale):
@@ -66,12 +67,13 @@ def resume(run_dir: str | Path, *, quiet: bool = True, **scale):
     ``scale``: ``workers``, ``ray_address``, ``worker_timeout``, ``worker_restarts`` (any number of
     workers gives the same result)."""
     from embedpin.runner import resume as resume_run
+    from embedpin.terminal import Terminal
 
     unknown = set(scale) - SCALE_SETTINGS
     if unknown:
         raise ConfigError(f"unknown setting(s) for resume: {', '.join(sorted(unknown))}; "
                           f"it takes {', '.join(sorted(SCALE_SETTINGS))}")
-    return _with_pinned(resume_run(run_dir, quiet=quiet, scale=scale_config(**scale)))
+    return _with_pinned(resume_run(run_dir, scale=scale_config(**scale), hooks=Terminal(quiet)))
 
 
 def load_pinned(path: str | Path):

@@ -89,8 +89,10 @@ def cmd_optimize(a) -> int:
     config = None if a.resume else RunConfig.from_settings(given, a.config)
     scale = ScaleConfig.from_settings(given)
     from embedpin.runner import resume, run
+    from embedpin.terminal import Terminal
 
-    result = resume(a.resume, quiet=a.quiet, scale=scale) if a.resume else run(config, quiet=a.quiet, scale=scale)
+    hooks = Terminal(a.quiet)
+    result = resume(a.resume, scale=scale, hooks=hooks) if a.resume else run(config, scale=scale, hooks=hooks)
     if a.json:
         print(json.dumps(result.summary()))
     elif not a.quiet:

@@ -26,10 +26,10 @@ committed generation, with one ``error:`` line; Ctrl-C stops after the current g
 second Ctrl-C at once, both leaving it resumable the same way.
 
 The loop is :class:`PinningRun`, one object per run (or resume) holding the setup, the evaluator,
-the store, the state and the optimizer; it prints nothing. What it has to say goes to its hooks
-(``events.RunHooks``): :func:`run` and :func:`resume` give it the terminal's
-(``terminal.Terminal``: progress bar and notes unless ``quiet``), which also passes ``progress``
-and ``stop`` on to a host application's hooks.
+the store, the state and the optimizer; it prints nothing. What it has to say goes to the hooks
+its caller passes (``events.RunHooks``; none: it runs silently): the CLI's are the terminal's
+(``terminal.Terminal``: progress bar, notes, the answer to Ctrl-C), a host application's (ComfyUI)
+its own progress bar and stop button.
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ from embedpin.optimizer.setup import RunSetup, input_digests
 from embedpin.pinned import save_pinned
 from embedpin.reports.builder import update
 from embedpin.reports.pages import folder_argument, usage_commands
+from embedpin.scoring.aggregate import WORST_LOSS
 from embedpin.store import (
     INVERSION,
+    PAGE,
     PINNED,
     CandidateRecord,
     FileRecord,
@@ -74,14 +76,13 @@ from embedpin.store import (
     RunStore,
     candidate_image,
     errmap_image,
-    generation_dirname,
+    in_generation,
     keeps_previews,
     read_vectors,
     save_render,
     validation_image,
     write_vectors,
 )
-from embedpin.terminal import Terminal
 
 __all__ = ["PinningRun", "RunHooks", "RunResult", "StopRun", "file_exact", "load_optimizer", "make_optimizer", "resume", "run",
            "total_generations"]
@@ -124,7 +125,7 @@ class RunResult:
                          f"({self.file_validation_loss / self.plain_validation_loss:.2f}x the plain prompt's)")
         elif self.validation_loss is not None:
             lines.append("textual-inversion file: none beat the plain prompt on the validation seeds")
-        lines.append(f"report: {self.run_dir / 'index.html'}")
+        lines.append(f"report: {self.run_dir / PAGE}")
         if self.interrupted:
             lines.append(f"continue it: embedpin optimize --resume {where}")
         return "\n".join([*lines, "use it:", *(f"  {c}" for c in usage_commands(where))])
@@ -187,15 +188,15 @@ class _Interrupt:
         return False
 
 
-def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None,
-        evaluator: Evaluator | None = None, components=None, hooks: RunHooks | None = None) -> RunResult:
+def run(config: RunConfig, scale: ScaleConfig | None = None, evaluator: Evaluator | None = None, components=None,
+        hooks: RunHooks | None = None) -> RunResult:
     """Start a new run: validate and load everything (in the workers, with ``scale``), then create
     the run folder and loop. ``evaluator``: render with this one instead (the caller closes it);
     ``components``: render in this process with a model already loaded (a host application's);
-    ``hooks``: a host application's progress and stop (:class:`RunHooks`); ``quiet``: no progress
-    bar and no notes (see :func:`_observer`)."""
+    ``hooks``: who hears the run's events and may stop it (:class:`RunHooks`: a terminal's progress
+    bar, a host application's; None: nobody)."""
     config.validate()
-    hooks = _observer(quiet, hooks)
+    hooks = hooks or RunHooks()
     with _evaluator(config, scale, evaluator, hooks.note, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         store = RunStore.create(setup.config, setup.files(), input_digests(setup.config))  # (model defaults filled in)
@@ -206,8 +207,8 @@ def run(config: RunConfig, quiet: bool = False, scale: ScaleConfig | None = None
         return PinningRun(setup, ev, store, state, make_optimizer(setup), hooks).loop()
 
 
-def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None = None,
-           evaluator: Evaluator | None = None, components=None, hooks: RunHooks | None = None) -> RunResult:
+def resume(run_dir: str | Path, scale: ScaleConfig | None = None, evaluator: Evaluator | None = None, components=None,
+           hooks: RunHooks | None = None) -> RunResult:
     """Continue a stopped run from its last committed generation (on any number of workers, or
     with ``components`` / ``hooks`` as :func:`run` takes them); refused when an input file is not
     the one the run started with."""
@@ -215,17 +216,11 @@ def resume(run_dir: str | Path, quiet: bool = False, scale: ScaleConfig | None =
     state = store.read_state()
     config = store.config()
     store.check_inputs(input_digests(config))
-    hooks = _observer(quiet, hooks)
+    hooks = hooks or RunHooks()
     with _evaluator(config, scale, evaluator, hooks.note, components) as ev:
         setup = RunSetup.make(ev.info, ev.device)
         opt = load_optimizer(state.optimizer) if state.optimizer else make_optimizer(setup)
         return PinningRun(setup, ev, store, state, opt, hooks).loop()
-
-
-def _observer(quiet: bool, hooks: RunHooks | None) -> Terminal:
-    """Who hears the run's events: the terminal (``terminal.Terminal``: progress bar, notes; with
-    ``quiet`` only the answer to Ctrl-C), passing ``progress`` and ``stop`` on to the host's hooks."""
-    return Terminal(quiet, hooks)
 
 
 @contextmanager
@@ -555,8 +550,7 @@ class PinningRun:
         for k, (kind, index, _) in enumerate(kinds):
             names = [save_render(folder, validation_image(kind, b), img, previews)[0]
                      for b, img in enumerate(batch.images[k])]
-            record = _candidate_record(batch, k, losses, [f"generations/{generation_dirname(gen.g)}/{n}"
-                                                          for n in names])
+            record = _candidate_record(batch, k, losses, [in_generation(gen.g, n) for n in names])
             record.index, record.kind, record.eligible = index, kind, bool(eligible[k])
             records.append(record)
         return _Validated(records, xs, batch)
@@ -617,11 +611,9 @@ class PinningRun:
 
 
 def _finite(loss: np.ndarray) -> np.ndarray:
-    """The losses with every non-finite one replaced by a worst value: twice the worst finite
-    loss, at least 1e9 (the optimizer ranks a failed render last)."""
+    """The losses, a non-finite one (a failed render) as the scorer writes it: ``WORST_LOSS``."""
     out = np.asarray(loss, dtype=np.float64)
-    worst = np.nanmax(np.where(np.isfinite(out), out, np.nan)) if np.isfinite(out).any() else 1e9
-    return np.where(np.isfinite(out), out, max(worst * 2, 1e9) if worst > 0 else 1e9)
+    return np.where(np.isfinite(out), out, WORST_LOSS)
 
 
 def _candidate_record(batch: Batch, i: int, losses: np.ndarray, images: list[str]) -> CandidateRecord:

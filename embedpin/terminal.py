@@ -14,13 +14,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from embedpin.events import RunHooks
-from embedpin.store import InversionRecord, RunState
+from embedpin.store import PAGE, InversionRecord, RunState
 
 STOPPING = "\nstopping after this generation (Ctrl-C again to stop now; the run stays resumable)"
 
 
 class Terminal(RunHooks):
-    """The CLI's terminal (and ``runner.run(..., quiet=False)``'s). ``quiet``: nothing but the
+    """The terminal of the CLI and of ``embedpin.optimize``. ``quiet``: nothing but the
     answer to Ctrl-C (whoever pressed it learns what it does). ``host``: a host application's
     hooks, whose ``progress`` and ``stop`` it passes on."""
 
@@ -36,7 +36,7 @@ class Terminal(RunHooks):
 
     def started(self, run_dir: Path) -> None:
         if not self.quiet:
-            print(f"run folder: {run_dir}\nreport: {run_dir / 'index.html'} (open it now: it refreshes itself "
+            print(f"run folder: {run_dir}\nreport: {run_dir / PAGE} (open it now: it refreshes itself "
                   f"while the run goes)", file=sys.stderr, flush=True)
 
     def begin(self, done: int, total: int) -> None:

@@ -179,12 +179,6 @@ def test_a_state_with_an_unknown_status_or_version_is_refused(tmp_path):
             s.read_state()
 
 
-# Spellings of run-folder names outside embedpin/store/ not yet replaced by the layout's names:
-# files that are being restructured on other branches (their integration replaces these and
-# empties this table). api.py's is export's default output file, named like the run's.
-PENDING = {("embedpin/runner.py", "index.html"): 2, ("embedpin/runner.py", "generations"): 1}
-
-
 def _layout_spellings(tree: ast.AST):
     """The run-folder names (``store.layout``'s) a module's code spells: a string with a file
     name as one of its ``/`` parts, or one that starts with a folder name and ``/``, or a bare
@@ -211,5 +205,4 @@ def test_only_the_layout_spells_the_run_folders_names():
         rel = path.relative_to(package.parent).as_posix()
         if not rel.startswith("embedpin/store/"):
             found.update((rel, name) for name in _layout_spellings(ast.parse(path.read_text(encoding="utf-8"))))
-    assert dict(found) == {k: v for k, v in PENDING.items() if k in found}, \
-        "spell run-folder names with embedpin.store.layout's constants and path functions"
+    assert not found, "spell run-folder names with embedpin.store.layout's constants and path functions"

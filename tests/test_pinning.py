@@ -33,7 +33,7 @@ def test_pinned_result_beats_the_plain_prompt_on_validation_seeds(tmp_path):
     img = render(s.components, encode_prompt(s.components, CAPTION).hidden, s.ctx.negative.hidden, 5.0,
                  plan).images[0, 0]
     save_png(tmp_path / "target.png", img)
-    res = run(_config(tmp_path / "target.png", tmp_path / "runs", 3), quiet=True)
+    res = run(_config(tmp_path / "target.png", tmp_path / "runs", 3))
     assert res.validation_loss < 0.8 * res.plain_validation_loss, (res.validation_loss, res.plain_validation_loss)  # 0.63x
     # the default run searches what a textual-inversion file holds: the file is the result
     assert res.file_validation_loss == res.validation_loss
