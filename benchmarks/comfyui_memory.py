@@ -66,8 +66,8 @@ def main() -> None:
 
 
 def measure(a, work: Path) -> None:
-    from comfy_env import NODE_PACK, import_comfyui
-    from sd_checkpoints import SPECS, write
+    from support.comfy_env import NODE_PACK, import_comfyui
+    from support.sd_checkpoints import SPECS, write
 
     ckpt = Path(a.checkpoint) if a.checkpoint else work / "sd15.safetensors"
     if not a.checkpoint:

@@ -33,8 +33,8 @@ CAPTION = "a large red star at the top left on a plain blue background"
 def target_image(comp, folder: str) -> str:
     """The model's render of CAPTION (plain, seed 4242, the run's settings) as a PNG."""
     from embedpin.config import RunConfig
+    from embedpin.evaluation.session import for_model, render_plan
     from embedpin.guidance.encode import encode_prompt
-    from embedpin.optimizer.session import for_model, render_plan
     from embedpin.render.sampler import render
     from embedpin.store import save_png
 
@@ -72,10 +72,10 @@ def losses(session, conds, neg, cfg, plan, seeds: int):
 
 def main() -> None:
     from embedpin.config import RunConfig
+    from embedpin.evaluation.session import Session
+    from embedpin.export import load_pinned
     from embedpin.guidance.encode import encode_prompt
     from embedpin.models.loader import load_components
-    from embedpin.optimizer.session import Session
-    from embedpin.pinned import load_pinned
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=32, help="batches of B per mode (x B = images per figure)")

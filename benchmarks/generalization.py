@@ -201,11 +201,11 @@ def gradient_ti(components, target_paths: list[str], init_word: str, seconds: fl
     time (checked after each update); returns (vector, updates made)."""
     import torch.nn.functional as F
 
+    from embedpin.evaluation.inversion import alphas_cumprod, training_target
     from embedpin.guidance.deltas import insert_vectors
     from embedpin.guidance.encode import encode_from_embeds, token_embeddings
     from embedpin.guidance.tokens import tokenize
     from embedpin.images import load_image
-    from embedpin.optimizer.inversion import alphas_cumprod, training_target
 
     t_end = time.perf_counter() + seconds
     py, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -304,7 +304,7 @@ def with_embedding(pipe, path: Path, token: str, fn):
 
 def evaluate_pair(pair: Pair, pipe, components, folder: Path, args, plain_oracle) -> dict:
     """One pair's row (module doc)."""
-    from embedpin.pinned import export_run, load_pinned
+    from embedpin.export import export_run, load_pinned
     from embedpin.runner import run
 
     paths, (plain, oracle) = plain_oracle

@@ -73,13 +73,13 @@ def time_render(comps, cond, images: int, steps: int, hyperbatch: bool) -> tuple
 
 def sdxl_model():
     """The tests' tiny random-weight SDXL (two encoders, pooled, size ids) with a tower of the
-    first encoder's width, built from configs (``tests/sdxl_model.py``)."""
+    first encoder's width, built from configs (``tests/support/sdxl_model.py``)."""
     import sys
     import tempfile
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from sdxl_model import W1, save_sdxl_folder
+    from support.sdxl_model import W1, save_sdxl_folder
 
     from embedpin.models.loader import load_components
 

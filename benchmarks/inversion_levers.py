@@ -2,7 +2,7 @@
 vectors used as a textual-inversion file, on seeds nobody searched, against the plain prompt.
 
 Per development pair of ``generalization.py`` (the same draw, the same unseen seeds and
-``flip-evaluator`` scoring) and per setting: ``optimizer.inversion.invert`` from the run's
+``flip-evaluator`` scoring) and per setting: ``evaluation.inversion.invert`` from the run's
 session, then the vectors' conditioning rendered by a plain diffusers pipeline on 16 unseen
 seeds; printed: seconds, mean ꟻLIP and the gap closed, (plain - x) / (plain - caption).
 
@@ -44,8 +44,8 @@ import generalization as G  # noqa: E402
 
 def main() -> None:
     from embedpin.config import MICRO, RunConfig
-    from embedpin.optimizer.inversion import InversionSettings, conditioning, invert
-    from embedpin.optimizer.session import Session
+    from embedpin.evaluation.inversion import InversionSettings, conditioning, invert
+    from embedpin.evaluation.session import Session
 
     out, n_pairs, settings = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(";")
     out.mkdir(parents=True, exist_ok=True)

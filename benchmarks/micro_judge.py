@@ -35,7 +35,7 @@ def main() -> None:
     from transformers import CLIPTokenizer
 
     from embedpin.models.loader import MICRO_DIR, load_clip
-    from embedpin.train_micro import vae_round_trip
+    from embedpin.models.micro.train import vae_round_trip
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(MICRO_DIR))

@@ -144,7 +144,7 @@ class Stages:
 
 
 def instrument(comp, stages: Stages):
-    import embedpin.optimizer.session as session_module
+    import embedpin.evaluation.session as session_module
     import embedpin.runner as runner_module
     from embedpin.scoring.scorer import Scorer
 
@@ -162,7 +162,7 @@ def instrument(comp, stages: Stages):
 
 
 def measure(arch: str, size: int, dtype: str, device: str, out: Path, generations: int = 2) -> dict:
-    import embedpin.optimizer.session as session_module
+    import embedpin.evaluation.session as session_module
     import embedpin.runner as runner_module
     from embedpin.api import run_config
 

@@ -90,7 +90,7 @@ def unet_only(components, cond, negative, batch: int, steps: int) -> tuple[dict,
 def store_with_history(root: Path, history: int) -> Path:
     """A run store with ``history`` small old generations whose report assets the run page
     needs (animation frames, the last generation's page) are already written."""
-    from sample_run import write_sample_run
+    from support.sample_run import write_sample_run
 
     from embedpin.reports.builder import write_generation, write_run
     from embedpin.store import load_run
@@ -105,7 +105,7 @@ def store_with_history(root: Path, history: int) -> Path:
 def add_generation(root: Path, rendered: dict) -> int:
     """Write the rendered generation after the history, as the run loop would; returns its number."""
     from PIL import Image
-    from sample_run import write_state
+    from support.sample_run import write_state
 
     from embedpin.store import save_image, write_text
 

@@ -60,7 +60,7 @@ def _sdxl_folder(out: Path) -> str:
     if not folder.exists():
         for helpers in (ROOT / "tests" / "support", ROOT / "tests"):
             sys.path.insert(0, str(helpers))
-        from sdxl_model import build_sdxl_pipeline
+        from support.sdxl_model import build_sdxl_pipeline
 
         build_sdxl_pipeline().save_pretrained(folder)
     return str(folder)

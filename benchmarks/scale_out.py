@@ -103,9 +103,9 @@ def one_run(args, name: str, workers: int, kill: str | None = None) -> dict:
     """One run; returns its history, calls and notes (with ``kill``, "worker" or "node": the kill's
     time, in the last generation)."""
     from embedpin.config import ScaleConfig
-    from embedpin.optimizer.evaluate import LocalEvaluator
-    from embedpin.optimizer.ray_workers import RayEvaluator
-    from embedpin.optimizer.session import Session
+    from embedpin.evaluation.evaluate import LocalEvaluator
+    from embedpin.evaluation.ray_workers import RayEvaluator
+    from embedpin.evaluation.session import Session
     from embedpin.runner import run
 
     config = config_for(args, Path(args.out) / name)

@@ -7,7 +7,7 @@ prompt token (placeholders included, every chunk of a long prompt):
 - **weight**: the pinned result's effective weight, the written emphasis times the searched
   multiplier (what ``(word:w)`` would write);
 - **spread**: how tightly the search holds it: the final search distribution N(m, σ²C) along the
-  token's coordinate, mapped through the block's bounded transform v (``embedpin.space``) to
+  token's coordinate, mapped through the block's bounded transform v (``embedpin.optimizer.space``) to
   weight units: (v(m + s) - v(m - s)) / 2 with s = σ·sqrt(C_ii), times the written weight
   (MO-CMA-ES: the lowest-loss parent's distribution); None when token weights were not searched;
 - **effects**: the change of the validation loss (the run's validation seeds, plain batches, as a
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from embedpin.errors import ConfigError, InputError
+from embedpin.evaluation.session import Session, validation_plan
+from embedpin.evaluation.setup import input_digests
 from embedpin.guidance.build import Conditioning, build
 from embedpin.optimizer.cmaes import CMAES
 from embedpin.optimizer.mo import MOCMAES
-from embedpin.optimizer.session import Session, validation_plan
-from embedpin.optimizer.setup import input_digests
 from embedpin.store import ANALYSIS, CONFIG, RunStore, TokenAnalysis, TokenRow, load_run, read_analysis, write_json
 
 TIGHT = 0.10       # weight 0 or 2x raises the loss by >= 10 % of the pinned loss

@@ -363,7 +363,7 @@ class OptimConfig:
 @dataclass
 class ScaleConfig:
     """Where a run's candidates are rendered: in this process (``workers`` 0, no address) or on
-    Ray workers (``embedpin.optimizer.ray_workers``). Not part of the recipe: a run renders the
+    Ray workers (``embedpin.evaluation.ray_workers``). Not part of the recipe: a run renders the
     same on any number of workers, so these settings are given per invocation (``--workers``,
     ``--ray-address`` or ``RAY_ADDRESS``, also with ``--resume``) and never written to config.toml."""
 

@@ -5,7 +5,7 @@ optimizer's JSON state); a run killed at any moment resumes from its last commit
 generation and ends where an uninterrupted run would have. Within a generation all
 candidates are rendered on the same seeds (common random numbers: they are compared on
 the same noise); across generations the seeds rotate (``--search-seeds``,
-``optimizer.seeds``), and are a function of (run seed, generation), so nothing but the
+``evaluation.seeds``), and are a function of (run seed, generation), so nothing but the
 optimizer state needs saving to continue exactly.
 
 Validation: every generation's best candidate, and the distribution's mean (the point
@@ -17,9 +17,9 @@ than the luckiest fit to the search's own noise. The plain prompt is validated o
 the same seeds, as the run's reference, and is the pinned result until a candidate beats
 it there: a run never hands back something that does worse than the prompt it was given.
 
-Where candidates render is the evaluator's business (``optimizer.evaluate``: in this process,
+Where candidates render is the evaluator's business (``evaluation.evaluate``: in this process,
 or on Ray workers with ``--workers`` / ``--ray-address``). The loop keeps the optimizer, every
-seed, the store and the reports, and sees only compact batches (``optimizer.batch``), so a run's
+seed, the store and the reports, and sees only compact batches (``evaluation.batch``), so a run's
 result does not depend on where its candidates rendered. A mistake that ends a run midway (every
 worker lost, a run folder that fills up or turns read-only) leaves it resumable from its last
 committed generation, with one ``error:`` line; Ctrl-C stops after the current generation, a
@@ -49,15 +49,15 @@ import numpy as np
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import EmbedpinError, StoreError
+from embedpin.evaluation.batch import Batch
+from embedpin.evaluation.evaluate import Evaluator, open_evaluator
+from embedpin.evaluation.inversion import NoGradient
+from embedpin.evaluation.setup import RunSetup, input_digests
 from embedpin.events import RunHooks, StopRun
+from embedpin.export import save_pinned
 from embedpin.guidance.blocks import FILE_BLOCKS
-from embedpin.optimizer.batch import Batch
 from embedpin.optimizer.cmaes import CMAES, POLISH_GENERATIONS, default_generations
-from embedpin.optimizer.evaluate import Evaluator, open_evaluator
-from embedpin.optimizer.inversion import NoGradient
 from embedpin.optimizer.mo import MOCMAES
-from embedpin.optimizer.setup import RunSetup, input_digests
-from embedpin.pinned import save_pinned
 from embedpin.reports.builder import update
 from embedpin.reports.pages import folder_argument, usage_commands
 from embedpin.scoring.aggregate import WORST_LOSS

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
     """The small run (``micro_run``) in this process, finished: the reference other runs are compared with."""
-    from micro_run import optimize_args, runs
+    from support.micro_run import optimize_args, runs
 
     from embedpin.cli import main
 
@@ -44,7 +44,7 @@ def sd_checkpoints(request, tmp_path_factory):
     """{name: path} of real-width single-file checkpoints (``sd_checkpoints.SPECS``: SD 1.x, SD 2.x,
     SDXL), made once and kept in pytest's cache between sessions (when it is on), keyed by what
     makes them."""
-    from sd_checkpoints import SPECS, cache_key, write
+    from support.sd_checkpoints import SPECS, cache_key, write
 
     cache = getattr(request.config, "cache", None)
     folder = cache.mkdir(f"sd-checkpoints-{cache_key()}") if cache else tmp_path_factory.mktemp("sd-checkpoints")
@@ -68,7 +68,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'embedpin[ray]'; the test extra has it)")
     from ray.cluster_utils import Cluster
 
-    from embedpin.optimizer.ray_workers import LOCAL_SYSTEM
+    from embedpin.evaluation.ray_workers import LOCAL_SYSTEM
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from micro_run import STAR, runs
+from support.micro_run import STAR, runs
 
 from embedpin.cli import main
 from embedpin.errors import InputError

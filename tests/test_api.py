@@ -82,7 +82,7 @@ def test_help_and_argument_errors_do_not_import_torch(code):
 
 def test_the_core_never_imports_ray():
     """Ray is an optional extra: the run loop, the CLI and the API load without it (only
-    ``optimizer.ray_workers`` imports it, for --workers / --ray-address)."""
+    ``evaluation.ray_workers`` imports it, for --workers / --ray-address)."""
     check = ("import sys\nimport embedpin.api, embedpin.cli, embedpin.runner\n"
              "from embedpin.cli import main\nassert main(['optimize', '--workers', '-1']) == 2\n"
              "assert 'ray' not in sys.modules, 'ray imported'")

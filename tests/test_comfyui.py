@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_env import NODE_PACK, ROOT, import_comfyui, pack
 from PIL import Image
+from support.comfy_env import NODE_PACK, ROOT, import_comfyui, pack
 
 from embedpin.config import SearchConfig
 
@@ -121,7 +121,7 @@ def _run(folders: Path) -> Path:
 
 def test_comfyuis_loader_takes_the_test_checkpoint_for_sd15_and_the_published_layouts_for_their_families(loaded):
     from comfy import model_detection
-    from sd_checkpoints import published_layout
+    from support.sd_checkpoints import published_layout
 
     model, clip, vae = loaded
     assert type(model.model.model_config).__name__ == "SD15" and model.model.model_type.name == "EPS"
@@ -202,7 +202,7 @@ def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workfl
     from PIL import ImageOps
 
     from embedpin.cli import main
-    from embedpin.pinned import load_pinned
+    from embedpin.export import load_pinned
 
     nodes, folders = env
     model, clip, vae = loaded

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from families import FAMILIES, SIZE, save_family
+from support.families import FAMILIES, SIZE, save_family
 
 from embedpin.guidance.encode import encode_negative, encode_prompt
 from embedpin.models.loader import load_components

@@ -15,8 +15,8 @@ import threading
 import time
 
 import pytest
-from micro_run import PROMPT, SMALL, STAR, timeless_state
-from micro_run import runs as _runs
+from support.micro_run import PROMPT, SMALL, STAR, timeless_state
+from support.micro_run import runs as _runs
 
 from embedpin.cli import main
 

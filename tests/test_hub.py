@@ -24,8 +24,8 @@ UNWANTED = {"unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pyt
 def hub(tmp_path_factory):
     """Two repos of the tiny SD 1.x pipeline as the hub keeps them: what a run loads, beside what
     it does not (another precision, a pickle, a safety checker, a single-file copy, Flax weights)."""
-    from families import save_family
-    from hub_server import Hub
+    from support.families import save_family
+    from support.hub_server import Hub
 
     folder = save_family(tmp_path_factory.mktemp("repo") / "tiny-sd", "SD 1.x")
     for name in UNWANTED:

@@ -1,4 +1,4 @@
-"""The gradient stage (textual inversion on the targets, ``optimizer.inversion``) and where the
+"""The gradient stage (textual inversion on the targets, ``evaluation.inversion``) and where the
 placeholders stand: reproducible, it lowers the loss it fits, a mask's ignored part does not move
 it, it runs on every model family (v-prediction's target is diffusers' velocity), and a file with
 its placeholders before or after the prompt encodes in diffusers exactly as embedpin built it."""
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, save_family
+from support.families import FAMILIES, save_family
 
+from embedpin.evaluation.inversion import InversionSettings, alphas_cumprod, conditioning, invert, training_target
 from embedpin.guidance.context import GuidanceOptions, make_context
 from embedpin.models.loader import load_components
-from embedpin.optimizer.inversion import InversionSettings, alphas_cumprod, conditioning, invert, training_target
 
 PROMPT = "a star"
 FEW = InversionSettings(steps=6, batch=4, lr=0.3, seed=3)
@@ -102,8 +102,8 @@ def test_inversion_runs_and_its_file_encodes_in_diffusers_as_embedpin_built_it(f
     """On every family: the stage moves the vectors; the textual-inversion file of the result,
     loaded into diffusers' own pipeline and used with the usage prompt (placeholders after or
     before the words), gives the conditioning embedpin validated."""
+    from embedpin.export import usage_prompt
     from embedpin.models.embeddings import to_file_layout
-    from embedpin.pinned import usage_prompt
 
     name, comp, pipe = family
     prompt = "a large red star"

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro_run import PROMPT, STAR, timeless_state
-from micro_run import runs as _runs
 from PIL import Image
+from support.micro_run import PROMPT, STAR, timeless_state
+from support.micro_run import runs as _runs
 
 from embedpin.cli import main
 from embedpin.config import RunConfig
@@ -260,7 +260,7 @@ def _files(run) -> list:
 
 
 def _same_run(a, b) -> None:
-    from embedpin.pinned import load_pinned
+    from embedpin.export import load_pinned
 
     assert timeless_state(a / "state.json") == timeless_state(b / "state.json")
     assert _files(a) == _files(b)

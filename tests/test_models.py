@@ -143,7 +143,7 @@ def test_micro_clip_text_tower_is_stored_once_and_is_the_text_encoder():
 
 def test_smoke_training_and_corrupt_weights(tmp_path):
     out = tmp_path / "m"
-    r = subprocess.run([sys.executable, "-m", "embedpin.train_micro", "--smoke", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "embedpin.models.micro.train", "--smoke", "--out", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads((out / "train_info.json").read_text())
@@ -160,7 +160,7 @@ def test_smoke_training_and_corrupt_weights(tmp_path):
 
 def test_clip_hard_negatives_change_one_attribute():
     from embedpin.models.micro import dataset
-    from embedpin.train_micro import hard_negatives
+    from embedpin.models.micro.train import hard_negatives
 
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -180,7 +180,7 @@ def test_image_variation_training_conditions_as_image_guidance_does_at_run_time(
     from embedpin.guidance import build, encode_image, make_context
     from embedpin.guidance.encode import image_tokens
     from embedpin.models.micro.arch import random_components
-    from embedpin.train_micro import image_conditioning
+    from embedpin.models.micro.train import image_conditioning
 
     comps = random_components(scale=0.25)
     imgs, caps, _ = dataset.batch(np.random.default_rng(3), 1)
@@ -201,7 +201,7 @@ def test_a_single_file_sd1_checkpoint_runs_like_its_folder(tmp_path):
     ``model.diffusion_model``, ``first_stage_model``) loads through ``--model-config`` to the
     same weights, so it renders the same images."""
     from diffusers import StableDiffusionPipeline
-    from ldm_checkpoint import save_single_file
+    from support.ldm_checkpoint import save_single_file
 
     from embedpin.models.checkpoint import read_weights
     from embedpin.models.loader import MICRO_DIR

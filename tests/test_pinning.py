@@ -5,8 +5,8 @@ textual-inversion file gives that result."""
 
 
 from embedpin.config import RunConfig
+from embedpin.evaluation.session import Session
 from embedpin.guidance.encode import encode_prompt
-from embedpin.optimizer.session import Session
 from embedpin.render.sampler import RenderPlan, render
 from embedpin.runner import run
 from embedpin.store import save_png

@@ -128,7 +128,7 @@ def test_placeholders_spill_into_a_new_chunk_and_prompt_and_negative_match(comp)
 @pytest.mark.parametrize("blocks", ["token_vectors,token_weights,guidance", "delta,cfg"])
 def test_every_block_acts_on_a_long_prompt(comp, blocks):
     from embedpin.guidance.build import build, distance
-    from embedpin.space import SearchSpace
+    from embedpin.optimizer.space import SearchSpace
 
     guide = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     options = GuidanceOptions(n_vectors=2, init_word="circle", delta_k=4, vector_k=4)
@@ -171,7 +171,7 @@ def test_a_long_prompt_runs_and_its_export_drives_diffusers(tmp_path):
 
 def test_a_text_target_cut_by_clip_says_so(tmp_path, capsys):
     from embedpin.api import run_config
-    from embedpin.optimizer.session import Session
+    from embedpin.evaluation.session import Session
 
     s = Session.prepare(run_config(prompt="a star", text_target=LONG, clip_weight=1.0, flip_weight=0.0,
                                    blocks="token_weights", out=str(tmp_path)))

@@ -1,6 +1,6 @@
 """HTML reports: what the pages of a real (short) micro run show, and edge cases (hostile
 text, incremental updates, bad folders) on a synthetic, format-exact run store
-(``tests/sample_run.py``)."""
+(``tests/support/sample_run.py``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sample_run as sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from support import sample_run as sample
 
 from embedpin import store as atomic
 from embedpin.cli import main

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from sample_run import write_sample_run
+from support.sample_run import write_sample_run
 
 from embedpin.reports.builder import rebuild
 

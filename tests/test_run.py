@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro_run import PROMPT, ROOT, SMALL
-from micro_run import optimize_args as _optimize
-from micro_run import runs as _runs
+from support.micro_run import PROMPT, ROOT, SMALL
+from support.micro_run import optimize_args as _optimize
+from support.micro_run import runs as _runs
 
 from embedpin.cli import main
 
@@ -50,8 +50,8 @@ def test_pinned_result_is_the_validation_best(finished):
     (never worse than the prompt as written), and the pinned file re-rendered on the validation
     seeds gives exactly that loss."""
     from embedpin.config import RunConfig
-    from embedpin.optimizer.session import Session
-    from embedpin.pinned import load_pinned
+    from embedpin.evaluation.session import Session
+    from embedpin.export import load_pinned
     from embedpin.render.sampler import render
 
     state = json.loads((finished / "state.json").read_text())
@@ -69,7 +69,7 @@ def test_pinned_result_is_the_validation_best(finished):
 def test_validation_seeds_never_overlap_search_seeds(finished):
     """Every noise stream a validation render drew from is one no search render drew from."""
     from embedpin.config import RunConfig
-    from embedpin.optimizer.session import Session
+    from embedpin.evaluation.session import Session
     from embedpin.render.noise import member_seed
 
     searched, validated = set(), set()
@@ -118,8 +118,8 @@ def test_the_textual_inversion_file_is_the_result_as_users_load_it(finished, tmp
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
+    from embedpin.export import load_pinned
     from embedpin.models.loader import MICRO_DIR
-    from embedpin.pinned import load_pinned
 
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(finished), "--format", "textual-inversion", "-o", str(ti)]) == 0
@@ -145,7 +145,7 @@ def test_the_textual_inversion_file_is_the_result_as_users_load_it(finished, tmp
 def test_a_run_whose_pinned_result_is_the_plain_prompt_exports_no_embedding(finished, tmp_path, capsys):
     import shutil
 
-    from embedpin.pinned import _to_bytes, load_pinned
+    from embedpin.export import _to_bytes, load_pinned
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -205,9 +205,9 @@ def test_init_word_auto_and_guide_target_start_from_what_clip_sees_in_the_target
     """--init-word auto starts each placeholder at a vocabulary word CLIP ranks high for the target
     (never one of the prompt's words); --guide-target makes the target the guide image."""
     from embedpin.config import RunConfig
+    from embedpin.evaluation.session import Session
     from embedpin.guidance.encode import encode_prompt
     from embedpin.guidance.interrogate import rank_words
-    from embedpin.optimizer.session import Session
 
     c = RunConfig()
     c.prompt.prompt, c.score.targets = "a star", [str(ROOT / "examples" / "star.png")]

@@ -30,7 +30,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'embedpin[ray]' (the test extra has it)")
 
-from micro_run import ROOT, optimize_args, runs  # noqa: E402
+from support.micro_run import ROOT, optimize_args, runs  # noqa: E402
 
 from embedpin.cli import main  # noqa: E402
 
@@ -176,7 +176,7 @@ def test_two_workers_give_the_in_process_result_while_workers_are_killed_in_ever
     assert [got["best"][k] for k in ("generation", "candidate", "kind")] == \
         [want["best"][k] for k in ("generation", "candidate", "kind")]
     assert got["best"]["loss"] == pytest.approx(want["best"]["loss"], abs=TOL)
-    from embedpin.pinned import load_pinned
+    from embedpin.export import load_pinned
 
     (a, _), (b, _) = load_pinned(ray_run["run"]), load_pinned(finished)
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=TOL) for k in a)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdxl_model import SIZE, W1, W2, save_sdxl_folder, save_tower
+from support.sdxl_model import SIZE, W1, W2, save_sdxl_folder, save_tower
 
 from embedpin.config import SearchConfig
 from embedpin.errors import ConfigError
@@ -85,7 +85,7 @@ def sdxl_run(folder, tmp_path_factory):
 
 
 def test_an_sdxl_run_pins_both_encoders_vectors_and_the_pooled_embedding(sdxl_run, comp):
-    from embedpin.pinned import load_pinned
+    from embedpin.export import load_pinned
 
     tensors, recipe = load_pinned(sdxl_run)
     assert recipe["family"] == "SDXL" and recipe["widths"] == [W1, W2]
@@ -103,8 +103,8 @@ def test_sdxl_textual_inversion_loads_in_diffusers_with_two_calls(sdxl_run, pipe
     from safetensors.torch import load_file
 
     from embedpin.cli import main
+    from embedpin.evaluation.session import Session
     from embedpin.guidance.build import build
-    from embedpin.optimizer.session import Session
 
     ti = tmp_path / "pinned.safetensors"
     assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(ti)]) == 0
@@ -246,7 +246,7 @@ def test_a_default_sdxl_run_with_one_tower_guides_its_part_and_says_so(towered_f
 def single_file(folder, tmp_path_factory):
     """The tiny SDXL as an original-layout single-file checkpoint (what A1111 users have)."""
     from diffusers import StableDiffusionXLPipeline
-    from ldm_checkpoint import save_single_file
+    from support.ldm_checkpoint import save_single_file
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)  # (not the shared one)
     return save_single_file(pipe, tmp_path_factory.mktemp("ckpt") / "tiny-sdxl.safetensors")
@@ -360,7 +360,7 @@ def test_an_sdxl_embedding_starts_an_sdxl_run_at_its_vectors(sdxl_run, folder, t
 
     from embedpin.api import run_config
     from embedpin.cli import main
-    from embedpin.optimizer.session import Session
+    from embedpin.evaluation.session import Session
 
     ti = tmp_path / "start.safetensors"
     assert main(["export", str(sdxl_run), "--format", "textual-inversion", "-o", str(ti)]) == 0

@@ -115,10 +115,10 @@ def _defaults(fn, *names):
 
 def test_library_defaults_agree_with_the_config():
     """Library functions called without a config default to the run's defaults."""
+    from embedpin.evaluation.inversion import InversionSettings
+    from embedpin.evaluation.seeds import search_seed
     from embedpin.guidance.context import GuidanceOptions
     from embedpin.guidance.encode import encode_negative, encode_prompt
-    from embedpin.optimizer.inversion import InversionSettings
-    from embedpin.optimizer.seeds import search_seed
     from embedpin.render.sampler import RenderPlan
     from embedpin.render.schedule import branch_schedule
     from embedpin.scoring.flip import DEFAULT_PPD, flip_cross_masked, flip_features, pairwise_flip

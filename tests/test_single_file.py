@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sd_checkpoints import build, header_only, published_layout, shapes_of
+from support.sd_checkpoints import build, header_only, published_layout, shapes_of
 
 from embedpin.cli import main
 from embedpin.models.checkpoint import FAMILIES_DIR, check_fit, choose, read_weights
@@ -161,7 +161,7 @@ def test_the_shipped_tokenizer_is_clips_and_rebuilds_from_clips_bpe_file(tmp_pat
 
 
 def test_the_shipped_tokenizer_files_are_byte_identical_to_the_ones_comfyui_ships():
-    from comfy_env import comfyui_dir
+    from support.comfy_env import comfyui_dir
 
     from embedpin.models.tokenizers import BPE_DIR
 

@@ -79,7 +79,7 @@ def wide_run(tmp_path_factory):
 
 def test_a_run_takes_its_size_and_defaults_from_the_target_and_the_model(wide_run, tmp_path):
     from embedpin.config import RunConfig
-    from embedpin.pinned import load_pinned
+    from embedpin.export import load_pinned
 
     config = RunConfig.from_toml(wide_run / "config.toml")
     assert (config.render.height, config.render.width) == (48, 80)  # 4:3 at micro's 64² area, multiples of 16
@@ -224,7 +224,7 @@ def test_the_probe_sizes_the_batch_to_the_free_memory(free, fixed, per, want):
 
 def test_half_precision_runs_the_models_in_it_and_keeps_guidance_and_scores_in_float32(tmp_path):
     from embedpin.api import run_config
-    from embedpin.optimizer.session import Session
+    from embedpin.evaluation.session import Session
 
     def session(dtype):
         return Session.prepare(run_config(target=STAR, prompt="a star", dtype=dtype, validation_seeds=4, steps=4,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from embedpin.errors import ConfigError, InputError
-from embedpin.space import Block, SearchSpace
+from embedpin.optimizer.space import Block, SearchSpace
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from embedpin.errors import ConfigError
 from embedpin.guidance.flex import FLEX_PARAMS
-from embedpin.space import Block
+from embedpin.optimizer.space import Block
 
 # name -> (lower, upper, default, scale); None default = taken from the run's options
 SCALARS: dict[str, tuple[float, float, float | None, float]] = {

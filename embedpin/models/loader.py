@@ -43,7 +43,7 @@ def resolve(spec: str) -> tuple[str, Path]:
     if spec == "micro":
         if not (MICRO_DIR / "model_index.json").is_file():
             raise ModelError("the built-in micro model is missing from this install; "
-                             "rebuild it with: python -m embedpin.train_micro")
+                             "rebuild it with: python -m embedpin.models.micro.train")
         return "micro", MICRO_DIR
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

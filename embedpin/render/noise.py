@@ -18,7 +18,7 @@ import torch
 def derived_seed(seed: int, *path: int) -> int:
     """A well-mixed 63-bit seed for the branch ``path`` of ``seed`` (numpy's SeedSequence: distinct
     paths give independent streams). The one seed mixer of a run: noise members here, search and
-    validation seeds in ``optimizer.seeds``."""
+    validation seeds in ``evaluation.seeds``."""
     return int(np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 

@@ -190,7 +190,7 @@ class PlainValidation(Record):
 
 @dataclass
 class InversionRecord(Record):
-    """The gradient stage before the search (``optimizer.inversion``): its steps, seconds and
+    """The gradient stage before the search (``evaluation.inversion``): its steps, seconds and
     denoising loss over its first and last tenth of steps; the vectors are in ``INVERSION``
     (0 steps and a ``note``: the model gave no gradient, the search started at the init words)."""
 

@@ -1,6 +1,6 @@
 """Train the micro model from a seed: tokenizer -> VAE -> CLIP -> UNet.
 
-    python -m embedpin.train_micro [--out DIR] [--seed 0] [--smoke] [--stages vae,clip,unet]
+    python -m embedpin.models.micro.train [--out DIR] [--seed 0] [--smoke] [--stages vae,clip,unet]
 
 Every stage writes its part of a diffusers-format folder (loads with plain
 ``StableDiffusionPipeline.from_pretrained``) plus ``clip/``: the CLIPModel's config, image

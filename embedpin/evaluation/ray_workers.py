@@ -6,7 +6,7 @@ targets and guidance context are loaded in the worker, never pickled from the dr
 (``embedpin.runner``) keeps the optimizer, every seed, the store and the reports; per evaluation
 :class:`RayEvaluator` splits the candidates into contiguous chunks, one per alive worker, sends
 each chunk's standardized vectors with the driver's plan, and puts the returned compact batches
-(``optimizer.batch``) back together by chunk index, never by arrival. A candidate's figures are a
+(``evaluation.batch``) back together by chunk index, never by arrival. A candidate's figures are a
 function of (its x, the plan) only, so they do not depend on which worker ran it; on CPU they equal
 the in-process run's to float rounding (a chunk is a smaller batch through the same kernels).
 
@@ -60,8 +60,8 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import ConfigError, EmbedpinError, WorkerError
-from embedpin.optimizer.batch import Batch, Pinned, RunInfo
-from embedpin.optimizer.session import Session
+from embedpin.evaluation.batch import Batch, Pinned, RunInfo
+from embedpin.evaluation.session import Session
 from embedpin.render.sampler import RenderPlan
 
 CONTROL = "control"  # the actors' second thread: status answers while a chunk renders
@@ -178,7 +178,7 @@ class _Slot:
 
 
 class RayEvaluator:
-    """Renders on Ray workers (``optimizer.evaluate.Evaluator``); see the module doc."""
+    """Renders on Ray workers (``evaluation.evaluate.Evaluator``); see the module doc."""
 
     device = "cpu"  # the driver's own figures (error maps) are computed on its CPU
 

@@ -4,7 +4,7 @@ The driver (optimizer, seeds, run store, reports) and the owner of the heavy obj
 ``Session``, in this process or in a Ray worker) exchange only these:
 
 - driver -> worker: standardized candidates X [k, n] and a ``RenderPlan`` (its seed fixed by the
-  driver, ``optimizer.seeds``);
+  driver, ``evaluation.seeds``);
 - worker -> driver: a :class:`Batch` per chunk of candidates (losses, per-image losses, decoded
   parameters, distances, uint8 images, lineage and seeds), :class:`RunInfo` once, and
   :class:`Pinned` tensors for the candidate a generation pins.

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAR = str(ROOT / "examples" / "star.png")
 PROMPT = "a large star in the center"  # no colour, no background: the run must add what star.png has
 SMALL = ["--inversion-steps", "4", "--generations", "3", "--population", "4", "--batch", "4", "--steps", "6",

@@ -30,7 +30,7 @@ import numpy as np
 
 from embedpin.errors import ConfigError, InputError
 
-SPACE_FORMAT = "embedpin.space"
+SPACE_FORMAT = "embedpin.space"  # the format id in state.json (not a module path: it never changes)
 SPACE_VERSION = 1
 
 

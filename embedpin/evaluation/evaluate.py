@@ -3,18 +3,18 @@
 The run loop (``embedpin.runner``) asks an evaluator for
 
 - ``evaluate(X, plan, label)``: candidates X [k, n] rendered on ``plan`` and scored -> a
-  :class:`~embedpin.optimizer.batch.Batch` in candidate order;
+  :class:`~embedpin.evaluation.batch.Batch` in candidate order;
 - ``evaluate_plain(plan)``: the plain prompt on ``plan`` (the validation reference);
 - ``pinned(x)``: the conditioning of candidate x (None: the plain prompt) as a pinned file holds it;
 - ``invert(progress)``: the token vectors fitted to the targets by gradient (None where the run
   does not invert), and ``use_vectors(v)``: the search's x = 0 puts the token vectors at v;
 
-and reads ``info`` (:class:`~embedpin.optimizer.batch.RunInfo`), ``workers`` (None in-process; else
+and reads ``info`` (:class:`~embedpin.evaluation.batch.RunInfo`), ``workers`` (None in-process; else
 per-worker counts) and ``alive()``; it may set ``notify``, where an evaluator says what happened
 to its workers (one line each). Every plan, seed included, comes from the driver, so a
 candidate's figures do not depend on where it was rendered.
 
-:class:`LocalEvaluator` runs a ``Session`` in this process; ``optimizer.ray_workers.RayEvaluator``
+:class:`LocalEvaluator` runs a ``Session`` in this process; ``evaluation.ray_workers.RayEvaluator``
 runs one ``Session`` per Ray worker (imported only for ``--workers`` / ``--ray-address``: the core
 never imports Ray). Both go through ``Session.batch``, the same compact path.
 """
@@ -28,8 +28,8 @@ import numpy as np
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import ConfigError
-from embedpin.optimizer.batch import Batch, Pinned, RunInfo
-from embedpin.optimizer.session import Session
+from embedpin.evaluation.batch import Batch, Pinned, RunInfo
+from embedpin.evaluation.session import Session
 from embedpin.render.sampler import RenderPlan
 
 
@@ -93,7 +93,7 @@ def open_evaluator(config: RunConfig, scale: ScaleConfig, notify: Callable[[str]
         if components is not None:
             raise ConfigError("a model loaded in this process renders here: it cannot go to Ray workers")
         try:
-            from embedpin.optimizer.ray_workers import RayEvaluator
+            from embedpin.evaluation.ray_workers import RayEvaluator
         except ImportError as e:
             if "ray" not in str(e.name or ""):
                 raise

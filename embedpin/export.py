@@ -23,12 +23,12 @@ from safetensors.torch import load_file, safe_open, save
 
 from embedpin.config import PLACEHOLDER, RunConfig
 from embedpin.errors import ConfigError, InputError
+from embedpin.evaluation.batch import Pinned, RunInfo
+from embedpin.evaluation.session import Session, pick_device
 from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.guidance.encode import input_widths
 from embedpin.models.embeddings import to_file_layout
 from embedpin.models.loader import load_components
-from embedpin.optimizer.batch import Pinned, RunInfo
-from embedpin.optimizer.session import Session, pick_device
 from embedpin.render.sampler import RenderPlan, render, render_one
 from embedpin.store import (
     GENERATIONS,

@@ -69,7 +69,7 @@ def build(shipped: str, seed: int = 0, dtype: torch.dtype = torch.float32, **cut
 
 def write(shipped: str, path: str | Path, seed: int = 0, metadata: dict | None = None, **cut) -> Path:
     """The random-weight models of ``build`` as one original-layout float16 checkpoint."""
-    from ldm_checkpoint import save_single_file
+    from support.ldm_checkpoint import save_single_file
 
     return save_single_file(build(shipped, seed, torch.float16, **cut), path, metadata=metadata)
 
@@ -95,7 +95,7 @@ def header_only(path: str | Path, shapes: dict[str, tuple[int, ...]], metadata: 
 def published_layout(shipped: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the published full-size model of a shipped config, in the original layout,
     from models built on the meta device (nothing allocated)."""
-    from ldm_checkpoint import ldm_state
+    from support.ldm_checkpoint import ldm_state
 
     with torch.device("meta"):
         parts = build(shipped, levels=None, text_layers=None)

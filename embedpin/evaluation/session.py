@@ -5,10 +5,10 @@ the guidance context, the search space and the scorer. ``Session.evaluate(X, g)`
 (standardized candidates, generation) -> conditionings, images, losses as tensors, with no
 global state. ``Session.batch(X, plan)`` is the same as the run loop receives it, wherever the
 session lives (this process or a Ray worker): a compact, numpy-only
-:class:`~embedpin.optimizer.batch.Batch`; ``plain_batch(plan)`` does it for the plain prompt and
+:class:`~embedpin.evaluation.batch.Batch`; ``plain_batch(plan)`` does it for the plain prompt and
 ``pinned(x)`` gives the conditioning a pinned result file holds. The run's validation renders
 are batches on the validation plan (plain batches on seeds no search render uses,
-``optimizer.seeds``).
+``evaluation.seeds``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
+from embedpin.evaluation.batch import Batch, Pinned, RunInfo
+from embedpin.evaluation.inversion import InversionSettings, invert
+from embedpin.evaluation.seeds import search_seed, validation_seed
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
 from embedpin.guidance.emphasis import BREAK, parse_emphasis
@@ -31,16 +34,13 @@ from embedpin.guidance.tokens import chunk_count
 from embedpin.images import load_image, resize_crop
 from embedpin.models.embeddings import read_textual_inversion
 from embedpin.models.loader import load_components
-from embedpin.optimizer.batch import Batch, Pinned, RunInfo
-from embedpin.optimizer.inversion import InversionSettings, invert
-from embedpin.optimizer.seeds import search_seed, validation_seed
+from embedpin.optimizer.space import SearchSpace
 from embedpin.render.memory import probe_max_batch
 from embedpin.render.sampler import RenderPlan, RenderResult, render
 from embedpin.render.size import render_size, size_multiple
 from embedpin.scoring.masks import readable_targets, target_masks
 from embedpin.scoring.scorer import Scorer, ScoreResult
 from embedpin.scoring.targets import expand_paths, load_targets
-from embedpin.space import SearchSpace
 from embedpin.store import INVERSION, RunStore, read_vectors, to_uint8
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def for_model(config: RunConfig, comp, init: torch.Tensor | None) -> RunConfig:
 
 
 def search_plan(config: RunConfig, plan: RenderPlan, generation: int) -> RenderPlan:
-    """The plan of generation ``generation``'s search renders: ``plan`` with its seed (``optimizer.seeds``)."""
+    """The plan of generation ``generation``'s search renders: ``plan`` with its seed (``evaluation.seeds``)."""
     optim = config.optim
     return replace(plan, seed=search_seed(optim.seed, generation, optim.search_seeds))
 
@@ -168,7 +168,7 @@ class Session:
     masks: torch.Tensor | None = None  # [T, 1, H, W] on the device, one per target (None: no --mask)
 
     def search_plan(self, generation: int):
-        """The plan of generation ``generation``'s search renders (its seed: ``optimizer.seeds``)."""
+        """The plan of generation ``generation``'s search renders (its seed: ``evaluation.seeds``)."""
         return search_plan(self.config, self.plan, generation)
 
     @classmethod
@@ -221,7 +221,7 @@ class Session:
 
     def invert(self, progress=None) -> np.ndarray:
         """The token vectors [N, Din] fitted to the targets by textual inversion
-        (:mod:`embedpin.optimizer.inversion`), from the run's init vectors, with the run's seed."""
+        (:mod:`embedpin.evaluation.inversion`), from the run's init vectors, with the run's seed."""
         search = self.config.search
         settings = InversionSettings(steps=search.inversion_steps, batch=search.inversion_batch,
                                      lr=search.inversion_lr, seed=self.config.optim.seed)

@@ -1,7 +1,7 @@
 """A synthetic run store in the exact on-disk format the run loop writes.
 
 For the report's edge-case tests (hostile prompts, long runs, bad files) and benchmark, and
-for previewing templates without a model: ``python tests/sample_run.py runs/demo`` writes a
+for previewing templates without a model: ``python tests/support/sample_run.py runs/demo`` writes a
 small fake run and its report. What a real run's pages show is tested on a real run
 (``test_reports.py``); this module is not part of the installed package.
 Images are procedural shapes from the micro model's dataset; losses and CMA-ES

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from sdxl_model import build_sdxl_pipeline, text_config
+from support.sdxl_model import build_sdxl_pipeline, text_config
 
 SIZE = 32  # native pixels; the VAE downsamples by 2, the UNet by 2 more: sides in multiples of 4
 FAMILIES = ("SD 1.x", "SD 2.x", "SDXL")

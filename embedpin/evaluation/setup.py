@@ -1,8 +1,8 @@
 """The driver's view of a run: everything the run loop needs except the model.
 
 The run loop keeps the optimizer, every render seed, the run store and the reports; the model
-lives with the evaluator (in this process or in Ray workers, ``optimizer.evaluate``). From the
-evaluator's :class:`~embedpin.optimizer.batch.RunInfo` and the config, :class:`RunSetup` rebuilds
+lives with the evaluator (in this process or in Ray workers, ``evaluation.evaluate``). From the
+evaluator's :class:`~embedpin.evaluation.batch.RunInfo` and the config, :class:`RunSetup` rebuilds
 the search space (from its JSON description), the render plans with their seeds (the same
 functions a ``Session`` uses), and loads the targets, their masks and guide images itself (for the run folder
 and the report's ꟻLIP error maps, computed from the uint8 images the evaluator returns with a
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from embedpin.config import RunConfig
+from embedpin.evaluation.batch import RunInfo
+from embedpin.evaluation.session import guide_images, render_plan, search_plan, validation_plan
 from embedpin.images import load_image
-from embedpin.optimizer.batch import RunInfo
-from embedpin.optimizer.session import guide_images, render_plan, search_plan, validation_plan
+from embedpin.optimizer.space import SearchSpace
 from embedpin.render.sampler import RenderPlan
 from embedpin.scoring.masks import readable_targets, target_masks
 from embedpin.scoring.scorer import Scorer
 from embedpin.scoring.targets import expand_paths, load_targets
-from embedpin.space import SearchSpace
 from embedpin.store import file_digest, target_file
 
 
