@@ -73,7 +73,7 @@ def losses(session, conds, neg, cfg, plan, seeds: int):
 def main() -> None:
     from embedpin.config import RunConfig
     from embedpin.evaluation.session import Session
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
     from embedpin.guidance.encode import encode_prompt
     from embedpin.models.loader import load_components
 

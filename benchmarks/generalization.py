@@ -304,7 +304,7 @@ def with_embedding(pipe, path: Path, token: str, fn):
 
 def evaluate_pair(pair: Pair, pipe, components, folder: Path, args, plain_oracle) -> dict:
     """One pair's row (module doc)."""
-    from embedpin.export import export_run, load_pinned
+    from embedpin.exports import export_run, load_pinned
     from embedpin.runner import run
 
     paths, (plain, oracle) = plain_oracle
@@ -431,7 +431,16 @@ def main() -> None:
     ap.add_argument("--test-seeds", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--json", default=None, help="keep the rows here (read back on a rerun: done pairs are skipped)")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="measure only the pairs whose index is I modulo N (N processes side by side, each with its "
+                         "own --json; the headline of all rows: --summary A.json B.json ...)")
+    ap.add_argument("--summary", nargs="+", default=None, metavar="JSON", help="print the headline of these rows")
     args = ap.parse_args()
+    if args.summary:
+        rows = [r for f in args.summary for r in json.loads(Path(f).read_text())["rows"]]
+        headline(list({(r["set"], r["seed"], r["pair"]): r for r in rows}.values()), 0.0)
+        return
+    shard, shards = map(int, args.shard.split("/"))
     if args.seed is None and args.only != "dev":
         ap.error("give --seed for the fresh pairs (or --only dev)")
     from embedpin.models.loader import load_components
@@ -449,7 +458,9 @@ def main() -> None:
             continue
         chosen, redrawn = pairs(seed, args.pairs, pipe, tmp, args.test_seeds)
         print(f"{name} (seed {seed}): {redrawn} pairs redrawn for a gap under {MIN_GAP}", flush=True)
-        for pair, plain_oracle in chosen:
+        for index, (pair, plain_oracle) in enumerate(chosen):
+            if index % shards != shard:
+                continue
             key = (name, seed, pair.name)
             if any((r["set"], r["seed"], r["pair"]) == key for r in done):
                 continue

@@ -26,7 +26,7 @@ import folder_paths
 from embedpin.api import run_config
 from embedpin.config import SCHEDULERS, SearchConfig
 from embedpin.errors import ConfigError, EmbedpinError, InputError
-from embedpin.export import export_run, load_pinned, usage_prompt
+from embedpin.exports import export_run, load_pinned, usage_prompt
 from embedpin.runner import resume, run
 from embedpin.store import PINNED, STATE, RunStore, write_text
 

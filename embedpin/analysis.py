@@ -1,6 +1,6 @@
 """Token analysis: which parts of the prompt lock the pinned result in.
 
-sd-prompt-pinning's first stated problem (seed 003) is that "it can be difficult to tell which
+sd-prompt-pinning's first stated problem is that "it can be difficult to tell which
 parts of the prompts are 'locking in' a particular result". For a finished or stopped run, per
 prompt token (placeholders included, every chunk of a long prompt):
 

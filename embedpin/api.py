@@ -42,7 +42,7 @@ def scale_config(config: str | Path | None = None, **settings: Any) -> ScaleConf
 
 
 def _with_pinned(result):
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
 
     path = Path(result.run_dir) / PINNED
     return dataclasses.replace(result, pinned=load_pinned(path)[0] if path.is_file() else None)
@@ -78,7 +78,7 @@ def resume(run_dir: str | Path, *, quiet: bool = True, **scale):
 
 def load_pinned(path: str | Path):
     """(tensors, recipe) of a run folder's or a pinned file's result."""
-    from embedpin.export import load_pinned as load
+    from embedpin.exports import load_pinned as load
 
     return load(path)
 
@@ -87,7 +87,7 @@ def export(run_dir: str | Path, format: str = "diffusers", output: str | Path = 
            token: str = PLACEHOLDER) -> Path:
     """Write a run's pinned result as ``diffusers`` embeddings or a ``textual-inversion`` file
     (``embedpin export``); returns the file written."""
-    from embedpin.export import export_run
+    from embedpin.exports import export_run
 
     done = export_run(run_dir, format, output, token=token)
     if done.lost:

@@ -101,7 +101,7 @@ def cmd_optimize(a) -> int:
 
 
 def cmd_render(a) -> int:
-    from embedpin.export import render_image, render_pinned
+    from embedpin.exports import render_image, render_pinned
 
     if a.image:
         print(f"wrote {render_image(a.source, a.image, a.out, device=a.device)}")
@@ -113,7 +113,7 @@ def cmd_render(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from embedpin.export import export_run
+    from embedpin.exports import export_run
 
     done = export_run(a.run, a.format, a.output, token=a.token)
     print("\n".join(done.describe()))

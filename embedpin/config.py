@@ -301,10 +301,11 @@ class RenderConfig:
                                                                                             "{value})"),
                               help="img2img strength (default: {default})")
     renoise: float | None = setting(None, group="rendering", check=at_least(0),
-                                    help="hyperbatch branch re-noise for deterministic samplers: eta of the ancestral "
-                                         "step a copy takes at branches after step 0, whose copy is a second root "
-                                         "(default 1, the DDPM posterior's amount; higher: more diverse siblings, from "
-                                         "about 2 all noise is replaced and colours wash out)")
+                                    help="hyperbatch branch re-noise: eta of the ancestral step a copy takes at branches "
+                                         "after step 0, whose copy is a second root (default: 1 for deterministic "
+                                         "samplers, the DDPM posterior's amount; 0 for stochastic ones, whose copies "
+                                         "draw their own step noise; higher: more diverse siblings, from about 2 all "
+                                         "noise is replaced and colours wash out)")
     roots: int = setting(2, group="rendering", check=(_power_of_two, "must be a power of two (got {value})"),
                          help="independent initial latents per candidate in a hyperbatch, a power of two; the rest of "
                               "the batch branches from them (default: {default})")

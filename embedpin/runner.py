@@ -54,7 +54,7 @@ from embedpin.evaluation.evaluate import Evaluator, open_evaluator
 from embedpin.evaluation.inversion import NoGradient
 from embedpin.evaluation.setup import RunSetup, input_digests
 from embedpin.events import RunHooks, StopRun
-from embedpin.export import save_pinned
+from embedpin.exports import save_pinned
 from embedpin.guidance.blocks import FILE_BLOCKS
 from embedpin.optimizer.cmaes import CMAES, POLISH_GENERATIONS, default_generations
 from embedpin.optimizer.mo import MOCMAES
@@ -334,7 +334,7 @@ class PinningRun:
         """The plain prompt's validation and the inversion stage where not done yet, then the
         generations; returns why they ended: "converged" or "generations" (all done, or stopped)."""
         if self.setup.validation is not None and self.state.plain_validation is None:
-            self.validate_plain()
+            self.render_plain_validation()
             self.store.write_state(self.state)
         self.inversion()
         while self.state.generation < self.total and not stop.requested:
@@ -450,7 +450,7 @@ class PinningRun:
             generation=gen.g, sigma=float(self.opt.sigma), best_candidate=gen.best,
             errmaps=self._error_maps(gen.batch.images[gen.best], folder), seed=self.setup.search_plan(gen.g).seed,
             candidates=candidates)
-        validated = self.validate(folder, gen) if self.setup.validation is not None else None
+        validated = self.render_validation(folder, gen) if self.setup.validation is not None else None
         if validated:
             record.validation = validated.records
         return record, validated
@@ -537,7 +537,7 @@ class PinningRun:
                                      image_losses=r.image_losses)
         return True
 
-    def validate(self, folder: Path, gen: _Generation) -> _Validated:
+    def render_validation(self, folder: Path, gen: _Generation) -> _Validated:
         """Render the generation's best candidate (and the distribution's mean) on the validation
         seeds, their images in ``folder/validation/``."""
         kinds = [("best", gen.best, gen.X[gen.best])] + ([("mean", None, gen.center)] if gen.center is not None
@@ -555,7 +555,7 @@ class PinningRun:
             records.append(record)
         return _Validated(records, xs, batch)
 
-    def validate_plain(self) -> None:
+    def render_plain_validation(self) -> None:
         """The plain prompt on the validation seeds: its record (images under ``validation/``),
         and the pinned result until a candidate beats it."""
         batch = self.ev.evaluate_plain(self.setup.validation)

@@ -87,3 +87,14 @@ def test_the_core_never_imports_ray():
              "from embedpin.cli import main\nassert main(['optimize', '--workers', '-1']) == 2\n"
              "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
+
+
+def test_no_module_of_the_package_hides_an_api_function():
+    """``embedpin.export(...)`` stays the function after ``embedpin.exports`` is imported: a module
+    named like an API function would replace the package's attribute once anything imports it."""
+    import pkgutil
+
+    import embedpin
+
+    modules = {m.name for m in pkgutil.iter_modules(embedpin.__path__)}
+    assert not modules & set(embedpin.__all__)

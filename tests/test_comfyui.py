@@ -202,7 +202,7 @@ def test_the_pin_nodes_outputs_its_embedding_and_load_pinned(env, loaded, workfl
     from PIL import ImageOps
 
     from embedpin.cli import main
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
 
     nodes, folders = env
     model, clip, vae = loaded

@@ -102,7 +102,7 @@ def test_inversion_runs_and_its_file_encodes_in_diffusers_as_embedpin_built_it(f
     """On every family: the stage moves the vectors; the textual-inversion file of the result,
     loaded into diffusers' own pipeline and used with the usage prompt (placeholders after or
     before the words), gives the conditioning embedpin validated."""
-    from embedpin.export import usage_prompt
+    from embedpin.exports import usage_prompt
     from embedpin.models.embeddings import to_file_layout
 
     name, comp, pipe = family

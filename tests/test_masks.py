@@ -260,7 +260,7 @@ def _files(run) -> list:
 
 
 def _same_run(a, b) -> None:
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
 
     assert timeless_state(a / "state.json") == timeless_state(b / "state.json")
     assert _files(a) == _files(b)

@@ -51,7 +51,7 @@ def test_pinned_result_is_the_validation_best(finished):
     seeds gives exactly that loss."""
     from embedpin.config import RunConfig
     from embedpin.evaluation.session import Session
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
     from embedpin.render.sampler import render
 
     state = json.loads((finished / "state.json").read_text())
@@ -118,7 +118,7 @@ def test_the_textual_inversion_file_is_the_result_as_users_load_it(finished, tmp
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
     from embedpin.models.loader import MICRO_DIR
 
     ti = tmp_path / "pinned.safetensors"
@@ -145,7 +145,7 @@ def test_the_textual_inversion_file_is_the_result_as_users_load_it(finished, tmp
 def test_a_run_whose_pinned_result_is_the_plain_prompt_exports_no_embedding(finished, tmp_path, capsys):
     import shutil
 
-    from embedpin.export import _to_bytes, load_pinned
+    from embedpin.exports import _to_bytes, load_pinned
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -176,7 +176,7 @@ def test_two_workers_give_the_in_process_result_while_workers_are_killed_in_ever
     assert [got["best"][k] for k in ("generation", "candidate", "kind")] == \
         [want["best"][k] for k in ("generation", "candidate", "kind")]
     assert got["best"]["loss"] == pytest.approx(want["best"]["loss"], abs=TOL)
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
 
     (a, _), (b, _) = load_pinned(ray_run["run"]), load_pinned(finished)
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=TOL) for k in a)

@@ -85,7 +85,7 @@ def sdxl_run(folder, tmp_path_factory):
 
 
 def test_an_sdxl_run_pins_both_encoders_vectors_and_the_pooled_embedding(sdxl_run, comp):
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
 
     tensors, recipe = load_pinned(sdxl_run)
     assert recipe["family"] == "SDXL" and recipe["widths"] == [W1, W2]

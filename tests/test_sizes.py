@@ -79,7 +79,7 @@ def wide_run(tmp_path_factory):
 
 def test_a_run_takes_its_size_and_defaults_from_the_target_and_the_model(wide_run, tmp_path):
     from embedpin.config import RunConfig
-    from embedpin.export import load_pinned
+    from embedpin.exports import load_pinned
 
     config = RunConfig.from_toml(wide_run / "config.toml")
     assert (config.render.height, config.render.width) == (48, 80)  # 4:3 at micro's 64² area, multiples of 16
@@ -236,5 +236,5 @@ def test_half_precision_runs_the_models_in_it_and_keeps_guidance_and_scores_in_f
     assert half.ctx.plain.hidden.dtype == torch.float32 and half.ctx.delta_basis.sequence.dtype == torch.float32
     ev = half.evaluate(np.zeros((2, half.space.n)), 0)
     assert ev.render.images.dtype == torch.float32 and ev.score.loss.dtype == torch.float32
-    loss_half, loss_full = (s.validate_plain()[2].loss.item() for s in (half, full))
+    loss_half, loss_full = (s.render_plain_validation()[2].loss.item() for s in (half, full))
     assert abs(loss_half - loss_full) < 0.1 * loss_full  # the same images, up to bfloat16's rounding

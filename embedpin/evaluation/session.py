@@ -323,7 +323,7 @@ class Session:
                             pooled_embeds=enc.pooled, negative_pooled=neg.pooled)
 
     @torch.no_grad()
-    def validate_plain(self):
+    def render_plain_validation(self):
         """The plain prompt on the validation seeds: (its Conditioning, RenderResult, ScoreResult)."""
         cond = self.plain_conditioning()
         return (cond, *self._render(cond, self.validation))

@@ -1,6 +1,6 @@
 """CMA-ES with an ask/tell interface and a JSON checkpoint, built on ``deap.cma.Strategy``.
 
-Defaults (seed 003's table; N = search dimension, all in embedpin's *normalised* space
+Defaults (sd-prompt-pinning's table; N = search dimension, all in embedpin's *normalised* space
 where x = 0 is the plain prompt and one unit of x is one ``Block.scale`` of change):
 
 ========================  ==============================  ===========================
@@ -37,14 +37,14 @@ TUNABLE = ("mu", "weights", "cs", "damps", "ccum", "ccov1", "ccovmu", "active")
 
 
 def default_population(n: int) -> int:
-    """λ = ⌊4 + 3 ln N⌋ (seed 003, DEAP and pycma default)."""
+    """λ = ⌊4 + 3 ln N⌋ (sd-prompt-pinning, DEAP and pycma default)."""
     return int(4 + 3 * math.log(n))
 
 
 
 
 def default_generations(n: int) -> int:
-    """16 · ⌊ln N⌋ generations (seed 003); at least 16, the formula gives 0 for N < 3."""
+    """16 · ⌊ln N⌋ generations (sd-prompt-pinning's default); at least 16, the formula gives 0 for N < 3."""
     return max(16, 16 * int(math.floor(math.log(n))))
 
 

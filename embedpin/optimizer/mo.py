@@ -6,7 +6,7 @@ Cholesky factor; selection is by non-dominated sorting, ties broken by hypervolu
 contribution. :class:`MOCMAES` wraps it with the same ask/tell + JSON-checkpoint
 contract as :class:`~embedpin.optimizer.cmaes.CMAES`. The first :meth:`MOCMAES.ask`
 returns the initial parents (x0 itself plus μ-1 points uniform within ``radius`` of it,
-seed 003's "initial population radius") to be evaluated; later calls return λ
+sd-prompt-pinning's "initial population radius") to be evaluated; later calls return λ
 offspring. Defaults: μ = λ = ⌊4 + 3 ln N⌋, so every parent makes one offspring per
 generation (DEAP's λ = 1 would render one candidate at a time). The chosen result is
 the lowest loss seen with distance <= ``max_distance``.

@@ -14,7 +14,7 @@ step's UNet calls. Siblings diverge after a branch with every sampler:
   step noise from its own stream (``noise.NoiseStreams``);
 - at later branches, deterministic samplers (euler, heun, lms, pndm, dpm++2m, unipc, ddim
   with eta = 0) would keep a copied latent on its parent's ODE path (identical images:
-  the prior tool's bug), so a copy's branch step is made ancestral ("SDE-ified"): with D
+  no diversity from branching), so a copy's branch step is made ancestral ("SDE-ified"): with D
   the shared evaluation at sigma, eps = (x - D) / sigma its noise and z ~ N(0, I) from the
   copy's own stream,
 

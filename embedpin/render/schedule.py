@@ -1,6 +1,6 @@
 """Hyperbatch branch schedule, lineage and cost (pure functions).
 
-A hyperbatch (sd-prompt-pinning, seed ``003``) starts each candidate from one latent
+A hyperbatch (sd-prompt-pinning) starts each candidate from one latent
 and doubles its batch at ``k = ceil(log2 B)`` branch steps until it holds ``B``
 latents; two images share every step before the branch that split their lineages.
 

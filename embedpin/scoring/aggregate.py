@@ -15,7 +15,7 @@ estimate is not: its downward (Jensen) bias grows as the independent pairs carry
 information, so with two roots a hyperbatch would read consistently too low against a
 plain batch of the same conditioning, and most for skewed per-image losses (a pinned
 result that mostly hits and sometimes fails). With a hyperbatch lineage,
-sd-prompt-pinning's (seed 003) hyperbatch weightings apply over lineage depth K:
+sd-prompt-pinning's hyperbatch weightings apply over lineage depth K:
 
 * the lineage [B, depth] gives, per column k, the branch of image b at branch point k
   (any integer ids; images share an ancestor at level k iff their rows agree on the
@@ -25,7 +25,7 @@ sd-prompt-pinning's (seed 003) hyperbatch weightings apply over lineage depth K:
 * at each level, X_K = mean over its groups of (group mean + w·group std): the root gives
   the plain summary, deeper levels weigh consistency among closer relatives;
 * geometric X^(s/K), exponential X·(0.5+s)^K or polynomial (1+X)^(s·K) (s = ``scale``),
-  averaged over the L levels (seed 003 sums them; the mean ranks candidates the same
+  averaged over the L levels (sd-prompt-pinning sums them; the mean ranks candidates the same
   and keeps the loss on the per-image scale).
 
 A candidate with any non-finite image loss is broken and scores ``WORST_LOSS``.
