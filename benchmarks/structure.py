@@ -26,14 +26,14 @@ from pathlib import Path
 # fact -> a pattern that matches each place defining it (string literals, numbers, mixing code)
 FACTS = {
     "flip_ppd": r"67\.0\b|3840",
-    "generations_folder": r"[\"']generations[\"/']",
+    "generations_folder": r"[\"']generations/|/ ?[\"']generations[\"']|[\"']generations[\"'] ?/",
     "pinned_token": r"[\"']<pinned>[\"']",
     "cpu_max_batch": r"(max_batch|MAX_BATCH|CPU|elsewhere)\W.*\b256\b",
     "seed_mixer": r"SeedSequence\(\[",
     "non_finite_loss": r"\b1e10\b|\b1e9\b",
     "block_names": r"[\"']linear_start[\"'],",
-    "basis_names": r"[\"']image[\"'], [\"']pca[\"']",
-    "weighting_names": r"[\"']geometric[\"'][,:]",
+    "basis_names": r"[(\[]\s*[\"']image[\"'], [\"']pca[\"']",
+    "weighting_names": r"[\"']geometric[\"'],|[\"']geometric[\"']: \S",
     "placement_names": r"[\"']before[\"'], [\"']after[\"']",
 }
 
