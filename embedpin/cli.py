@@ -162,15 +162,8 @@ def cmd_models(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from embedpin.version import __version__
-
-    p = _Parser(prog="embedpin", description="Pin a diffusion model's prompt conditioning to a visual target "
-                "(CMA-ES over image guidance and embedding deltas, scored by ꟻLIP and CLIP).",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"embedpin {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _optimize_parser(sub).set_defaults(fn=cmd_optimize)
+def _render_parser(sub) -> None:
+    """``embedpin render``: a pinned result on new seeds, or one image of the report again."""
     r = sub.add_parser("render", help="render a pinned result (run folder or pinned .safetensors)")
     r.add_argument("source", help="run folder or pinned.safetensors")
     r.add_argument("--seed", type=int, default=0, help="first seed")
@@ -186,12 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run folder, shown in the report's tooltips, e.g. generations/0003/images/c04_i02.webp)")
     r.add_argument("-o", "--out", required=True, help="output folder")
     r.set_defaults(fn=cmd_render)
+
+
+def _export_parser(sub) -> None:
+    """``embedpin export``: the pinned conditioning for diffusers or as a textual inversion."""
     e = sub.add_parser("export", help="export a run's pinned conditioning")
     e.add_argument("run", help="run folder")
     e.add_argument("--format", required=True, choices=["diffusers", "textual-inversion"])
     e.add_argument("-o", "--output", required=True, help="output .safetensors file")
     e.add_argument("--token", default=PLACEHOLDER, help="placeholder token name for textual inversion")
     e.set_defaults(fn=cmd_export)
+
+
+def _inspect_parsers(sub) -> None:
+    """``embedpin report``, ``analyze`` and ``models``: look at a run or a model."""
     rp = sub.add_parser("report", help="rebuild a run's HTML report from its store")
     rp.add_argument("run")
     rp.set_defaults(fn=cmd_report)
@@ -212,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-config", default=None, help="configs for a single-file checkpoint: a shipped config's name "
                    "(sd15, sd21, sd21-base, sdxl-base), a diffusers folder or a hub id (default: chosen from the file)")
     m.set_defaults(fn=cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``embedpin`` command and its subcommands (optimize's flags from the config's settings)."""
+    from embedpin.version import __version__
+
+    p = _Parser(prog="embedpin", description="Pin a diffusion model's prompt conditioning to a visual target "
+                "(textual inversion by the model's gradient, then CMA-ES over token vectors, image guidance and "
+                "embedding deltas, scored by ꟻLIP and CLIP on seeds the search never saw).",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"embedpin {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _optimize_parser(sub).set_defaults(fn=cmd_optimize)
+    _render_parser(sub)
+    _export_parser(sub)
+    _inspect_parsers(sub)
     return p
 
 
