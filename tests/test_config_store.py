@@ -206,3 +206,17 @@ def test_only_the_layout_spells_the_run_folders_names():
         if not rel.startswith("embedpin/store/"):
             found.update((rel, name) for name in _layout_spellings(ast.parse(path.read_text(encoding="utf-8"))))
     assert not found, "spell run-folder names with embedpin.store.layout's constants and path functions"
+
+
+def test_the_architecture_document_gives_the_layers_the_import_linter_checks():
+    """docs/ARCHITECTURE.md's layer list is .importlinter's ``stages`` contract, row for row."""
+    import configparser
+    import re
+
+    root = Path(embedpin.__file__).parents[1]
+    contract = configparser.ConfigParser()
+    contract.read(root / ".importlinter")
+    checked = [row.strip() for row in contract["importlinter:contract:stages"]["layers"].splitlines() if row.strip()]
+    doc = (root / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    block = re.search(r"```\n(embedpin\.api\n.*?)```", doc, re.S).group(1)
+    assert block.split("\n")[:-1] == checked
