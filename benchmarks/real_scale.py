@@ -3,7 +3,7 @@
 SD 1.5's and SDXL's published architectures (their config.json values, written below) are
 built with random weights — nothing is downloaded — with an image tower of CLIP ViT-L/14's
 architecture and the micro model's tokenizer. A real run (``embedpin.runner.run``, default
-blocks: token vectors, token weights, image guidance from the target) runs two generations at
+settings: the inversion stage, shortened, then CMA-ES on the token vectors) runs two generations at
 a reduced size; the second one is measured (the first includes the lazy, once-per-run bases).
 
 Stages are timed where they run, exclusive of the stages nested in them: text encoding and
@@ -188,6 +188,7 @@ def measure(arch: str, size: int, dtype: str, device: str, out: Path, generation
     target = str(Path(__file__).resolve().parents[1] / "examples" / "star.png")
     settings = dict(model=comp.name, target=target, prompt="a large red star at the top left on a plain blue background",
                     generations=generations, population=6, batch=4, steps=6, validation_seeds=4, size=size,
+                    inversion_steps=2,  # the gradient stage runs once per run, before the generations measured here
                     out=str(out), device=device, dtype=dtype)
     try:
         result = runner_module.run(run_config(**settings))
