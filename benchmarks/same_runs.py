@@ -19,7 +19,8 @@ left out (they show the clocks); everything they are drawn from is in.
 
 ``--compare`` prints each file that differs and, last, ``runs_identical: k/n`` and
 ``files_compared: N``. Compare digests made at the same thread count (``OMP_NUM_THREADS``): CPU
-kernels sum in another order on more threads, which moves the last bits of the renders. Run it from the tree under test (``PYTHONPATH=<tree>``); the input
+kernels sum in another order on more threads, which moves the last bits of the renders. Run it
+from the tree under test (``PYTHONPATH=<tree>``); the input
 images are copied into ``OUT`` so two trees see the same paths when OUT is the same.
 """
 
