@@ -302,8 +302,9 @@ def with_embedding(pipe, path: Path, token: str, fn):
         pipe.unload_textual_inversion()
 
 
-def evaluate_pair(pair: Pair, pipe, components, folder: Path, args, plain_oracle) -> dict:
-    """One pair's row (module doc)."""
+def evaluate_pair(pair: Pair, pipe, components, folder: Path, args, plain_oracle, earlier: dict | None = None) -> dict:
+    """One pair's row (module doc); ``earlier``: this pair's row from ``--reuse-baseline``, whose
+    gradient-TI figures are taken instead of training the baseline again."""
     from embedpin.exports import export_run, load_pinned
     from embedpin.runner import run
 
@@ -331,14 +332,21 @@ def evaluate_pair(pair: Pair, pipe, components, folder: Path, args, plain_oracle
         usage = meta["usage"]
         flips["file"] = with_embedding(pipe, out, meta["token"], lambda: unseen(
             pipe, tgt, args.test_seeds, steps, meta.get("cfg", cfg), prompt=usage))
-    vector, updates = gradient_ti(components, paths, initializer(pair.prompt), seconds, seed=0)
-    ti = save_vector(vector, folder / "gradient_ti.safetensors")
-    flips["gradient_ti"] = with_embedding(pipe, ti, "<ti>", lambda: unseen(
-        pipe, tgt, args.test_seeds, steps, cfg, prompt=f"{pair.prompt} <ti>"))
     means = {k: float(np.mean(v)) for k, v in flips.items()}
+    se = {k: float(np.std(v, ddof=1) / math.sqrt(len(v))) for k, v in flips.items()}
+    if earlier is None:
+        vector, updates = gradient_ti(components, paths, initializer(pair.prompt), seconds, seed=0)
+        ti = save_vector(vector, folder / "gradient_ti.safetensors")
+        flips["gradient_ti"] = with_embedding(pipe, ti, "<ti>", lambda: unseen(
+            pipe, tgt, args.test_seeds, steps, cfg, prompt=f"{pair.prompt} <ti>"))
+        means["gradient_ti"] = float(np.mean(flips["gradient_ti"]))
+        se["gradient_ti"] = float(np.std(flips["gradient_ti"], ddof=1) / math.sqrt(len(flips["gradient_ti"])))
+    else:
+        means["gradient_ti"], se["gradient_ti"] = earlier["unseen"]["gradient_ti"], earlier["unseen_se"]["gradient_ti"]
+        updates = earlier["gradient_ti_updates"]
     return {"pair": pair.name, "prompt": pair.prompt, "caption": pair.caption, "kind": pair.kind,
-            "dropped": list(pair.dropped), "unseen": means, "usage": usage,
-            "unseen_se": {k: float(np.std(v, ddof=1) / math.sqrt(len(v))) for k, v in flips.items()},
+            "dropped": list(pair.dropped), "unseen": means, "usage": usage, "unseen_se": se,
+            **({"gradient_ti_from": args.reuse_baseline} if earlier is not None else {}),
             "run": {"validation_loss": result.validation_loss, "plain_validation_loss": result.plain_validation_loss,
                     "file_validation_loss": file_info.get("loss"), "file_validation_flip": file_info.get("flip"),
                     "seconds": seconds, "generations": result.generations, "renders": result.renders,
@@ -435,6 +443,10 @@ def main() -> None:
                     help="measure only the pairs whose index is I modulo N (N processes side by side, each with its "
                          "own --json; the headline of all rows: --summary A.json B.json ...)")
     ap.add_argument("--summary", nargs="+", default=None, metavar="JSON", help="print the headline of these rows")
+    ap.add_argument("--reuse-baseline", default=None, metavar="JSON",
+                    help="take each pair's gradient-TI figures from this file's row of the same pair (the baseline "
+                         "does not depend on embedpin's code: measure a change of embedpin without training it again; "
+                         "its time budget stays the earlier run's)")
     args = ap.parse_args()
     if args.summary:
         rows = [r for f in args.summary for r in json.loads(Path(f).read_text())["rows"]]
@@ -450,6 +462,8 @@ def main() -> None:
     pipe, components = pipeline(), load_components("micro", device="cpu")
     done = json.loads(Path(args.json).read_text())["rows"] if args.json and Path(args.json).is_file() else []
     rows = list(done)
+    baseline = {(r["set"], r["seed"], r["pair"]): r for r in json.loads(Path(args.reuse_baseline).read_text())["rows"]} \
+        if args.reuse_baseline else {}
     sets = [("dev", args.dev_seed), ("fresh", args.seed)]
     print(f"settings: {args.set or 'defaults'}; {args.pairs} pairs per seed (dev {args.dev_seed}, fresh {args.seed}); "
           f"{args.test_seeds} unseen seeds from {TEST_SEED}", flush=True)
@@ -464,7 +478,8 @@ def main() -> None:
             key = (name, seed, pair.name)
             if any((r["set"], r["seed"], r["pair"]) == key for r in done):
                 continue
-            row = evaluate_pair(pair, pipe, components, tmp / f"{seed}-{pair.name}", args, plain_oracle)
+            row = evaluate_pair(pair, pipe, components, tmp / f"{seed}-{pair.name}", args, plain_oracle,
+                                baseline.get(key))
             row.update({"set": name, "seed": seed, "settings": args.set})
             rows.append(row)
             print_row(row)

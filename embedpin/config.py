@@ -246,6 +246,11 @@ class SearchConfig:
     inversion_lr: float = setting(1.0, group="search", check=above(0),
                                   help="inversion step size, in typical token-embedding coordinates (default: "
                                        "{default})")
+    inversion_starts: int = setting(4, group="search", metavar="N", check=at_least(0),
+                                    help="where the search starts: the init words and N evenly spaced points of the "
+                                         "inversion (its end included), rendered on the validation seeds, the best "
+                                         "taken; 0 (or --validation-seeds 0): the inversion's end (default: "
+                                         "{default})")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import EmbedpinError, StoreError
 from embedpin.evaluation.batch import Batch
 from embedpin.evaluation.evaluate import Evaluator, open_evaluator
-from embedpin.evaluation.inversion import NoGradient
+from embedpin.evaluation.inversion import NoGradient, checkpoint_steps
 from embedpin.evaluation.setup import RunSetup, input_digests
 from embedpin.events import RunHooks, StopRun
 from embedpin.exports import save_pinned
@@ -74,6 +74,7 @@ from embedpin.store import (
     PlainValidation,
     RunState,
     RunStore,
+    StartRecord,
     candidate_image,
     errmap_image,
     in_generation,
@@ -364,7 +365,7 @@ class PinningRun:
         best = state.best.loss if state.best else math.nan
         return RunResult(
             run_dir=self.store.root, best_loss=best, first_best_loss=hist[0].best if hist else math.nan,
-            generations=state.generation, renders=sum(h.renders for h in hist) + (plain.renders if plain else 0),
+            generations=state.generation, renders=sum(h.renders for h in hist) + _validation_renders(state),
             interrupted=interrupted, stop_reason=state.stop_reason,
             validation_loss=best if plain is not None and state.best else None,
             plain_validation_loss=plain.loss if plain is not None else None,
@@ -399,19 +400,39 @@ class PinningRun:
         finally:
             self.hooks.inversion_end()
         if vectors is not None:
-            self._start_from(vectors, losses, time.time() - t0)
+            self._start_from(vectors, losses, t0)
 
-    def _start_from(self, vectors, losses: list[float], seconds: float) -> None:
-        """Keep the fitted vectors (``INVERSION``) and their record (the mean denoising loss over the
-        first and the last tenth of the steps); the search's x = 0 is now them."""
-        write_vectors(self.store.root / INVERSION, vectors)
+    def _start_from(self, starts: np.ndarray, losses: list[float], t0: float) -> None:
+        """Choose the search's start among ``starts`` [1 + K, N, Din] (the init words, then points
+        of the inversion, its end last: :meth:`choose_start`), keep its vectors (``INVERSION``) and
+        the stage's record (the mean denoising loss over the first and the last tenth of the steps);
+        the search's x = 0 is now them."""
+        steps = [0, *checkpoint_steps(len(losses), len(starts) - 1)]
+        k, validated = self.choose_start(starts, steps)
+        write_vectors(self.store.root / INVERSION, starts[k])
         tenth = max(1, len(losses) // 10)
-        self.state.inversion = InversionRecord(steps=len(losses), seconds=round(seconds, 3),
+        self.state.inversion = InversionRecord(steps=len(losses), seconds=round(time.time() - t0, 3),
                                                loss_start=float(np.mean(losses[:tenth])),
-                                               loss_end=float(np.mean(losses[-tenth:])))
+                                               loss_end=float(np.mean(losses[-tenth:])),
+                                               start=steps[k] if validated else None, starts=validated)
         self.store.write_state(self.state)
-        self.ev.use_vectors(vectors)
+        self.ev.use_vectors(starts[k])
         self.hooks.inverted(self.state.inversion)
+
+    def choose_start(self, starts: np.ndarray, steps: list[int]) -> tuple[int, list[StartRecord] | None]:
+        """The start with the lowest loss on the validation seeds (the search's x = 0 rendered with
+        each one's vectors; ties: the later step) and every start's record; the inversion's end,
+        unvalidated (None), where the run has no validation or ``--inversion-starts`` is 0."""
+        if self.setup.validation is None or not self.setup.config.search.inversion_starts:
+            return len(starts) - 1, None
+        zero = np.zeros((1, self.setup.space.n))
+        records = []
+        for v, step in zip(starts, steps):
+            self.ev.use_vectors(v)
+            batch = self.ev.evaluate(zero, self.setup.validation, f"inversion step {step} validation")
+            records.append(StartRecord(step=step, loss=float(_finite(batch.loss)[0])))
+        k = min(range(len(records)), key=lambda j: (records[j].loss, -j))
+        return k, records
 
     def generation(self) -> None:
         """Generation ``state.generation``: ask, render and score (the evaluator), tell, then
@@ -608,6 +629,15 @@ class PinningRun:
         """The optimizer's own stop (``--tol-fun`` / ``--tol-x``): the search has settled."""
         optim = self.setup.config.optim
         return bool(self.opt.should_stop(tol_fun=optim.tol_fun, tol_x=optim.tol_x))
+
+
+def _validation_renders(state: RunState) -> int:
+    """The renders of the plain prompt's validation and of the inversion's starts (each on the same seeds)."""
+    plain = state.plain_validation
+    if plain is None:
+        return 0
+    starts = state.inversion.starts if state.inversion is not None else None
+    return plain.renders * (1 + len(starts or []))
 
 
 def _finite(loss: np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ class Terminal(RunHooks):
     def inverted(self, record: InversionRecord) -> None:
         if not self.quiet:
             tqdm.write(f"inversion: {record.steps} steps in {record.seconds:.0f}s, denoising loss "
-                       f"{record.loss_start:.4f} -> {record.loss_end:.4f}; the search starts there", file=sys.stderr)
+                       f"{record.loss_start:.4f} -> {record.loss_end:.4f}; {_start(record)}", file=sys.stderr)
 
     def generation(self, state: RunState, workers: tuple[int, int] | None) -> None:
         """The bar's figures: the pinned result's and the file's loss (and the workers ready); the
@@ -82,3 +82,12 @@ class Terminal(RunHooks):
 
     def stopping(self) -> None:
         print(STOPPING, flush=True)
+
+
+def _start(record: InversionRecord) -> str:
+    """Where the search starts, and the validation losses it was chosen on."""
+    if not record.starts:
+        return "the search starts at its end"
+    where = "the init words" if record.start == 0 else f"step {record.start}"
+    losses = ", ".join(f"{'init words' if r.step == 0 else r.step} {r.loss:.4f}" for r in record.starts)
+    return f"the search starts at {where} (validation loss: {losses})"

@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from support.families import FAMILIES, save_family
 
-from embedpin.evaluation.inversion import InversionSettings, alphas_cumprod, conditioning, invert, training_target
+from embedpin.evaluation.inversion import (
+    InversionSettings,
+    alphas_cumprod,
+    checkpoint_steps,
+    conditioning,
+    invert,
+    invert_path,
+    training_target,
+)
 from embedpin.guidance.context import GuidanceOptions, make_context
 from embedpin.models.loader import load_components
 
@@ -54,6 +64,26 @@ def test_inversion_is_a_function_of_its_settings(micro):
     other = invert(ctx, targets, InversionSettings(steps=6, batch=4, lr=0.3, seed=4))
     assert torch.equal(first, again)
     assert not torch.equal(first, other) and not torch.equal(first, ctx.vector_init)
+
+
+def test_the_kept_points_lie_on_the_fit_and_end_at_its_end(micro):
+    """The points the run chooses its start among are the fit's own vectors at those steps:
+    keeping more of them changes none, and the last is what ``invert`` returns."""
+    ctx, targets = _context(micro), _targets()
+    path = invert_path(ctx, targets, FEW, points=3)
+    assert path.shape == (3, *ctx.vector_init.shape) and checkpoint_steps(6, 3) == [2, 4, 6]
+    assert torch.equal(path[-1], invert(ctx, targets, FEW))
+    shorter = InversionSettings(steps=4, batch=4, lr=0.3, seed=3)
+    assert torch.equal(invert_path(ctx, targets, shorter)[-1], path[1])
+    assert not torch.equal(path[0], path[1])
+
+
+@given(steps=st.integers(0, 2000), points=st.integers(1, 50))
+def test_checkpoint_steps_are_evenly_spaced_and_end_at_the_last_step(steps, points):
+    kept = checkpoint_steps(steps, points)
+    assert kept == sorted(set(kept)) and len(kept) == min(steps, points)
+    assert (kept[-1] == steps and kept[0] >= 1) if steps else kept == []
+    assert all(b - a <= -(-steps // points) + 1 for a, b in zip([0, *kept], kept))
 
 
 def test_inversion_lowers_the_denoising_loss_on_the_targets(micro):

@@ -45,6 +45,42 @@ def test_run_folder_is_complete(finished):
     assert "refresh" not in (finished / "index.html").read_text().split("<body")[0].lower()
 
 
+def test_the_search_starts_at_the_best_validated_point_of_the_inversion(finished):
+    """The init words and evenly spaced points of the inversion are rendered on the validation
+    seeds; the search starts at the lowest (its vectors are the run's ``inversion.safetensors``),
+    and the first generation's validated mean, the start itself, scores what the start did."""
+    from embedpin.evaluation.session import Session
+    from embedpin.store import INVERSION, load_run, read_vectors
+
+    state = json.loads((finished / "state.json").read_text())
+    inv = state["inversion"]
+    assert [s["step"] for s in inv["starts"]] == [0, 1, 2, 3, 4]  # --inversion-steps 4, 4 points + the init words
+    losses = [s["loss"] for s in inv["starts"]]
+    assert len(set(losses)) == len(losses)  # each start renders differently
+    assert inv["start"] == inv["starts"][int(np.argmin(losses))]["step"]
+    assert state["history"][0]["validation"]["mean"] == pytest.approx(min(losses), abs=1e-5)
+    session = Session.prepare(load_run(finished).config())
+    starts = session.invert()  # the stage again: the same path
+    chosen = [s["step"] for s in inv["starts"]].index(inv["start"])
+    assert np.array_equal(read_vectors(finished / INVERSION), starts[chosen])
+    assert np.array_equal(starts[0], session.ctx.vector_init.numpy())
+
+
+def test_inversion_starts_0_starts_the_search_at_the_fits_end(tmp_path):
+    from embedpin.evaluation.session import Session
+    from embedpin.store import INVERSION, load_run, read_vectors
+
+    tiny = ["--inversion-steps", "3", "--inversion-starts", "0", "--generations", "1", "--population", "2",
+            "--batch", "2", "--steps", "2", "--validation-seeds", "2", "--quiet"]
+    assert main(["optimize", "--target", str(ROOT / "examples" / "star.png"), "--prompt", PROMPT,
+                 "--out", str(tmp_path), *tiny]) == 0
+    (run,) = _runs(tmp_path)
+    inv = json.loads((run / "state.json").read_text())["inversion"]
+    assert inv["steps"] == 3 and "starts" not in inv and "start" not in inv
+    starts = Session.prepare(load_run(run).config()).invert()
+    assert len(starts) == 2 and np.array_equal(read_vectors(run / INVERSION), starts[-1])
+
+
 def test_pinned_result_is_the_validation_best(finished):
     """Pinned = the lowest validation loss over every validated candidate and the plain prompt
     (never worse than the prompt as written), and the pinned file re-rendered on the validation

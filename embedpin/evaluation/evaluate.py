@@ -6,8 +6,9 @@ The run loop (``embedpin.runner``) asks an evaluator for
   :class:`~embedpin.evaluation.batch.Batch` in candidate order;
 - ``evaluate_plain(plan)``: the plain prompt on ``plan`` (the validation reference);
 - ``pinned(x)``: the conditioning of candidate x (None: the plain prompt) as a pinned file holds it;
-- ``invert(progress)``: the token vectors fitted to the targets by gradient (None where the run
-  does not invert), and ``use_vectors(v)``: the search's x = 0 puts the token vectors at v;
+- ``invert(progress)``: the search's possible starts [1 + K, N, Din] (the init vectors, then
+  points of the token vectors' fit to the targets by gradient; None where the run does not
+  invert), and ``use_vectors(v)``: the search's x = 0 puts the token vectors at v;
 
 and reads ``info`` (:class:`~embedpin.evaluation.batch.RunInfo`), ``workers`` (None in-process; else
 per-worker counts) and ``alive()``; it may set ``notify``, where an evaluator says what happened

@@ -18,6 +18,12 @@ step draws a batch of (target, t, ε) samples sharing one text encoding. Adam (K
 2015) steps in units of the token table's mean row norm, so one learning rate fits every
 model. All randomness comes from one seeded generator: the same settings give the same
 vectors.
+
+The denoising loss is not the rendered result's loss: on some targets the fitted vectors render
+further from the target than the init words, or than an earlier point of the fit, on seeds the
+fit never saw: the objective scores single denoising steps from noised targets, not whole
+samplings from noise. :func:`invert_path` keeps evenly spaced points of the fit,
+so that the run can validate them beside the init words and start its search at the best.
 """
 
 from __future__ import annotations
@@ -100,6 +106,20 @@ def invert(ctx: GuidanceContext, targets: torch.Tensor, settings: InversionSetti
     """The placeholders' vectors [N, Din] fitted to ``targets`` [T, 3, H, W] in [0, 1] (masks
     [T, 1, H, W] or None), starting at ``ctx.vector_init``; ``progress(step, loss)`` after each
     step."""
+    return invert_path(ctx, targets, settings, masks, progress)[-1]
+
+
+def checkpoint_steps(steps: int, points: int) -> list[int]:
+    """The steps after which :func:`invert_path` keeps the vectors: ``points`` evenly spaced ones,
+    the last step included (fewer where the fit has fewer steps)."""
+    return sorted({max(1, round(steps * (k + 1) / points)) for k in range(points)}) if steps else []
+
+
+def invert_path(ctx: GuidanceContext, targets: torch.Tensor, settings: InversionSettings,
+                masks: torch.Tensor | None = None, progress: Callable[[int, float], None] | None = None,
+                points: int = 1) -> torch.Tensor:
+    """:func:`invert`, keeping the vectors after each of :func:`checkpoint_steps`: [K, N, Din],
+    the fit's end last. The path is the fit's: keeping more points changes no vector."""
     if torch.is_inference_mode_enabled():
         raise NoGradient("the model runs in inference mode (as ComfyUI runs its nodes): no gradient for the token "
                          "vectors")
@@ -119,6 +139,7 @@ def invert(ctx: GuidanceContext, targets: torch.Tensor, settings: InversionSetti
     unet.requires_grad_(False)
     for te in comp.text_encoders:
         te.requires_grad_(False)
+    keep, kept = set(checkpoint_steps(settings.steps, points)), []
     try:
         for step in range(settings.steps):
             i = torch.randint(len(x0), (settings.batch,), generator=gen).to(x0.device)
@@ -135,14 +156,14 @@ def invert(ctx: GuidanceContext, targets: torch.Tensor, settings: InversionSetti
             opt.zero_grad(set_to_none=True)
             _backward(loss)
             opt.step()
+            if step + 1 in keep:
+                kept.append((v.detach() * scale).to(ctx.vector_init))
             if progress is not None:
                 progress(step, loss.item())
     finally:
         for p, r in zip(unet.parameters(), requires):
             p.requires_grad_(r)
-    return (v.detach() * scale).to(ctx.vector_init)
-
-
+    return torch.stack(kept) if kept else ctx.vector_init[None].clone()
 
 
 def _backward(loss: torch.Tensor) -> None:

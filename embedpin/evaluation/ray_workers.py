@@ -118,7 +118,7 @@ class Worker:
         return self._busy(label, self._loaded(vectors).pinned, x)
 
     def invert(self, label: str, vectors=None) -> tuple[np.ndarray, list[float]]:
-        """The run's inversion stage (``Session.invert``): (the fitted vectors, each step's loss)."""
+        """The run's inversion stage (``Session.invert``): (the possible starts, each step's loss)."""
         losses: list[float] = []
         fitted = self._busy(label, self._loaded(vectors).invert, lambda step, loss: losses.append(loss))
         return fitted, losses

@@ -23,7 +23,7 @@ import torch
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
 from embedpin.evaluation.batch import Batch, Pinned, RunInfo
-from embedpin.evaluation.inversion import InversionSettings, invert
+from embedpin.evaluation.inversion import InversionSettings, invert_path
 from embedpin.evaluation.seeds import search_seed, validation_seed
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
@@ -220,13 +220,17 @@ class Session:
                    masks.masks.to(comp.device) if masks else None)
 
     def invert(self, progress=None) -> np.ndarray:
-        """The token vectors [N, Din] fitted to the targets by textual inversion
-        (:mod:`embedpin.evaluation.inversion`), from the run's init vectors, with the run's seed."""
+        """The search's possible starts [1 + K, N, Din]: the run's init vectors, then the token
+        vectors at K evenly spaced points (``--inversion-starts``; with validation or the choice
+        off, the end alone) of their fit to the targets by textual inversion
+        (:mod:`embedpin.evaluation.inversion`), with the run's seed."""
         search = self.config.search
         settings = InversionSettings(steps=search.inversion_steps, batch=search.inversion_batch,
                                      lr=search.inversion_lr, seed=self.config.optim.seed)
-        vectors = invert(self.ctx, self.targets, settings, self.masks, progress)
-        return vectors.detach().float().cpu().numpy()
+        init = self.ctx.vector_init
+        path = invert_path(self.ctx, self.targets, settings, self.masks, progress,
+                           points=max(1, search.inversion_starts) if self.validation is not None else 1)
+        return torch.cat([init[None].to(path), path]).detach().float().cpu().numpy()
 
     @classmethod
     def of_run(cls, run: RunStore, config: RunConfig | None = None) -> Session:

@@ -15,7 +15,7 @@ module              holds
                     ``file_digest``
 ``records``         the JSON records: ``CandidateRecord``, ``GenerationRecord``,
                     ``HistoryEntry``, ``PinnedRecord``, ``FileRecord``, ``PlainValidation``,
-                    ``InversionRecord``, ``TokenRow``, ``TokenAnalysis``, ``RunState``
+                    ``InversionRecord``, ``StartRecord``, ``TokenRow``, ``TokenAnalysis``, ``RunState``
 ``folder``          ``RunStore``, the one object that reads and writes a run folder
                     (``create``, ``open`` to write; ``load_run`` to read), ``read_analysis``
 ==================  ====================================================================
@@ -80,6 +80,7 @@ from embedpin.store.records import (
     PlainValidation,
     Record,
     RunState,
+    StartRecord,
     TokenAnalysis,
     TokenRow,
 )
@@ -88,7 +89,7 @@ __all__ = [
     "ANALYSIS", "ASSETS", "CONFIG", "ERRMAPS", "FULL_AREA", "GENERATION", "GENERATIONS", "IMAGES", "INPUTS",
     "INVERSION", "PAGE", "PINNED", "PREVIEW", "PREVIEW_QUALITY", "PREVIEW_SIDE", "STATE", "STATE_VERSION",
     "STATUSES", "TARGETS", "VALIDATION", "CandidateRecord", "FileRecord", "GenerationRecord", "HistoryEntry",
-    "InversionRecord", "PinnedRecord", "PlainValidation", "Record", "RunState", "RunStore", "TokenAnalysis",
+    "InversionRecord", "PinnedRecord", "PlainValidation", "Record", "RunState", "RunStore", "StartRecord", "TokenAnalysis",
     "TokenRow", "candidate_image", "errmap_image", "file_digest", "generation_dirname", "generation_path",
     "in_generation", "keeps_previews", "load_run", "read_analysis", "read_json", "read_vectors", "run_dirname",
     "save_figure", "save_image", "save_png", "save_preview", "save_render", "target_file", "to_uint8",

@@ -189,18 +189,32 @@ class PlainValidation(Record):
 
 
 @dataclass
+class StartRecord(Record):
+    """One possible start of the search: the inversion's vectors after ``step`` steps (0: the
+    init words) and their loss on the validation seeds."""
+
+    step: int
+    loss: float
+
+
+@dataclass
 class InversionRecord(Record):
     """The gradient stage before the search (``evaluation.inversion``): its steps, seconds and
-    denoising loss over its first and last tenth of steps; the vectors are in ``INVERSION``
-    (0 steps and a ``note``: the model gave no gradient, the search started at the init words)."""
+    denoising loss over its first and last tenth of steps; the search's start, whose vectors are
+    in ``INVERSION``: the inversion's step ``start`` (0: the init words), chosen among ``starts``
+    on the validation seeds (None: the end, unvalidated). 0 steps and a ``note``: the model gave
+    no gradient, the search started at the init words."""
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("note",)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("note", "start", "starts")
+    NESTED: ClassVar[dict[str, Any]] = {"starts": [StartRecord]}
 
     steps: int
     seconds: float
     loss_start: float | None = None
     loss_end: float | None = None
     note: str | None = None  # why it did not run (a model that gives no gradient)
+    start: int | None = None
+    starts: list[StartRecord] | None = None
 
 
 @dataclass
