@@ -36,7 +36,9 @@ benchmark's on the unseen seeds|; goal <= 0.1), the runs' seconds and the benchm
 
 ``--json FILE`` keeps every pair's row and is read back on a rerun, so a long benchmark can be
 stopped and continued; ``--set section.key=value`` overrides the run config (repeatable), so
-one script measures every lever.
+one script measures every lever. ``--reuse-baseline OLD.json`` takes each pair's gradient-TI figures
+from an earlier file's row of the same pair, so that a change of embedpin is measured without
+training the baseline again (the baseline keeps the earlier run's time budget).
 
     python benchmarks/generalization.py --seed 7 [--pairs 40] [--json out.json] [--only dev|fresh]
 """
