@@ -126,7 +126,8 @@ def test_json_summary_has_validation_figures(finished, tmp_path, capsys):
     state = json.loads((run / "state.json").read_text())
     assert summary["validation_loss"] == state["best"]["loss"]
     assert summary["plain_validation_loss"] == state["plain_validation"]["loss"]
-    assert summary["renders"] == 4 * 4 + 2 * 4 + 4
+    # the search, its validation (best and mean), the plain prompt's, the five starts' (init words + 4 points)
+    assert summary["renders"] == 4 * 4 + 2 * 4 + 4 + 5 * 4
 
 
 def test_validation_off_pins_the_search_best(tmp_path, capsys):
