@@ -518,6 +518,16 @@ class RunConfig:
         search = self.search
         return search.inversion_steps > 0 and "token_vectors" in search.blocks and bool(self.score.targets)
 
+    def chooses_start(self) -> bool:
+        """Whether the search starts at the best of the init words and points of the inversion on the
+        validation seeds (``--inversion-starts``), rather than at the inversion's end: an inversion,
+        validation seeds and at least one point."""
+        return self.inverts() and self.optim.validation_seeds > 0 and self.search.inversion_starts > 0
+
+    def inversion_points(self) -> int:
+        """How many points of the inversion are kept as starts (its end, the last, always)."""
+        return self.search.inversion_starts if self.chooses_start() else 1
+
     def uses_guide(self) -> bool:
         """Whether a searched block reads guide images (image guidance, concepts, the image delta basis)."""
         blocks = set(self.search.blocks)

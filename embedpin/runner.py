@@ -407,7 +407,9 @@ class PinningRun:
         of the inversion, its end last: :meth:`choose_start`), keep its vectors (``INVERSION``) and
         the stage's record (the mean denoising loss over the first and the last tenth of the steps);
         the search's x = 0 is now them."""
-        steps = [0, *checkpoint_steps(len(losses), len(starts) - 1)]
+        config = self.setup.config
+        steps = [0, *checkpoint_steps(config.search.inversion_steps, config.inversion_points())]
+        assert len(steps) == len(starts), (steps, starts.shape)
         k, validated = self.choose_start(starts, steps)
         write_vectors(self.store.root / INVERSION, starts[k])
         tenth = max(1, len(losses) // 10)
@@ -423,7 +425,7 @@ class PinningRun:
         """The start with the lowest loss on the validation seeds (the search's x = 0 rendered with
         each one's vectors; ties: the later step) and every start's record; the inversion's end,
         unvalidated (None), where the run has no validation or ``--inversion-starts`` is 0."""
-        if self.setup.validation is None or not self.setup.config.search.inversion_starts:
+        if not self.setup.config.chooses_start():
             return len(starts) - 1, None
         zero = np.zeros((1, self.setup.space.n))
         records = []

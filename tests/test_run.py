@@ -54,7 +54,7 @@ def test_the_search_starts_at_the_best_validated_point_of_the_inversion(finished
 
     state = json.loads((finished / "state.json").read_text())
     inv = state["inversion"]
-    assert [s["step"] for s in inv["starts"]] == [0, 1, 2, 3, 4]  # --inversion-steps 4, 4 points + the init words
+    assert [s["step"] for s in inv["starts"]] == [0, 2, 4]  # --inversion-steps 4, 2 points + the init words
     losses = [s["loss"] for s in inv["starts"]]
     assert len(set(losses)) == len(losses)  # each start renders differently
     assert inv["start"] == inv["starts"][int(np.argmin(losses))]["step"]
@@ -126,8 +126,8 @@ def test_json_summary_has_validation_figures(finished, tmp_path, capsys):
     state = json.loads((run / "state.json").read_text())
     assert summary["validation_loss"] == state["best"]["loss"]
     assert summary["plain_validation_loss"] == state["plain_validation"]["loss"]
-    # the search, its validation (best and mean), the plain prompt's, the five starts' (init words + 4 points)
-    assert summary["renders"] == 4 * 4 + 2 * 4 + 4 + 5 * 4
+    # the search, its validation (best and mean), the plain prompt's, the three starts' (init words + 2 points)
+    assert summary["renders"] == 4 * 4 + 2 * 4 + 4 + 3 * 4
 
 
 def test_validation_off_pins_the_search_best(tmp_path, capsys):

@@ -206,9 +206,9 @@ def test_json_progress_and_report_show_the_workers(ray_run, finished):
     summary = ray_run["summary"]
     counts = summary["workers"]
     assert [w["worker"] for w in counts] == ["w0", "w1"]
-    # search, validated (best, 2 means), plain, the inversion's starts (init words + 4 points)
-    assert sum(w["candidates"] for w in counts) == 3 * 4 + 5 + 1 + 5
-    assert sum(w["images"] for w in counts) == summary["renders"] == 3 * 4 * 4 + 5 * 4 + 4 + 5 * 4
+    # search, validated (best, 2 means), plain, the inversion's starts (init words + 2 points)
+    assert sum(w["candidates"] for w in counts) == 3 * 4 + 5 + 1 + 3
+    assert sum(w["images"] for w in counts) == summary["renders"] == 3 * 4 * 4 + 5 * 4 + 4 + 3 * 4
     assert all(w["seconds"] > 0 for w in counts)
     history = _state(ray_run["run"])["history"]
     assert all(h["workers"] and min(h["workers"].values()) > 0 for h in history)
@@ -245,7 +245,7 @@ def test_a_worker_killed_with_its_whole_node_reruns_on_the_other_node(ray_cluste
     gone = next(e["name"] for e in seen["events"] if e["phase"] == "search")
     workers = {w["worker"]: w for w in json.loads(stdout.strip().splitlines()[-1])["workers"]}
     assert workers[gone]["restarts"] == 1 and workers[gone]["candidates"] == 0  # its chunk ran on the other node
-    assert sum(w["candidates"] for w in workers.values()) == 4 + 1 + 5 + 2  # search, plain, starts, validated
+    assert sum(w["candidates"] for w in workers.values()) == 4 + 1 + 3 + 2  # search, plain, starts, validated
 
 
 def _inversion_goes(find, events: list) -> None:

@@ -189,3 +189,16 @@ def test_max_batch_auto_and_the_toml_then_the_flags(tmp_path):
     assert (c.render.batch, c.render.roots, c.render.max_batch, c.prompt.prompt) == (4, 1, None, "from the file")
     with pytest.raises(ConfigError, match="unknown setting 'resume'"):
         run_config(prompt="x", resume="runs/x")
+
+
+@pytest.mark.parametrize("settings, chooses, points", [
+    (dict(), True, 4),                       # the default: 4 points of the fit and the init words validated
+    (dict(inversion_starts=1), True, 1),     # the fit's end against the init words
+    (dict(inversion_starts=0), False, 1),    # the fit's end, unvalidated
+    (dict(validation_seeds=0), False, 1),    # nothing to choose on
+    (dict(inversion_steps=0), False, 1),     # no fit: nothing to choose from
+    (dict(blocks="guidance"), False, 1),     # no token vectors
+])
+def test_the_start_is_chosen_only_with_an_inversion_and_validation_seeds(settings, chooses, points):
+    c = run_config(prompt="a star", target=STAR, **settings)
+    assert (c.chooses_start(), c.inversion_points()) == (chooses, points)

@@ -228,8 +228,7 @@ class Session:
         settings = InversionSettings(steps=search.inversion_steps, batch=search.inversion_batch,
                                      lr=search.inversion_lr, seed=self.config.optim.seed)
         init = self.ctx.vector_init
-        path = invert_path(self.ctx, self.targets, settings, self.masks, progress,
-                           points=max(1, search.inversion_starts) if self.validation is not None else 1)
+        path = invert_path(self.ctx, self.targets, settings, self.masks, progress, points=self.config.inversion_points())
         return torch.cat([init[None].to(path), path]).detach().float().cpu().numpy()
 
     @classmethod

@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STAR = str(ROOT / "examples" / "star.png")
 PROMPT = "a large star in the center"  # no colour, no background: the run must add what star.png has
 SMALL = ["--inversion-steps", "4", "--generations", "3", "--population", "4", "--batch", "4", "--steps", "6",
-         "--validation-seeds", "4",
+         "--validation-seeds", "4", "--inversion-starts", "2",
          "--quiet"]
 
 
