@@ -361,24 +361,33 @@ def gap_closed(row: dict, key: str) -> float:
     return (u["plain"] - u[key]) / (u["plain"] - u["oracle"])
 
 
-def pairs(seed: int, n: int, pipe, folder: Path, test_seeds: int):
-    """The first ``n`` pairs of ``seed`` whose plain prompt leaves a gap: (pair, (target paths,
-    (plain [S], oracle [S]))) each; the redrawn ones are counted in the return's second item."""
+def pairs(seed: int, n: int, pipe, folder: Path, test_seeds: int, known: dict, redrawn: list):
+    """The first ``n`` pairs of ``seed`` whose plain prompt leaves a gap, drawn as they are needed:
+    (pair, (target paths, (plain [S], oracle [S])) or None) each. ``known`` maps a measured pair's
+    index to its (prompt, caption): the draws are prefix-stable, so a draw that matches was accepted
+    and one that differs was redrawn, and neither needs rendering (None). Each redraw appends to
+    ``redrawn``."""
     from embedpin.config import MICRO
 
-    rng, out, redrawn, index = np.random.default_rng(seed), [], 0, 0
-    while len(out) < n:
-        pair = draw_pair(rng, len(out))
-        index += 1
+    rng, accepted = np.random.default_rng(seed), 0
+    while accepted < n:
+        pair = draw_pair(rng, accepted)
+        if accepted in known:
+            if known[accepted] == (pair.prompt, pair.caption):
+                accepted += 1
+                yield pair, None
+            else:
+                redrawn.append(pair.name)
+            continue
         paths = make_targets(pair, pipe, folder / f"{seed}-{pair.name}" / "targets")
         tgt = read_targets(paths)
         plain = unseen(pipe, tgt, test_seeds, MICRO.steps, MICRO.cfg, prompt=pair.prompt)
         oracle = unseen(pipe, tgt, test_seeds, MICRO.steps, MICRO.cfg, prompt=pair.caption)
         if plain.mean() - oracle.mean() < MIN_GAP:
-            redrawn += 1
+            redrawn.append(pair.name)
             continue
-        out.append((pair, (paths, (plain, oracle))))
-    return out, redrawn
+        accepted += 1
+        yield pair, (paths, (plain, oracle))
 
 
 def summary(rows: list[dict]) -> dict:
@@ -472,14 +481,13 @@ def main() -> None:
     for name, seed in sets:
         if args.only and name != args.only:
             continue
-        chosen, redrawn = pairs(seed, args.pairs, pipe, tmp, args.test_seeds)
-        print(f"{name} (seed {seed}): {redrawn} pairs redrawn for a gap under {MIN_GAP}", flush=True)
-        for index, (pair, plain_oracle) in enumerate(chosen):
-            if index % shards != shard:
+        known = {int(r["pair"][:2]): (r["prompt"], r["caption"]) for r in done if (r["set"], r["seed"]) == (name, seed)}
+        redrawn: list[str] = []
+        for index, (pair, plain_oracle) in enumerate(pairs(seed, args.pairs, pipe, tmp, args.test_seeds, known,
+                                                           redrawn)):
+            if plain_oracle is None or index % shards != shard:
                 continue
             key = (name, seed, pair.name)
-            if any((r["set"], r["seed"], r["pair"]) == key for r in done):
-                continue
             row = evaluate_pair(pair, pipe, components, tmp / f"{seed}-{pair.name}", args, plain_oracle,
                                 baseline.get(key))
             row.update({"set": name, "seed": seed, "settings": args.set})
@@ -487,6 +495,7 @@ def main() -> None:
             print_row(row)
             if args.json:
                 Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+        print(f"{name} (seed {seed}): {len(redrawn)} pairs redrawn for a gap under {MIN_GAP}", flush=True)
     headline(rows, time.perf_counter() - t0)
 
 
