@@ -49,9 +49,9 @@ import numpy as np
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import EmbedpinError, StoreError
-from embedpin.evaluation.batch import Batch
+from embedpin.evaluation.batch import Batch, Starts
 from embedpin.evaluation.evaluate import Evaluator, open_evaluator
-from embedpin.evaluation.inversion import NoGradient, checkpoint_steps
+from embedpin.evaluation.inversion import NoGradient
 from embedpin.evaluation.setup import RunSetup, input_digests
 from embedpin.events import RunHooks, StopRun
 from embedpin.exports import save_pinned
@@ -390,7 +390,7 @@ class PinningRun:
         self.hooks.inversion_begin(self.setup.config.search.inversion_steps)
         t0 = time.time()
         try:
-            vectors = self.ev.invert(progress)
+            starts = self.ev.invert(progress)
         except NoGradient as e:
             self.state.inversion = InversionRecord(steps=0, seconds=round(time.time() - t0, 3),
                                                    note=f"{e}: gradient-free only")
@@ -399,37 +399,34 @@ class PinningRun:
             return
         finally:
             self.hooks.inversion_end()
-        if vectors is not None:
-            self._start_from(vectors, losses, t0)
+        if starts is not None:
+            self._start_from(starts, losses, t0)
 
-    def _start_from(self, starts: np.ndarray, losses: list[float], t0: float) -> None:
-        """Choose the search's start among ``starts`` [1 + K, N, Din] (the init words, then points
-        of the inversion, its end last: :meth:`choose_start`), keep its vectors (``INVERSION``) and
-        the stage's record (the mean denoising loss over the first and the last tenth of the steps);
+    def _start_from(self, starts: Starts, losses: list[float], t0: float) -> None:
+        """Choose the search's start among ``starts`` (the init words, then points of the
+        inversion, its end last: :meth:`choose_start`), keep its vectors (``INVERSION``) and the
+        stage's record (the mean denoising loss over the first and the last tenth of the steps);
         the search's x = 0 is now them."""
-        config = self.setup.config
-        steps = [0, *checkpoint_steps(config.search.inversion_steps, config.inversion_points())]
-        assert len(steps) == len(starts), (steps, starts.shape)
-        k, validated = self.choose_start(starts, steps)
-        write_vectors(self.store.root / INVERSION, starts[k])
+        k, validated = self.choose_start(starts)
+        write_vectors(self.store.root / INVERSION, starts.vectors[k])
         tenth = max(1, len(losses) // 10)
         self.state.inversion = InversionRecord(steps=len(losses), seconds=round(time.time() - t0, 3),
                                                loss_start=float(np.mean(losses[:tenth])),
                                                loss_end=float(np.mean(losses[-tenth:])),
-                                               start=steps[k] if validated else None, starts=validated)
+                                               start=starts.steps[k] if validated else None, starts=validated)
         self.store.write_state(self.state)
-        self.ev.use_vectors(starts[k])
+        self.ev.use_vectors(starts.vectors[k])
         self.hooks.inverted(self.state.inversion)
 
-    def choose_start(self, starts: np.ndarray, steps: list[int]) -> tuple[int, list[StartRecord] | None]:
+    def choose_start(self, starts: Starts) -> tuple[int, list[StartRecord] | None]:
         """The start with the lowest loss on the validation seeds (the search's x = 0 rendered with
         each one's vectors; ties: the later step) and every start's record; the inversion's end,
         unvalidated (None), where the run has no validation or ``--inversion-starts`` is 0."""
         if not self.setup.config.chooses_start():
-            return len(starts) - 1, None
+            return len(starts.steps) - 1, None
         zero = np.zeros((1, self.setup.space.n))
         records = []
-        for v, step in zip(starts, steps):
+        for v, step in zip(starts.vectors, starts.steps):
             self.ev.use_vectors(v)
             batch = self.ev.evaluate(zero, self.setup.validation, f"inversion step {step} validation")
             records.append(StartRecord(step=step, loss=float(_finite(batch.loss)[0])))

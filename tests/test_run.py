@@ -61,9 +61,10 @@ def test_the_search_starts_at_the_best_validated_point_of_the_inversion(finished
     assert state["history"][0]["validation"]["mean"] == pytest.approx(min(losses), abs=1e-5)
     session = Session.prepare(load_run(finished).config())
     starts = session.invert()  # the stage again: the same path
-    chosen = [s["step"] for s in inv["starts"]].index(inv["start"])
-    assert np.array_equal(read_vectors(finished / INVERSION), starts[chosen])
-    assert np.array_equal(starts[0], session.ctx.vector_init.numpy())
+    assert starts.steps == (0, 2, 4)
+    chosen = starts.steps.index(inv["start"])
+    assert np.array_equal(read_vectors(finished / INVERSION), starts.vectors[chosen])
+    assert np.array_equal(starts.vectors[0], session.ctx.vector_init.numpy())
 
 
 def test_inversion_starts_0_starts_the_search_at_the_fits_end(tmp_path):
@@ -78,7 +79,7 @@ def test_inversion_starts_0_starts_the_search_at_the_fits_end(tmp_path):
     inv = json.loads((run / "state.json").read_text())["inversion"]
     assert inv["steps"] == 3 and "starts" not in inv and "start" not in inv
     starts = Session.prepare(load_run(run).config()).invert()
-    assert len(starts) == 2 and np.array_equal(read_vectors(run / INVERSION), starts[-1])
+    assert starts.steps == (0, 3) and np.array_equal(read_vectors(run / INVERSION), starts.vectors[-1])
 
 
 def test_pinned_result_is_the_validation_best(finished):

@@ -6,8 +6,9 @@ The driver (optimizer, seeds, run store, reports) and the owner of the heavy obj
 - driver -> worker: standardized candidates X [k, n] and a ``RenderPlan`` (its seed fixed by the
   driver, ``evaluation.seeds``);
 - worker -> driver: a :class:`Batch` per chunk of candidates (losses, per-image losses, decoded
-  parameters, distances, uint8 images, lineage and seeds), :class:`RunInfo` once, and
-  :class:`Pinned` tensors for the candidate a generation pins.
+  parameters, distances, uint8 images, lineage and seeds), :class:`RunInfo` once,
+  :class:`Starts` once (the inversion stage's) and :class:`Pinned` tensors for the candidate a
+  generation pins.
 
 A candidate's figures depend only on (its x, the plan): chunks rendered anywhere are put back
 together in candidate order by :meth:`Batch.concat`.
@@ -41,6 +42,19 @@ class RunInfo:
     notes: list[str]
     device: str
     tokens: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Starts:
+    """The search's possible starts, from the inversion stage: ``vectors`` [1 + K, N, Din] (the run's
+    init vectors, then the token vectors at K points of their fit, its end last) and ``steps``, the
+    fit's step each was kept after (0: the init vectors)."""
+
+    vectors: np.ndarray
+    steps: tuple[int, ...]
+
+    def __post_init__(self):
+        assert len(self.vectors) == len(self.steps), (self.vectors.shape, self.steps)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import ConfigError
-from embedpin.evaluation.batch import Batch, Pinned, RunInfo
+from embedpin.evaluation.batch import Batch, Pinned, RunInfo, Starts
 from embedpin.evaluation.session import Session
 from embedpin.render.sampler import RenderPlan
 
@@ -43,7 +43,7 @@ class Evaluator(Protocol):
     def evaluate(self, X: np.ndarray, plan: RenderPlan, label: str = "") -> Batch: ...
     def evaluate_plain(self, plan: RenderPlan) -> Batch: ...
     def pinned(self, x: np.ndarray | None) -> Pinned: ...
-    def invert(self, progress: Callable[[int, float], None] | None = None) -> np.ndarray | None: ...
+    def invert(self, progress: Callable[[int, float], None] | None = None) -> Starts | None: ...
     def use_vectors(self, vectors: np.ndarray | None) -> None: ...
     def alive(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
@@ -71,7 +71,7 @@ class LocalEvaluator:
     def pinned(self, x: np.ndarray | None) -> Pinned:
         return self.session.pinned(x)
 
-    def invert(self, progress: Callable[[int, float], None] | None = None) -> np.ndarray | None:
+    def invert(self, progress: Callable[[int, float], None] | None = None) -> Starts | None:
         return self.session.invert(progress) if self.session.config.inverts() else None
 
     def use_vectors(self, vectors: np.ndarray | None) -> None:

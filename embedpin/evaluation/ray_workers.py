@@ -60,7 +60,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from embedpin.config import RunConfig, ScaleConfig
 from embedpin.errors import ConfigError, EmbedpinError, WorkerError
-from embedpin.evaluation.batch import Batch, Pinned, RunInfo
+from embedpin.evaluation.batch import Batch, Pinned, RunInfo, Starts
 from embedpin.evaluation.session import Session
 from embedpin.render.sampler import RenderPlan
 
@@ -117,7 +117,7 @@ class Worker:
     def pinned(self, x: np.ndarray | None, label: str, vectors=None) -> Pinned:
         return self._busy(label, self._loaded(vectors).pinned, x)
 
-    def invert(self, label: str, vectors=None) -> tuple[np.ndarray, list[float]]:
+    def invert(self, label: str, vectors=None) -> tuple[Starts, list[float]]:
         """The run's inversion stage (``Session.invert``): (the possible starts, each step's loss)."""
         losses: list[float] = []
         fitted = self._busy(label, self._loaded(vectors).invert, lambda step, loss: losses.append(loss))
@@ -233,7 +233,7 @@ class RayEvaluator:
     def pinned(self, x: np.ndarray | None) -> Pinned:
         return self._run([_Call("pinned", (x, "pinned"), "pinned")])[0]
 
-    def invert(self, progress=None) -> np.ndarray | None:
+    def invert(self, progress=None) -> Starts | None:
         """The inversion stage on one worker (re-run on another if it is lost); its losses are
         replayed into ``progress`` when it is back. Once per run, like a model load, it may take as
         long as a load (``--worker-timeout``, at least ``LOAD_TIMEOUT``) per 100 steps."""

@@ -22,8 +22,8 @@ import torch
 
 from embedpin.config import RunConfig
 from embedpin.errors import ConfigError
-from embedpin.evaluation.batch import Batch, Pinned, RunInfo
-from embedpin.evaluation.inversion import InversionSettings, invert_path
+from embedpin.evaluation.batch import Batch, Pinned, RunInfo, Starts
+from embedpin.evaluation.inversion import InversionSettings, checkpoint_steps, invert_path
 from embedpin.evaluation.seeds import search_seed, validation_seed
 from embedpin.guidance.build import Conditioning, build, distance
 from embedpin.guidance.context import GuidanceContext, GuidanceOptions, make_context
@@ -219,17 +219,18 @@ class Session:
         return cls(config, comp, ctx, space, scorer, plan, targets, guide, validation_plan(config, plan), notes,
                    masks.masks.to(comp.device) if masks else None)
 
-    def invert(self, progress=None) -> np.ndarray:
-        """The search's possible starts [1 + K, N, Din]: the run's init vectors, then the token
-        vectors at K evenly spaced points (``--inversion-starts``; with validation or the choice
-        off, the end alone) of their fit to the targets by textual inversion
-        (:mod:`embedpin.evaluation.inversion`), with the run's seed."""
+    def invert(self, progress=None) -> Starts:
+        """The search's possible starts: the run's init vectors, then the token vectors at K evenly
+        spaced points (``--inversion-starts``; with validation or the choice off, the end alone) of
+        their fit to the targets by textual inversion (:mod:`embedpin.evaluation.inversion`), with
+        the run's seed."""
         search = self.config.search
         settings = InversionSettings(steps=search.inversion_steps, batch=search.inversion_batch,
                                      lr=search.inversion_lr, seed=self.config.optim.seed)
-        init = self.ctx.vector_init
-        path = invert_path(self.ctx, self.targets, settings, self.masks, progress, points=self.config.inversion_points())
-        return torch.cat([init[None].to(path), path]).detach().float().cpu().numpy()
+        init, points = self.ctx.vector_init, self.config.inversion_points()
+        path = invert_path(self.ctx, self.targets, settings, self.masks, progress, points=points)
+        return Starts(torch.cat([init[None].to(path), path]).detach().float().cpu().numpy(),
+                      (0, *checkpoint_steps(settings.steps, points)))
 
     @classmethod
     def of_run(cls, run: RunStore, config: RunConfig | None = None) -> Session:
