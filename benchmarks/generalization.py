@@ -361,6 +361,11 @@ def gap_closed(row: dict, key: str) -> float:
     return (u["plain"] - u[key]) / (u["plain"] - u["oracle"])
 
 
+def known_pairs(rows: list[dict], name: str, seed: int) -> dict[int, tuple[str, str]]:
+    """The measured pairs of set ``name`` drawn from ``seed``: {index: (prompt, caption)} (:func:`pairs`'s ``known``)."""
+    return {int(r["pair"][:2]): (r["prompt"], r["caption"]) for r in rows if (r["set"], r["seed"]) == (name, seed)}
+
+
 def pairs(seed: int, n: int, pipe, folder: Path, test_seeds: int, known: dict, redrawn: list):
     """The first ``n`` pairs of ``seed`` whose plain prompt leaves a gap, drawn as they are needed:
     (pair, (target paths, (plain [S], oracle [S])) or None) each. ``known`` maps a measured pair's
@@ -481,7 +486,7 @@ def main() -> None:
     for name, seed in sets:
         if args.only and name != args.only:
             continue
-        known = {int(r["pair"][:2]): (r["prompt"], r["caption"]) for r in done if (r["set"], r["seed"]) == (name, seed)}
+        known = known_pairs(done, name, seed)
         redrawn: list[str] = []
         for index, (pair, plain_oracle) in enumerate(pairs(seed, args.pairs, pipe, tmp, args.test_seeds, known,
                                                            redrawn)):
